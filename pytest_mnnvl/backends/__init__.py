@@ -6,4 +6,4 @@ never in the pytest parent.
 
 from __future__ import annotations
 
-BACKENDS = ("sim", "flashinfer")
+BACKENDS = ("sim", "flashinfer", "plain")

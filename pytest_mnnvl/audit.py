@@ -1,0 +1,138 @@
+"""Inside a rank: see every torch.distributed collective, who it involves, and which one is running.
+
+One wrapper serves two needs. The conformance suite records the collectives a manager issues
+during ``initialize`` (to judge their scope by group membership), and the pool needs to say which
+collective a hung rank is blocked in. The second is written to a small per-rank status file before
+the call enters C, so the parent can read it even when the rank's main thread is stuck.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+#: Collectives (and point-to-point calls) that can block on peers.
+COLLECTIVES = (
+    "barrier",
+    "monitored_barrier",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "gather_object",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+    "scatter_object_list",
+    "send",
+    "recv",
+)
+
+
+@dataclass(frozen=True)
+class CollectiveCall:
+    """One collective as issued: its name and the global ranks of its group, in group order."""
+
+    name: str
+    group_ranks: tuple[int, ...]
+
+    def describe(self) -> str:
+        return f"torch.distributed.{self.name}(group={list(self.group_ranks)})"
+
+
+class _Auditor:
+    def __init__(self) -> None:
+        self.status_path: str | None = None
+        self.recordings: list[list[CollectiveCall]] = []
+        self.installed = False
+
+    def set_status(self, text: str) -> None:
+        if self.status_path is None:
+            return
+        # Written with one syscall before the collective starts, read by the parent on a timeout.
+        fd = os.open(self.status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+_AUDITOR = _Auditor()
+
+
+def _group_ranks(group: Any) -> tuple[int, ...]:
+    import torch.distributed as dist
+
+    if group is None or group is dist.group.WORLD:
+        return tuple(range(dist.get_world_size()))
+    return tuple(dist.get_process_group_ranks(group))
+
+
+def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def collective(*args: Any, **kwargs: Any) -> Any:
+        group = kwargs.get("group")
+        if group is None:
+            # Every collective in torch.distributed takes `group` by keyword or as the first
+            # positional argument that is a ProcessGroup.
+            group = next((a for a in args if type(a).__name__ in ("ProcessGroup", "ProcessGroupGloo")), None)
+        call = CollectiveCall(name, _group_ranks(group))
+        for recording in _AUDITOR.recordings:
+            recording.append(call)
+        _AUDITOR.set_status(call.describe())
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _AUDITOR.set_status("")
+
+    collective.__mnnvl_audit__ = True  # type: ignore[attr-defined]
+    return collective
+
+
+def install(status_path: str | None = None) -> None:
+    """Wrap torch.distributed's collectives in this process (idempotent)."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    _AUDITOR.status_path = status_path
+    if _AUDITOR.installed:
+        return
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None or getattr(original, "__mnnvl_audit__", False):
+            continue
+        wrapped = _wrap(name, original)
+        setattr(dist, name, wrapped)
+        if getattr(c10d, name, None) is original:
+            setattr(c10d, name, wrapped)
+    _AUDITOR.installed = True
+
+
+@contextmanager
+def recording() -> Iterator[list[CollectiveCall]]:
+    """Collect every collective issued inside the block, in order (nesting is allowed)."""
+    calls: list[CollectiveCall] = []
+    _AUDITOR.recordings.append(calls)
+    try:
+        yield calls
+    finally:
+        _AUDITOR.recordings.remove(calls)
+
+
+def blocked_in(status_path: str) -> str:
+    """Parent side: the collective a rank entered and has not left, or ``""``."""
+    try:
+        with open(status_path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -1,0 +1,266 @@
+"""pytest-mnnvl's hooks: options, markers, report header, fixtures and xdist wiring only.
+
+The machinery lives in modules imported when first needed (:mod:`pytest_mnnvl.pool`,
+:mod:`pytest_mnnvl.capabilities`, the backends), so loading the plugin imports neither torch nor
+FlashInfer nor Hypothesis.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import pytest
+
+from pytest_mnnvl import settings as _settings
+from pytest_mnnvl.errors import MnnvlUsageError
+from pytest_mnnvl.markers import CAPABILITY_MARKERS, MARKER_LINES
+
+if TYPE_CHECKING:
+    from pytest_mnnvl.pool import Pool, World
+
+SETTINGS_KEY = pytest.StashKey["_settings.Settings"]()
+BACKEND_KEY = pytest.StashKey[str]()
+POOL_KEY = pytest.StashKey["Pool"]()
+
+
+class Topology(NamedTuple):
+    """One (world size, PP) pair of ``--mnnvl-world-sizes`` × ``--mnnvl-pp``."""
+
+    world_size: int
+    pp: int
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_mnnvl import newhooks
+
+    pluginmanager.add_hookspecs(newhooks)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mnnvl", "MoE all-to-all workspace managers on rank worlds (pytest-mnnvl)")
+    group.addoption("--mnnvl-backend", dest="mnnvl_backend", metavar="auto|sim|flashinfer",
+                    help=_settings.BACKEND_HELP)
+    group.addoption("--mnnvl-timeout", dest="mnnvl_timeout", metavar="SECONDS", help=_settings.TIMEOUT_HELP)
+    group.addoption("--mnnvl-strict", dest="mnnvl_strict", action="store_true", default=False,
+                    help=_settings.STRICT_HELP)
+    group.addoption("--mnnvl-world-sizes", dest="mnnvl_world_sizes", metavar="N[,N…]",
+                    help=_settings.WORLD_SIZES_HELP)
+    group.addoption("--mnnvl-pp", dest="mnnvl_pp", metavar="N[,N…]", help=_settings.PP_HELP)
+    group.addoption("--mnnvl-report", dest="mnnvl_report", metavar="PATH", help=_settings.REPORT_HELP)
+    group.addoption("--mnnvl-manager", dest="mnnvl_manager", metavar="SPEC", help=_settings.MANAGER_HELP)
+    group.addoption("--mnnvl-warm-worlds", dest="mnnvl_warm_worlds", metavar="N",
+                    help=_settings.WARM_WORLDS_HELP)
+    parser.addini("mnnvl_backend", _settings.BACKEND_HELP)
+    parser.addini("mnnvl_timeout", _settings.TIMEOUT_HELP)
+    parser.addini("mnnvl_strict", _settings.STRICT_HELP)
+    parser.addini("mnnvl_world_sizes", _settings.WORLD_SIZES_HELP)
+    parser.addini("mnnvl_pp", _settings.PP_HELP)
+    parser.addini("mnnvl_report", _settings.REPORT_HELP)
+    parser.addini("mnnvl_manager", _settings.MANAGER_HELP)
+    parser.addini("mnnvl_warm_worlds", _settings.WARM_WORLDS_HELP)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in MARKER_LINES:
+        config.addinivalue_line("markers", line)
+    try:
+        config.stash[SETTINGS_KEY] = _settings.from_config(config.getoption, config.getini)
+    except MnnvlUsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "mnnvl_backend" in workerinput:
+        config.stash[BACKEND_KEY] = workerinput["mnnvl_backend"]
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistHooks(), "mnnvl-xdist-hooks")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    pool = config.stash.get(POOL_KEY, None)
+    if pool is not None:
+        pool.close()
+        del config.stash[POOL_KEY]
+
+
+def resolve_backend(config: pytest.Config) -> str:
+    """The backend this session uses: the option, else a plugin's choice, else the probe."""
+    if BACKEND_KEY in config.stash:
+        return config.stash[BACKEND_KEY]
+    requested = config.stash[SETTINGS_KEY].backend
+    backend = requested
+    if requested == "auto":
+        backend = config.hook.pytest_mnnvl_select_backend(config=config, requested=requested) or ""
+        if backend and backend not in ("sim", "flashinfer"):
+            raise pytest.UsageError(
+                f"pytest_mnnvl_select_backend returned {backend!r}; allowed: sim, flashinfer, None"
+            )
+        if not backend:
+            from pytest_mnnvl import capabilities
+
+            backend = "flashinfer" if capabilities.missing_for_one_sided(2) is None else "sim"
+    config.stash[BACKEND_KEY] = backend
+    return backend
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from pytest_mnnvl import capabilities
+
+    s = config.stash[SETTINGS_KEY]
+    backend = resolve_backend(config)
+    how = f"auto -> {backend}" if s.backend == "auto" else backend
+    profile = config.getoption("hypothesis_profile", None) or "default"
+    seed = config.getoption("hypothesis_seed", None)
+    return [
+        f"mnnvl: backend={how}, timeout={s.timeout:g}s, topologies="
+        + " ".join(f"ws{ws}-pp{pp}" for ws, pp in s.topologies())
+        + f", manager={s.manager}, strict={'on' if s.strict else 'off'}",
+        *capabilities.header_lines(),
+        f"mnnvl: hypothesis profile={profile}, seed={seed if seed is not None else 'random (printed on failure)'}",
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "mnnvl_topology" in metafunc.fixturenames:
+        pairs = metafunc.config.stash[SETTINGS_KEY].topologies()
+        metafunc.parametrize(
+            "mnnvl_topology",
+            [Topology(ws, pp) for ws, pp in pairs],
+            ids=[f"ws{ws}-pp{pp}" for ws, pp in pairs],
+            indirect=True,
+        )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    backend: str | None = None
+    for name in CAPABILITY_MARKERS:
+        for mark in item.iter_markers(name):
+            from pytest_mnnvl.markers import skip_reason
+
+            if backend is None:
+                backend = resolve_backend(item.config)
+            try:
+                reason = skip_reason(name, mark.args, dict(mark.kwargs), backend)
+            except MnnvlUsageError as exc:
+                pytest.fail(str(exc), pytrace=False)
+            if reason:
+                pytest.skip(reason)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    if (
+        report.skipped
+        and not hasattr(report, "wasxfail")
+        and item.config.stash[SETTINGS_KEY].strict
+        and _uses_mnnvl(item)
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"--mnnvl-strict: this test may not be skipped: {reason}"
+    return report
+
+
+def _uses_mnnvl(item: pytest.Item) -> bool:
+    if any(item.get_closest_marker(name) for name in CAPABILITY_MARKERS):
+        return True
+    fixturenames = getattr(item, "fixturenames", ())
+    return "mnnvl_world" in fixturenames or "mnnvl_topology" in fixturenames
+
+
+def _pool(config: pytest.Config) -> Pool:
+    if POOL_KEY not in config.stash:
+        from pytest_mnnvl.pool import Pool
+
+        s = config.stash[SETTINGS_KEY]
+        config.stash[POOL_KEY] = Pool(timeout=s.timeout, max_warm=s.warm_worlds)
+    return config.stash[POOL_KEY]
+
+
+@pytest.fixture
+def mnnvl_topology(request: pytest.FixtureRequest) -> Topology:
+    """One (world size, PP) pair from ``--mnnvl-world-sizes`` × ``--mnnvl-pp``; parametrizes the test."""
+    param = getattr(request, "param", None)
+    return param if param is not None else Topology(2, 1)
+
+
+@pytest.fixture
+def mnnvl_world(request: pytest.FixtureRequest) -> WorldFactory:
+    """A factory of warm rank worlds: ``world = mnnvl_world(world_size=2, pp=1)``; ``world.run(fn, …)``."""
+    return WorldFactory(request)
+
+
+class WorldFactory:
+    """What the ``mnnvl_world`` fixture returns; defaults come from the marker, then the topology."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._request = request
+
+    def __call__(
+        self,
+        world_size: int | None = None,
+        pp: int | None = None,
+        *,
+        backend: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> World:
+        __tracebackhide__ = True
+        from pytest_mnnvl.markers import parse_mnnvl_mark
+        from pytest_mnnvl.pool import WorldSpec
+
+        config = self._request.config
+        node_mark = self._request.node.get_closest_marker("mnnvl")
+        mark = parse_mnnvl_mark(node_mark.args, dict(node_mark.kwargs)) if node_mark else None
+        topology: Topology | None = None
+        if "mnnvl_topology" in self._request.fixturenames:
+            topology = self._request.getfixturevalue("mnnvl_topology")
+        world_size = world_size or (mark and mark.world_size) or (topology and topology.world_size) or 2
+        pp = pp or (mark and mark.pp) or (topology and topology.pp) or 1
+        chosen = backend or resolve_backend(config)
+        from pytest_mnnvl.backends import BACKENDS
+
+        if chosen not in BACKENDS:
+            raise MnnvlUsageError(f"mnnvl_world(backend={chosen!r}) is not valid; allowed: {', '.join(BACKENDS)}")
+        if not 1 <= world_size <= _settings.MAX_WORLD_SIZE:
+            raise MnnvlUsageError(
+                f"mnnvl_world(world_size={world_size!r}) is not valid; allowed: 1..{_settings.MAX_WORLD_SIZE}"
+            )
+        extra_env: dict[str, str] = {}
+        probe = WorldSpec(world_size, pp, chosen)
+        for result in config.hook.pytest_mnnvl_rank_env(config=config, spec=probe):
+            extra_env.update({str(k): str(v) for k, v in (result or {}).items()})
+        extra_env.update({str(k): str(v) for k, v in (env or {}).items()})
+        spec = WorldSpec(
+            world_size,
+            pp,
+            chosen,
+            tuple(sorted(extra_env.items())),
+            _devices_for(world_size) if chosen == "flashinfer" else None,
+        )
+        world = _pool(config).world(spec)
+        world.timeout = timeout or (mark and mark.timeout) or config.stash[SETTINGS_KEY].timeout
+        return world
+
+
+def _devices_for(world_size: int) -> tuple[str, ...]:
+    from pytest_mnnvl import capabilities
+    from pytest_mnnvl.topology import assign_gpus, visible_gpus
+
+    available = visible_gpus() or [str(i) for i in range(capabilities.gpu_count())]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    try:
+        return tuple(assign_gpus(world_size, available, index, count))
+    except ValueError as exc:
+        pytest.skip(str(exc))
+
+
+class XdistHooks:
+    """Registered only when pytest-xdist is present: workers inherit the controller's backend choice."""
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["mnnvl_backend"] = resolve_backend(node.config)

@@ -1,0 +1,499 @@
+"""The persistent rank pool: worlds of rank processes, started once and reused until they fail.
+
+Spawning a world (processes, imports, rendezvous) costs seconds; a call on a warm world costs
+milliseconds. A :class:`World` is therefore kept per (world size, PP, backend, environment, GPUs)
+and reused across tests and Hypothesis examples. Any failure — an exception on a rank, a crash, a
+timeout, even a skip — tears the world down (kill by recorded PID, TERM then KILL, whole process
+group), and the next call starts a fresh one, so every example after a failure starts clean.
+
+The pool never waits without a deadline: every receive is bounded by the call timeout, a crashed
+rank is seen through its socket closing (at once), and a timeout dumps every rank's Python stack
+(``faulthandler`` on a signal, which works while the main thread is stuck in C) plus the collective
+each rank entered (from :mod:`pytest_mnnvl.audit`) before killing the world.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from pytest_mnnvl.errors import (
+    MnnvlUsageError,
+    RankCrashed,
+    RankError,
+    WorldDeadlock,
+    WorldStartError,
+    describe_exit,
+)
+from pytest_mnnvl.topology import Layout
+
+#: Never enable NVLink multicast in a rank: MoeAlltoAll does not need it and it has harmed hosts.
+MULTICAST_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+#: How long ranks that did not fail may keep running after a peer raised, before they are stopped.
+PEER_FAILURE_GRACE_S = 2.0
+#: How long a rank gets to write its stack after the dump signal.
+STACK_DUMP_WAIT_S = 0.5
+#: How long a rank gets to leave on TERM before KILL.
+TERM_GRACE_S = 1.0
+#: Lines of each rank's output kept for crash reports.
+OUTPUT_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Everything that makes two worlds interchangeable; the pool's cache key."""
+
+    world_size: int
+    pp: int = 1
+    backend: str = "sim"
+    env: tuple[tuple[str, str], ...] = ()
+    devices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            Layout(self.world_size, self.pp)
+        except ValueError as exc:
+            raise MnnvlUsageError(str(exc)) from None
+
+    def describe(self) -> str:
+        extra = f", env={dict(self.env)}" if self.env else ""
+        gpus = f", gpus={','.join(self.devices)}" if self.devices else ""
+        return f"world(size={self.world_size}, pp={self.pp}, backend={self.backend}{extra}{gpus})"
+
+
+@dataclass
+class _Rank:
+    rank: int
+    process: subprocess.Popen[bytes]
+    stack_path: str
+    status_path: str
+    conn: Connection | None = None
+    output: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=OUTPUT_TAIL_LINES))
+    reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def _function_reference(fn: Callable[..., Any]) -> tuple[str, str | None, str]:
+    """(module, file, qualname) by which a rank imports ``fn``; refuses what it cannot import."""
+    module_name = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module_name or not qualname or "<locals>" in qualname or "<lambda>" in qualname:
+        raise MnnvlUsageError(
+            f"world.run() needs a function importable by name in every rank (defined at module level), "
+            f"got {fn!r}; move it to module level"
+        )
+    if module_name == "__main__":
+        raise MnnvlUsageError(f"world.run() cannot send {qualname!r} from __main__: ranks cannot import it")
+    module = sys.modules.get(module_name)
+    return module_name, getattr(module, "__file__", None), qualname
+
+
+class World:
+    """A warm world of ``spec.world_size`` rank processes; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: WorldSpec,
+        timeout: float,
+        startup_timeout: float | None = None,
+        tmp_root: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.timeout = timeout
+        self.startup_timeout = startup_timeout if startup_timeout is not None else max(120.0, timeout)
+        self._tmp_root = tmp_root
+        self._ranks: list[_Rank] = []
+        self._dir: str | None = None
+        self._listener: socket.socket | None = None
+        self.starts = 0
+        self.calls = 0
+
+    # -- public -------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.spec.world_size
+
+    @property
+    def pp(self) -> int:
+        return self.spec.pp
+
+    @property
+    def backend(self) -> str:
+        return self.spec.backend
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._ranks) and all(r.process.poll() is None for r in self._ranks)
+
+    @property
+    def pids(self) -> list[int]:
+        """PIDs of the current rank processes, in rank order (starts the world if needed)."""
+        self._ensure_started()
+        return [r.pid for r in self._ranks]
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``fn(ctx, *args, **kwargs)`` on every rank; results in rank order."""
+        __tracebackhide__ = True
+        return self.call(fn, args, kwargs)
+
+    def call(
+        self,
+        fn: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """Like :meth:`run`, with an explicit per-call ``timeout`` (seconds)."""
+        __tracebackhide__ = True
+        reference = _function_reference(fn)
+        try:
+            payload = pickle.dumps((tuple(args), dict(kwargs or {})))
+        except Exception as exc:
+            raise MnnvlUsageError(f"the arguments to {reference[2]} could not be pickled: {exc!r}") from None
+        self._ensure_started()
+        self.calls += 1
+        message = pickle.dumps(("call", *reference, payload))
+        for r in self._ranks:
+            assert r.conn is not None
+            try:
+                r.conn.send_bytes(message)
+            except OSError:
+                pass  # seen as a crash below
+        return self._collect(reference[2], self.timeout if timeout is None else timeout)
+
+    def close(self) -> None:
+        """Stop the ranks politely if they are idle, then make sure they are gone."""
+        for r in self._ranks:
+            if r.conn is not None:
+                try:
+                    r.conn.send_bytes(pickle.dumps(("stop",)))
+                except OSError:
+                    pass
+        self._teardown(polite=True)
+
+    # -- start --------------------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._ranks and self.alive:
+            return
+        if self._ranks:
+            self._teardown()
+        try:
+            self._start()
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _rank_env(self, boot: dict[str, Any]) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(dict(self.spec.env))
+        env.update(MULTICAST_OFF)
+        if self.spec.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.spec.devices)
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTEST_MNNVL_RANK"] = str(boot["rank"])
+        from pytest_mnnvl.rank import BOOT_ENV
+
+        env[BOOT_ENV] = json.dumps(boot)
+        return env
+
+    def _start(self) -> None:
+        self.starts += 1
+        self._dir = tempfile.mkdtemp(prefix="mnnvl-world-", dir=self._tmp_root)
+        address = os.path.join(self._dir, "ctl.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(address)
+        listener.listen(self.world_size)
+        self._listener = listener
+        sys_path = [p for p in sys.path if p]
+        for rank in range(self.world_size):
+            boot = {
+                "rank": rank,
+                "world_size": self.world_size,
+                "pp": self.pp,
+                "backend": self.backend,
+                "address": address,
+                "store_path": os.path.join(self._dir, "store"),
+                "stack_path": os.path.join(self._dir, f"stack-{rank}.txt"),
+                "status_path": os.path.join(self._dir, f"status-{rank}.txt"),
+                "sys_path": sys_path,
+            }
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pytest_mnnvl.rank"],
+                env=self._rank_env(boot),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            r = _Rank(rank, process, boot["stack_path"], boot["status_path"])
+            r.reader = threading.Thread(target=_forward_output, args=(r,), daemon=True)
+            r.reader.start()
+            self._ranks.append(r)
+        deadline = time.monotonic() + self.startup_timeout
+        self._accept_all(listener, deadline)
+        self._await_ready(deadline)
+
+    def _accept_all(self, listener: socket.socket, deadline: float) -> None:
+        pending = self.world_size
+        while pending:
+            self._check_start_alive()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorldStartError(self._start_failure_text("did not connect to the pool in time"))
+            ready, _, _ = select.select([listener], [], [], min(left, 0.05))
+            if not ready:
+                continue
+            sock, _ = listener.accept()
+            conn = Connection(sock.detach())
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise WorldStartError(self._start_failure_text("connected but sent nothing"))
+            _, rank, _pid = conn.recv()
+            self._ranks[rank].conn = conn
+            pending -= 1
+
+    def _await_ready(self, deadline: float) -> None:
+        waiting = {r.rank for r in self._ranks}
+        while waiting:
+            conns = {self._ranks[i].conn: i for i in waiting}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorldStartError(
+                    self._start_failure_text(
+                        f"ranks {sorted(waiting)} did not finish the rendezvous within "
+                        f"{self.startup_timeout:g} s"
+                    )
+                )
+            for conn in wait(list(conns), timeout=min(left, 0.1)):
+                rank = conns[conn]  # type: ignore[index]
+                try:
+                    kind, detail = conn.recv()  # type: ignore[union-attr]
+                except (EOFError, OSError):
+                    code = self._ranks[rank].process.wait()
+                    raise WorldStartError(
+                        self._start_failure_text(f"rank {rank} {describe_exit(code)} while starting")
+                    ) from None
+                if kind == "start-error":
+                    raise WorldStartError(f"rank {rank} failed to start {self.spec.describe()}:\n{detail}")
+                waiting.discard(rank)
+
+    def _check_start_alive(self) -> None:
+        for r in self._ranks:
+            code = r.process.poll()
+            if code is not None:
+                raise WorldStartError(self._start_failure_text(f"rank {r.rank} {describe_exit(code)} while starting"))
+
+    def _start_failure_text(self, what: str) -> str:
+        return f"could not start {self.spec.describe()}: {what}" + self._output_tails()
+
+    # -- collect ------------------------------------------------------------------------------
+    def _collect(self, name: str, timeout: float) -> list[Any]:
+        __tracebackhide__ = True
+        deadline = time.monotonic() + timeout
+        results: dict[int, tuple[str, Any]] = {}
+        first_failure: float | None = None
+        by_conn = {r.conn: r for r in self._ranks}
+        while len(results) < self.world_size:
+            now = time.monotonic()
+            if first_failure is not None and now - first_failure >= PEER_FAILURE_GRACE_S:
+                break
+            if now >= deadline:
+                if first_failure is not None:
+                    break
+                self._raise_deadlock(name, timeout, results)
+            ready = wait([r.conn for r in self._ranks if r.rank not in results], timeout=min(deadline - now, 0.2))
+            for conn in ready:
+                r = by_conn[conn]  # type: ignore[index]
+                outcome = _receive(r)
+                if outcome is None:
+                    self._raise_crash(r, name)
+                results[r.rank] = outcome
+                if outcome[0] != "ok" and first_failure is None:
+                    first_failure = time.monotonic()
+        return self._verdict(name, results)
+
+    def _verdict(self, name: str, results: dict[int, tuple[str, Any]]) -> list[Any]:
+        __tracebackhide__ = True
+        if len(results) == self.world_size and all(kind == "ok" for kind, _ in results.values()):
+            return [results[rank][1] for rank in range(self.world_size)]
+        stuck = [rank for rank in range(self.world_size) if rank not in results]
+        self._teardown()
+        note = f"ranks {stuck} were still running and were stopped" if stuck else ""
+        errors = {rank: detail for rank, (kind, detail) in results.items() if kind == "error"}
+        if errors:
+            raise RankError(errors, self.world_size, note)
+        import pytest
+
+        rank, (_, reason) = next((rank, out) for rank, out in sorted(results.items()) if out[0] == "skip")
+        pytest.skip(f"[rank {rank}] {reason}" + (f" ({note})" if note else ""))
+
+    def _raise_crash(self, crashed: _Rank, name: str) -> None:
+        __tracebackhide__ = True
+        try:
+            code = crashed.process.wait(timeout=TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            code = crashed.process.poll() or 0
+        tails = self._output_tails(only=crashed.rank)
+        self._teardown()
+        error = RankCrashed(crashed.rank, code, f"{name}()")
+        if tails:
+            error.args = (error.args[0] + tails,)
+        raise error
+
+    def _raise_deadlock(self, name: str, timeout: float, results: dict[int, tuple[str, Any]]) -> None:
+        __tracebackhide__ = True
+        from pytest_mnnvl import audit
+        from pytest_mnnvl.rank import DUMP_SIGNAL
+
+        pending = [r.rank for r in self._ranks if r.rank not in results]
+        blocked = {r.rank: audit.blocked_in(r.status_path) for r in self._ranks if r.rank in pending}
+        for r in self._ranks:
+            if r.process.poll() is None:
+                try:
+                    os.kill(r.pid, DUMP_SIGNAL)
+                except ProcessLookupError:
+                    pass
+        stacks = _read_stacks(self._ranks, STACK_DUMP_WAIT_S)
+        self._teardown()
+        raise WorldDeadlock(timeout, pending, stacks, {k: v for k, v in blocked.items() if v}, f"in {name}()")
+
+    # -- teardown -----------------------------------------------------------------------------
+    def _teardown(self, polite: bool = False) -> None:
+        """Make sure every rank process (and anything it started) is gone; never raises."""
+        ranks, self._ranks = self._ranks, []
+        if polite:
+            _wait_all(ranks, TERM_GRACE_S)
+        for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
+            alive = [r for r in ranks if r.process.poll() is None]
+            if not alive:
+                break
+            for r in alive:
+                _signal_group(r.pid, sig)
+            _wait_all(alive, grace)
+        for r in ranks:
+            # The session's own group is separate: kill leftovers of the rank's group too.
+            _signal_group(r.pid, signal.SIGKILL)
+            if r.conn is not None:
+                r.conn.close()
+            if r.process.stdout is not None and r.reader is not None:
+                r.reader.join(timeout=1.0)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _output_tails(self, only: int | None = None) -> str:
+        parts = []
+        for r in self._ranks:
+            if only is not None and r.rank != only:
+                continue
+            if r.reader is not None:
+                r.reader.join(timeout=0.2 if r.process.poll() is not None else 0)
+            if r.output:
+                parts.append(f"\n\n[rank {r.rank}] last output:\n" + "".join(r.output).rstrip())
+        return "".join(parts)
+
+
+def _receive(r: _Rank) -> tuple[str, Any] | None:
+    """One outcome from a rank, or ``None`` when its socket closed (the rank is gone)."""
+    assert r.conn is not None
+    try:
+        data = r.conn.recv_bytes()
+    except (EOFError, OSError):
+        return None
+    outcome: tuple[str, Any] = pickle.loads(data)
+    return outcome
+
+
+def _forward_output(r: _Rank) -> None:
+    """Keep each rank's output (for crash reports) and pass it on, prefixed, to our stderr."""
+    assert r.process.stdout is not None
+    for raw in iter(r.process.stdout.readline, b""):
+        line = raw.decode(errors="replace")
+        r.output.append(line)
+        try:
+            os.write(2, f"[rank {r.rank}] {line}".encode())
+        except OSError:
+            pass
+    r.process.stdout.close()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_all(ranks: list[_Rank], grace: float) -> None:
+    deadline = time.monotonic() + grace
+    for r in ranks:
+        try:
+            r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _read_stacks(ranks: list[_Rank], wait_s: float) -> dict[int, str]:
+    """Read every rank's faulthandler dump, waiting briefly until each has written one."""
+    deadline = time.monotonic() + wait_s
+    stacks: dict[int, str] = {}
+    while True:
+        for r in ranks:
+            try:
+                with open(r.stack_path, encoding="utf-8", errors="replace") as f:
+                    stacks[r.rank] = f.read()
+            except OSError:
+                stacks[r.rank] = ""
+        if all(stacks.values()) or time.monotonic() >= deadline:
+            return stacks
+        time.sleep(0.02)
+
+
+class Pool:
+    """Warm worlds keyed by :class:`WorldSpec`, at most ``max_warm`` alive (least recently used go)."""
+
+    def __init__(self, timeout: float, max_warm: int = 2, tmp_root: str | None = None) -> None:
+        self.timeout = timeout
+        self.max_warm = max_warm
+        self.tmp_root = tmp_root
+        self._worlds: collections.OrderedDict[WorldSpec, World] = collections.OrderedDict()
+
+    def world(self, spec: WorldSpec) -> World:
+        world = self._worlds.pop(spec, None)
+        if world is None:
+            world = World(spec, self.timeout, tmp_root=self.tmp_root)
+        self._worlds[spec] = world
+        while len(self._worlds) > self.max_warm:
+            _, oldest = self._worlds.popitem(last=False)
+            oldest.close()
+        return world
+
+    def close(self) -> None:
+        while self._worlds:
+            _, world = self._worlds.popitem()
+            world.close()

@@ -1,0 +1,27 @@
+"""The plugin's own tests run pytest in subprocesses (pytester), like pytest-timeout and xdist do."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def rank_tester(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A pytester whose inner sessions load pytest-mnnvl and keep rank output visible."""
+    pytester.makeini("[pytest]\naddopts = -p pytest_mnnvl -p no:cacheprovider\n")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return pytester
