@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import pytest
 
@@ -40,18 +40,16 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mnnvl", "MoE all-to-all workspace managers on rank worlds (pytest-mnnvl)")
-    group.addoption("--mnnvl-backend", dest="mnnvl_backend", metavar="auto|sim|flashinfer",
-                    help=_settings.BACKEND_HELP)
+    group.addoption("--mnnvl-backend", dest="mnnvl_backend", metavar="auto|sim|flashinfer", help=_settings.BACKEND_HELP)
     group.addoption("--mnnvl-timeout", dest="mnnvl_timeout", metavar="SECONDS", help=_settings.TIMEOUT_HELP)
-    group.addoption("--mnnvl-strict", dest="mnnvl_strict", action="store_true", default=False,
-                    help=_settings.STRICT_HELP)
-    group.addoption("--mnnvl-world-sizes", dest="mnnvl_world_sizes", metavar="N[,N…]",
-                    help=_settings.WORLD_SIZES_HELP)
+    group.addoption(
+        "--mnnvl-strict", dest="mnnvl_strict", action="store_true", default=False, help=_settings.STRICT_HELP
+    )
+    group.addoption("--mnnvl-world-sizes", dest="mnnvl_world_sizes", metavar="N[,N…]", help=_settings.WORLD_SIZES_HELP)
     group.addoption("--mnnvl-pp", dest="mnnvl_pp", metavar="N[,N…]", help=_settings.PP_HELP)
     group.addoption("--mnnvl-report", dest="mnnvl_report", metavar="PATH", help=_settings.REPORT_HELP)
     group.addoption("--mnnvl-manager", dest="mnnvl_manager", metavar="SPEC", help=_settings.MANAGER_HELP)
-    group.addoption("--mnnvl-warm-worlds", dest="mnnvl_warm_worlds", metavar="N",
-                    help=_settings.WARM_WORLDS_HELP)
+    group.addoption("--mnnvl-warm-worlds", dest="mnnvl_warm_worlds", metavar="N", help=_settings.WARM_WORLDS_HELP)
     parser.addini("mnnvl_backend", _settings.BACKEND_HELP)
     parser.addini("mnnvl_timeout", _settings.TIMEOUT_HELP)
     parser.addini("mnnvl_strict", _settings.STRICT_HELP)
@@ -92,9 +90,7 @@ def resolve_backend(config: pytest.Config) -> str:
     if requested == "auto":
         backend = config.hook.pytest_mnnvl_select_backend(config=config, requested=requested) or ""
         if backend and backend not in ("sim", "flashinfer"):
-            raise pytest.UsageError(
-                f"pytest_mnnvl_select_backend returned {backend!r}; allowed: sim, flashinfer, None"
-            )
+            raise pytest.UsageError(f"pytest_mnnvl_select_backend returned {backend!r}; allowed: sim, flashinfer, None")
         if not backend:
             from pytest_mnnvl import capabilities
 
@@ -145,7 +141,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             except MnnvlUsageError as exc:
                 pytest.fail(str(exc), pytrace=False)
             if reason:
-                pytest.skip(reason)
+                _skip_at_test(reason)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -161,6 +157,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = f"--mnnvl-strict: this test may not be skipped: {reason}"
     return report
+
+
+def _skip_at_test(reason: str) -> NoReturn:
+    """Skip, reported at the test's location (as skipif marks are), not at this plugin's line."""
+    raise pytest.skip.Exception(reason, _use_item_location=True)
 
 
 def _uses_mnnvl(item: pytest.Item) -> bool:
@@ -247,16 +248,17 @@ class WorldFactory:
 
 def _devices_for(world_size: int) -> tuple[str, ...]:
     from pytest_mnnvl import capabilities
-    from pytest_mnnvl.topology import assign_gpus, visible_gpus
+    from pytest_mnnvl.topology import assign_gpus
 
-    available = visible_gpus() or [str(i) for i in range(capabilities.gpu_count())]
+    # UUIDs survive any CUDA_DEVICE_ORDER; the inventory already applied CUDA_VISIBLE_DEVICES.
+    available = [gpu.uuid or str(gpu.nvml_index) for gpu in capabilities.gpu_inventory().gpus]
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     try:
         return tuple(assign_gpus(world_size, available, index, count))
     except ValueError as exc:
-        pytest.skip(str(exc))
+        _skip_at_test(str(exc))
 
 
 class XdistHooks:

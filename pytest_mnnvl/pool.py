@@ -15,6 +15,7 @@ each rank entered (from :mod:`pytest_mnnvl.audit`) before killing the world.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import pickle
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, NoReturn
 
 from pytest_mnnvl.errors import (
     MnnvlUsageError,
@@ -177,20 +178,16 @@ class World:
         message = pickle.dumps(("call", *reference, payload))
         for r in self._ranks:
             assert r.conn is not None
-            try:
+            with contextlib.suppress(OSError):  # a rank that is gone is reported as a crash below
                 r.conn.send_bytes(message)
-            except OSError:
-                pass  # seen as a crash below
         return self._collect(reference[2], self.timeout if timeout is None else timeout)
 
     def close(self) -> None:
         """Stop the ranks politely if they are idle, then make sure they are gone."""
         for r in self._ranks:
             if r.conn is not None:
-                try:
+                with contextlib.suppress(OSError):
                     r.conn.send_bytes(pickle.dumps(("stop",)))
-                except OSError:
-                    pass
         self._teardown(polite=True)
 
     # -- start --------------------------------------------------------------------------------
@@ -248,7 +245,7 @@ class World:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            r = _Rank(rank, process, boot["stack_path"], boot["status_path"])
+            r = _Rank(rank, process, str(boot["stack_path"]), str(boot["status_path"]))
             r.reader = threading.Thread(target=_forward_output, args=(r,), daemon=True)
             r.reader.start()
             self._ranks.append(r)
@@ -277,19 +274,18 @@ class World:
     def _await_ready(self, deadline: float) -> None:
         waiting = {r.rank for r in self._ranks}
         while waiting:
-            conns = {self._ranks[i].conn: i for i in waiting}
+            conns: dict[Any, int] = {self._ranks[i].conn: i for i in waiting}
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WorldStartError(
                     self._start_failure_text(
-                        f"ranks {sorted(waiting)} did not finish the rendezvous within "
-                        f"{self.startup_timeout:g} s"
+                        f"ranks {sorted(waiting)} did not finish the rendezvous within {self.startup_timeout:g} s"
                     )
                 )
             for conn in wait(list(conns), timeout=min(left, 0.1)):
-                rank = conns[conn]  # type: ignore[index]
+                rank = conns[conn]
                 try:
-                    kind, detail = conn.recv()  # type: ignore[union-attr]
+                    kind, detail = self._ranks[rank].conn.recv()  # type: ignore[union-attr]
                 except (EOFError, OSError):
                     code = self._ranks[rank].process.wait()
                     raise WorldStartError(
@@ -314,7 +310,7 @@ class World:
         deadline = time.monotonic() + timeout
         results: dict[int, tuple[str, Any]] = {}
         first_failure: float | None = None
-        by_conn = {r.conn: r for r in self._ranks}
+        by_conn: dict[Any, _Rank] = {r.conn: r for r in self._ranks}
         while len(results) < self.world_size:
             now = time.monotonic()
             if first_failure is not None and now - first_failure >= PEER_FAILURE_GRACE_S:
@@ -323,9 +319,10 @@ class World:
                 if first_failure is not None:
                     break
                 self._raise_deadlock(name, timeout, results)
-            ready = wait([r.conn for r in self._ranks if r.rank not in results], timeout=min(deadline - now, 0.2))
+            waiting: list[Any] = [r.conn for r in self._ranks if r.rank not in results]
+            ready = wait(waiting, timeout=min(deadline - now, 0.2))
             for conn in ready:
-                r = by_conn[conn]  # type: ignore[index]
+                r = by_conn[conn]
                 outcome = _receive(r)
                 if outcome is None:
                     self._raise_crash(r, name)
@@ -349,7 +346,7 @@ class World:
         rank, (_, reason) = next((rank, out) for rank, out in sorted(results.items()) if out[0] == "skip")
         pytest.skip(f"[rank {rank}] {reason}" + (f" ({note})" if note else ""))
 
-    def _raise_crash(self, crashed: _Rank, name: str) -> None:
+    def _raise_crash(self, crashed: _Rank, name: str) -> NoReturn:
         __tracebackhide__ = True
         try:
             code = crashed.process.wait(timeout=TERM_GRACE_S)
@@ -362,7 +359,7 @@ class World:
             error.args = (error.args[0] + tails,)
         raise error
 
-    def _raise_deadlock(self, name: str, timeout: float, results: dict[int, tuple[str, Any]]) -> None:
+    def _raise_deadlock(self, name: str, timeout: float, results: dict[int, tuple[str, Any]]) -> NoReturn:
         __tracebackhide__ = True
         from pytest_mnnvl import audit
         from pytest_mnnvl.rank import DUMP_SIGNAL
@@ -371,10 +368,8 @@ class World:
         blocked = {r.rank: audit.blocked_in(r.status_path) for r in self._ranks if r.rank in pending}
         for r in self._ranks:
             if r.process.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(r.pid, DUMP_SIGNAL)
-                except ProcessLookupError:
-                    pass
         stacks = _read_stacks(self._ranks, STACK_DUMP_WAIT_S)
         self._teardown()
         raise WorldDeadlock(timeout, pending, stacks, {k: v for k, v in blocked.items() if v}, f"in {name}()")
@@ -435,27 +430,21 @@ def _forward_output(r: _Rank) -> None:
     for raw in iter(r.process.stdout.readline, b""):
         line = raw.decode(errors="replace")
         r.output.append(line)
-        try:
+        with contextlib.suppress(OSError):
             os.write(2, f"[rank {r.rank}] {line}".encode())
-        except OSError:
-            pass
     r.process.stdout.close()
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait_all(ranks: list[_Rank], grace: float) -> None:
     deadline = time.monotonic() + grace
     for r in ranks:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _read_stacks(ranks: list[_Rank], wait_s: float) -> dict[int, str]:

@@ -31,9 +31,7 @@ STRICT_HELP = "Fail instead of skip when a test carrying an mnnvl marker cannot 
 WORLD_SIZES_HELP = "Comma-separated world sizes the conformance topologies use (default 2,4)."
 PP_HELP = "Comma-separated pipeline-parallel sizes the conformance topologies use (default 1,2)."
 REPORT_HELP = "Write the conformance report as JSON to this path (Markdown next to it)."
-MANAGER_HELP = (
-    "Manager under test: reference, vllm, mutant:<name>, or package.module:Class (default reference)."
-)
+MANAGER_HELP = "Manager under test: reference, vllm, mutant:<name>, or package.module:Class (default reference)."
 WARM_WORLDS_HELP = "How many rank worlds stay warm at once (default 2)."
 
 
@@ -98,8 +96,7 @@ def parse_manager(value: str) -> str:
     value = value.strip()
     if not _MANAGER_SPEC.match(value):
         raise MnnvlUsageError(
-            f"--mnnvl-manager={value!r} is not valid; allowed: {', '.join(BUILTIN_MANAGERS)} "
-            "or package.module:Class"
+            f"--mnnvl-manager={value!r} is not valid; allowed: {', '.join(BUILTIN_MANAGERS)} or package.module:Class"
         )
     return value
 

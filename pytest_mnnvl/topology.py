@@ -8,7 +8,6 @@ what lets stages which rebuild a different number of times deadlock on a world-s
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,18 +91,7 @@ def build_groups(layout: Layout, rank: int, gpu: bool) -> tuple[Any, Any, Any]:
     return mine[0], mine[1], world_cpu
 
 
-def visible_gpus(environ: dict[str, str] | None = None) -> list[str] | None:
-    """The GPU ids named by ``CUDA_VISIBLE_DEVICES``, or ``None`` when it is unset."""
-    env = os.environ if environ is None else environ
-    value = env.get("CUDA_VISIBLE_DEVICES")
-    if value is None:
-        return None
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def assign_gpus(
-    world_size: int, available: list[str], worker_index: int = 0, worker_count: int = 1
-) -> list[str]:
+def assign_gpus(world_size: int, available: list[str], worker_index: int = 0, worker_count: int = 1) -> list[str]:
     """Pick ``world_size`` GPU ids for this pytest process, splitting ``available`` between xdist workers.
 
     Worker ``i`` of ``n`` owns the ``i``-th contiguous share; a world that does not fit its share

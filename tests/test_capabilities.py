@@ -560,14 +560,14 @@ def test_missing_for_one_sided_on_this_machine(monkeypatch: pytest.MonkeyPatch) 
 def test_header_lines_on_this_machine() -> None:
     lines = cap.header_lines()
     text = "\n".join(lines)
-    assert lines[0].startswith("GPUs: 0 (")
-    assert "links: none" in lines
-    assert "FlashInfer: 0.7.2.post1 (one-sided MoeAlltoAll: yes, moe_ep: yes)" in lines
-    assert "handle type: n/a" in text
-    assert "fd exchange: SCM_RIGHTS (no ptrace needed)" in lines
-    assert lines[-1].startswith("ptrace: ok (") and "live probe skipped" in lines[-1]
+    assert lines[0].startswith("mnnvl: GPUs: 0 (")
+    assert "mnnvl: links: none" in lines
+    assert "mnnvl: FlashInfer: 0.7.2.post1 (one-sided MoeAlltoAll: yes, moe_ep: yes)" in lines
+    assert "mnnvl: handle type: n/a" in text
+    assert "mnnvl: fd exchange: SCM_RIGHTS (no ptrace needed)" in lines
+    assert lines[-1].startswith("mnnvl: ptrace: ok (") and "live probe skipped" in lines[-1]
     live = cap.header_lines(live_ptrace=True)
-    assert live[-1].startswith("ptrace: ok (live probe: a child fetched")
+    assert live[-1].startswith("mnnvl: ptrace: ok (live probe: a child fetched")
 
 
 def test_header_with_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -575,9 +575,9 @@ def test_header_with_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cap, "_import_nvml", lambda: (nvml, ""))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     lines = cap.header_lines(live_ptrace=False)
-    assert lines[0] == f"GPUs: 2 (0: {H100}, 1: {H100}, CUDA_VISIBLE_DEVICES=0,1)"
-    assert lines[1] == "links: GPU0<->GPU1 NV18"
-    assert lines[3].startswith("handle type: posix_fd (")
+    assert lines[0] == f"mnnvl: GPUs: 2 (0: {H100}, 1: {H100}, CUDA_VISIBLE_DEVICES=0,1)"
+    assert lines[1] == "mnnvl: links: GPU0<->GPU1 NV18"
+    assert lines[3].startswith("mnnvl: handle type: posix_fd (")
     assert cap.missing_for_multi_gpu(2) is None
     assert cap.missing_for_one_sided(2) is None
     assert nvml.refcount == 0

@@ -153,7 +153,9 @@ def test_failures_are_reported_and_the_world_recycled(rank_tester: pytest.Pytest
             "*WorldDeadlock: deadlock: ranks [[]1[]] still running in rank_zero_skips_the_barrier() after 2 s*",
         ]
     )
-    result.stdout.fnmatch_lines(["*[[]rank 1[]] still running, blocked in torch.distributed.barrier(group=[[]0, 1[]])*"])
+    result.stdout.fnmatch_lines(
+        ["*[[]rank 1[]] still running, blocked in torch.distributed.barrier(group=[[]0, 1[]])*"]
+    )
     result.stdout.fnmatch_lines(["*rank_zero_skips_the_barrier*"])  # the Python stack names the function
     result.stdout.fnmatch_lines(["SKIPPED*[[]rank 0[]] needs a unicorn*"])
 
@@ -164,8 +166,13 @@ def test_failures_are_reported_and_the_world_recycled(rank_tester: pytest.Pytest
     assert warm == raised  # warm reuse across tests
     assert after_raise == sigkill  # a passing test keeps the world
     # Every failure (and the skip) gave the next test a new world.
-    for failed, following in [(raised, after_raise), (sigkill, os_exit), (os_exit, deadlock),
-                              (deadlock, skip), (skip, end)]:
+    for failed, following in [
+        (raised, after_raise),
+        (sigkill, os_exit),
+        (os_exit, deadlock),
+        (deadlock, skip),
+        (skip, end),
+    ]:
         assert set(failed).isdisjoint(following)
     leftovers = [pid for gen in generations for pid in gen if pid_alive(pid)]
     assert leftovers == []
@@ -194,7 +201,9 @@ def test_deadlock_with_pp_stages(rank_tester: pytest.Pytester) -> None:
     result = rank_tester.runpytest_subprocess()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*WorldDeadlock: deadlock: ranks [[]2, 3[]] still running*"])
-    result.stdout.fnmatch_lines(["*[[]rank 2[]] still running, blocked in torch.distributed.barrier(group=[[]0, 1, 2, 3[]])*"])
+    result.stdout.fnmatch_lines(
+        ["*[[]rank 2[]] still running, blocked in torch.distributed.barrier(group=[[]0, 1, 2, 3[]])*"]
+    )
     result.stdout.fnmatch_lines(["*[[]rank 0[]] returned*"])
 
 

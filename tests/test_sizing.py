@@ -245,7 +245,9 @@ DISPATCH_ARG_CASES: list[tuple[dict[str, Any], str, list[int]]] = [
 
 
 @pytest.mark.parametrize(("overrides", "golden_fn", "golden_args"), DISPATCH_ARG_CASES)
-def test_dispatch_argument_messages(overrides: dict[str, Any], golden_fn: str, golden_args: list[int]) -> None:
+def test_dispatch_argument_messages(
+    overrides: dict[str, Any], golden_fn: str, golden_args: list[int]
+) -> None:
     args: dict[str, Any] = {
         "ep_size": 2, "runtime_max_tokens_per_rank": 1, "top_k": 2, "num_experts": 8, "num_payloads": 4,
     }
@@ -290,11 +292,15 @@ def test_dispatch_eplb_needs_offsets() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({"ep_size": 0, "top_k": 2}, "Check failed: (epSize > 0 && epSize <= tl_throughput::kMaxRanks) is false: "
-                                     "epSize must be in the range (0, 64]"),
-        ({"ep_size": 2, "top_k": 2, "ep_rank": -1}, "Check failed: (epRank >= 0 && epRank < epSize) is false: "),
-        ({"ep_size": 2, "top_k": 0}, "Check failed: (topK > 0 && topK <= tl_throughput::kMaxTopK) is false: "),
-        ({"ep_size": 2, "top_k": 2, "local_num_tokens": -1}, "Check failed: (localNumTokens >= 0) is false: "),
+        ({"ep_size": 0, "top_k": 2},
+         "Check failed: (epSize > 0 && epSize <= tl_throughput::kMaxRanks) is false: "
+         "epSize must be in the range (0, 64]"),
+        ({"ep_size": 2, "top_k": 2, "ep_rank": -1},
+         "Check failed: (epRank >= 0 && epRank < epSize) is false: "),
+        ({"ep_size": 2, "top_k": 0},
+         "Check failed: (topK > 0 && topK <= tl_throughput::kMaxTopK) is false: "),
+        ({"ep_size": 2, "top_k": 2, "local_num_tokens": -1},
+         "Check failed: (localNumTokens >= 0) is false: "),
         ({"ep_size": 2, "top_k": 2}, None),
     ],
 )

@@ -358,7 +358,7 @@ class SimMoeA2AModule:
                     "writes out of bounds"
                 )
         active_t = torch.tensor(active, dtype=torch.bool)
-        keep = first_occurrence(targets) & active_t[targets.clamp(0, ep - 1)] if local else targets.bool()
+        keep = first_occurrence(targets) & active_t[targets.clamp(0, ep - 1)]
         target_ranks = torch.where(keep, targets, torch.full_like(targets, -1)).to(torch.int32)
         send_indices = torch.full((local, top_k), -1, dtype=torch.int32)
         tokens_for: list[torch.Tensor] = []
