@@ -1,0 +1,53 @@
+"""Functions the demo runs on every rank (module level, so each rank imports them by name)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pytest_mnnvl.layers import LayerSpec
+
+
+def build_moe_alltoall(ctx: Any, sized_for: LayerSpec) -> Any:
+    """FlashInfer's own ``MoeAlltoAll`` on this rank's EP group, sized for one layer only."""
+    from flashinfer.comm import Mapping, MoeAlltoAll
+    from flashinfer.comm.comm_backend import TorchDistBackend
+    from flashinfer.comm.mnnvl import MnnvlConfig
+
+    ep = ctx.ep_size
+    mapping = Mapping(world_size=ep, rank=ctx.ep_rank, gpus_per_node=ep, tp_size=ep, moe_ep_size=ep)
+    return MoeAlltoAll(
+        mapping,
+        max_num_tokens=sized_for.max_num_tokens,
+        top_k=sized_for.top_k,
+        num_experts=sized_for.num_experts,
+        workspace_size_per_rank=sized_for.need(ep),
+        mnnvl_config=MnnvlConfig(comm_backend=TorchDistBackend(ctx.cpu_group)),
+    )
+
+
+def first_layer_sizing(ctx: Any, base: LayerSpec, head: LayerSpec, tokens: int) -> dict[str, Any]:
+    """Size the workspace from the base layer (the pre-fix manager), then round-trip the head layer."""
+    from pytest_mnnvl.roundtrip import round_trip
+
+    a2a = build_moe_alltoall(ctx, base)
+    base_ok = round_trip(a2a, base, ctx.ep_rank, ctx.ep_size, base.max_num_tokens, ctx.device)
+    try:
+        round_trip(a2a, head, ctx.ep_rank, ctx.ep_size, tokens, ctx.device)
+    except RuntimeError as error:
+        a2a._reset_workspace()
+        return {"base": base_ok.received_per_source, "head_error": str(error)}
+    a2a._reset_workspace()
+    return {"base": base_ok.received_per_source, "head_error": None}
+
+
+def union_sizing(ctx: Any, layers: list[LayerSpec]) -> list[int]:
+    """Size the workspace for the largest need of all layers (the fix): every layer round-trips."""
+    from pytest_mnnvl.roundtrip import round_trip
+
+    biggest = max(layers, key=lambda layer: layer.need(ctx.ep_size))
+    a2a = build_moe_alltoall(ctx, biggest)
+    for layer in layers:
+        round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
+    size = int(a2a.workspace_size_per_rank)
+    a2a._reset_workspace()
+    return [size]

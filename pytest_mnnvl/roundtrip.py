@@ -1,0 +1,138 @@
+"""Inside a rank: one real dispatch + combine through a live ``MoeAlltoAll`` with a layer's own payloads.
+
+The payloads follow the layer's layout (activations, scales, int32 expert ids, fp32 weights, extra)
+so the workspace regions are exercised at exactly the offsets the layer would use. The content is
+deterministic per (source rank, token), so every receiver can verify what arrived without asking:
+
+- dispatch: every source sends each token once to each distinct rank owning one of its experts;
+  a receiver checks how many rows each source sent it and that every row is one of that source's
+  tokens, byte for byte (arrival order is not defined, so rows are compared as a set);
+- combine: every rank returns ones for every received slot, so each token's combined value must
+  be the number of distinct ranks its experts live on.
+
+FlashInfer's own errors (the size checks, phase errors) propagate unchanged: a caller that wants
+the first failure catches ``RuntimeError``/``AssertionError`` around :func:`round_trip`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_mnnvl.layers import LayerSpec
+
+
+class RoundTripMismatch(AssertionError):
+    """Dispatch or combine completed but delivered the wrong bytes or sums."""
+
+
+@dataclass(frozen=True)
+class RoundTripResult:
+    tokens: int
+    received_per_source: tuple[int, ...]
+    combine_payload_offset: int | None
+
+
+def experts_owned(num_experts: int, ep_size: int) -> list[range]:
+    """FlashInfer's contiguous expert blocks: ranks below ``E % ep`` own one extra expert."""
+    base, rem = divmod(num_experts, ep_size)
+    blocks, start = [], 0
+    for rank in range(ep_size):
+        size = base + (1 if rank < rem else 0)
+        blocks.append(range(start, start + size))
+        start += size
+    return blocks
+
+
+def owner_of(expert: int, num_experts: int, ep_size: int) -> int:
+    for rank, block in enumerate(experts_owned(num_experts, ep_size)):
+        if expert in block:
+            return rank
+    raise ValueError(f"expert {expert} is outside 0..{num_experts - 1}")
+
+
+def selected_experts(layer: LayerSpec, source: int, tokens: int) -> list[list[int]]:
+    """Distinct experts per token, varied by source and token so routes cover several ranks."""
+    stride = max(1, layer.num_experts // layer.top_k)
+    return [
+        [(token * 7 + source * 3 + j * stride) % layer.num_experts for j in range(layer.top_k)]
+        for token in range(tokens)
+    ]
+
+
+def _dtype_for(element_size: int, name: str) -> torch.dtype:
+    import torch
+
+    if name == "topk_weights":
+        return torch.float32
+    if name == "topk_ids":
+        return torch.int32
+    return {1: torch.uint8, 2: torch.bfloat16, 4: torch.int32}[element_size]
+
+
+def _payload_bytes(source: int, tokens: int, width: int, salt: int) -> torch.Tensor:
+    import torch
+
+    token = torch.arange(tokens, dtype=torch.int64).unsqueeze(1)
+    column = torch.arange(width, dtype=torch.int64).unsqueeze(0)
+    return ((source * 131 + token * 31 + column * 7 + salt * 17) % 251).to(torch.uint8)
+
+
+def make_inputs(layer: LayerSpec, source: int, tokens: int, device: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(token_selected_experts [T, top_k] int32, payload tensors in the layer's order) for one source."""
+    import torch
+
+    experts = torch.tensor(selected_experts(layer, source, tokens), dtype=torch.int32).reshape(tokens, layer.top_k)
+    payloads: list[torch.Tensor] = []
+    for salt, payload in enumerate(layer.dispatch_payloads):
+        if payload.name == "topk_ids":
+            payloads.append(experts.clone())
+            continue
+        if payload.name == "topk_weights":
+            payloads.append(torch.full((tokens, layer.top_k), 0.5, dtype=torch.float32))
+            continue
+        raw = _payload_bytes(source, tokens, payload.bytes_per_token, salt)
+        dtype = _dtype_for(payload.element_size, payload.name)
+        payloads.append(raw.view(dtype).reshape(tokens, payload.bytes_per_token // payload.element_size))
+    return experts.to(device), [p.to(device) for p in payloads]
+
+
+def round_trip(a2a: Any, layer: LayerSpec, ep_rank: int, ep_size: int, tokens: int, device: Any) -> RoundTripResult:
+    """Dispatch ``tokens`` tokens per rank with ``layer``'s payloads, verify, combine ones, verify."""
+    import torch
+
+    experts, payloads = make_inputs(layer, ep_rank, tokens, device)
+    received = a2a.dispatch(experts, payloads, tokens)
+    offset = getattr(getattr(a2a, "_state", None), "combine_payload_offset", None)
+
+    counts = []
+    activation_index = 0
+    for source in range(ep_size):
+        routes = selected_experts(layer, source, tokens)
+        mine = [t for t, row in enumerate(routes) if ep_rank in {owner_of(e, layer.num_experts, ep_size) for e in row}]
+        counts.append(len(mine))
+        got = received[activation_index][source, : len(mine)].contiguous().view(torch.uint8).cpu()
+        want = _payload_bytes(source, tokens, layer.dispatch_payloads[0].bytes_per_token, 0)[mine]
+        got_rows = sorted(bytes(row.tolist()) for row in got)
+        want_rows = sorted(bytes(row.tolist()) for row in want)
+        if got_rows != want_rows:
+            raise RoundTripMismatch(
+                f"rank {ep_rank}: the {len(mine)} activation rows from rank {source} of layer "
+                f"{layer.name or layer.quant.value} are not the ones it sent"
+            )
+
+    combine_in = torch.ones((ep_size, tokens, layer.hidden_size), dtype=torch.bfloat16, device=device)
+    combined = a2a.combine(combine_in, tokens).float().cpu()
+    routes = selected_experts(layer, ep_rank, tokens)
+    expected = torch.tensor(
+        [len({owner_of(e, layer.num_experts, ep_size) for e in row}) for row in routes], dtype=torch.float32
+    )
+    if not torch.equal(combined[:, 0], expected) or not torch.equal(combined.min(dim=1).values, expected):
+        raise RoundTripMismatch(
+            f"rank {ep_rank}: combine of ones gave {combined[:, 0].tolist()[:8]}…, expected the number of "
+            f"distinct owner ranks per token {expected.tolist()[:8]}…"
+        )
+    return RoundTripResult(tokens, tuple(counts), offset)
