@@ -1,0 +1,138 @@
+"""What a correct manager must (and may) do after each ``initialize``: the model observations meet.
+
+Two growth policies are correct and ship today, and they give different sizes for the same plan:
+
+- ``total`` (vLLM PR #42976, 0.32): keep the largest *total* need, ``max_l need(l)``, and the largest
+  token count; rebuild when a layer needs more bytes or more tokens. Cheap, but the workspace may
+  not cover a combination no layer had (``max T`` × ``max payload``).
+- ``per_dimension`` (vLLM 0.33): keep the largest tokens, dispatch bytes and combine bytes
+  separately and size for their product: more memory, and every combination is covered.
+
+So the MUST invariants are policy-free (the live handle covers the layer; capacity never shrinks;
+a layer dominated by one the handle already serves changes nothing), and the policy models below
+only answer the SHOULD questions: how many rebuilds the declared policy needs at least, and what
+the cross-product need is. Pure Python: the parent checks observations with it, and the
+explain/predict tools walk plans with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pytest_mnnvl import sizing
+from pytest_mnnvl.layers import LayerSpec
+
+POLICIES = ("total", "per_dimension", "first_call")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a handle is built for: bytes per rank and max tokens, plus the largest per-token bytes."""
+
+    size_per_rank: int
+    max_num_tokens: int
+    dispatch_bytes_per_token: int = 0
+    combine_bytes_per_token: int = 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """The expected outcome of one ``initialize`` call under a policy."""
+
+    layer_index: int
+    rebuilt: bool
+    capacity: Capacity
+    served: tuple[int, ...] = field(default=())  # layers the live handle has served, this one included
+
+
+def need(layer: LayerSpec, ep_size: int) -> int:
+    """FlashInfer's bytes per rank for ``layer`` at its own max tokens."""
+    return layer.need(ep_size)
+
+
+def dominates(big: LayerSpec, small: LayerSpec) -> bool:
+    """``big`` needs at least as much as ``small`` in every dimension (tokens, dispatch, combine)."""
+    return (
+        big.max_num_tokens >= small.max_num_tokens
+        and big.dispatch_bytes_per_token >= small.dispatch_bytes_per_token
+        and big.combine_bytes_per_token >= small.combine_bytes_per_token
+        and big.eplb_stats_num_experts >= small.eplb_stats_num_experts
+    )
+
+
+def dominated_by_any(layer: LayerSpec, served: Iterable[LayerSpec]) -> bool:
+    """The no-needless-rebuild premise: one layer the live handle already serves dominates ``layer``."""
+    return any(dominates(other, layer) for other in served)
+
+
+def cross_product_need(layers: Sequence[LayerSpec], ep_size: int) -> int:
+    """Bytes per rank covering max tokens × max dispatch × max combine of all ``layers``."""
+    return sizing.workspace_size_per_rank(
+        ep_size,
+        max(layer.max_num_tokens for layer in layers),
+        max(layer.dispatch_bytes_per_token for layer in layers),
+        max(layer.combine_bytes_per_token for layer in layers),
+        max(layer.eplb_stats_num_experts for layer in layers),
+    )
+
+
+def covers(capacity: Capacity, layer: LayerSpec, ep_size: int) -> bool:
+    """The MUST: the handle has the layer's bytes per rank and its token count."""
+    return capacity.size_per_rank >= need(layer, ep_size) and capacity.max_num_tokens >= layer.max_num_tokens
+
+
+def _total(prev: Capacity | None, layer: LayerSpec, ep: int) -> Capacity | None:
+    """``None`` when the live handle is kept."""
+    want = need(layer, ep)
+    if prev is not None and want <= prev.size_per_rank and layer.max_num_tokens <= prev.max_num_tokens:
+        return None
+    size = max(want, prev.size_per_rank if prev else 0)
+    tokens = max(layer.max_num_tokens, prev.max_num_tokens if prev else 0)
+    return Capacity(size, tokens)
+
+
+def _per_dimension(prev: Capacity | None, layer: LayerSpec, ep: int) -> Capacity | None:
+    if prev is not None and (
+        layer.max_num_tokens <= prev.max_num_tokens
+        and layer.dispatch_bytes_per_token <= prev.dispatch_bytes_per_token
+        and layer.combine_bytes_per_token <= prev.combine_bytes_per_token
+    ):
+        return None
+    tokens = max(layer.max_num_tokens, prev.max_num_tokens if prev else 0)
+    dispatch = max(layer.dispatch_bytes_per_token, prev.dispatch_bytes_per_token if prev else 0)
+    combine = max(layer.combine_bytes_per_token, prev.combine_bytes_per_token if prev else 0)
+    size = sizing.workspace_size_per_rank(ep, tokens, dispatch, combine, layer.eplb_stats_num_experts)
+    return Capacity(size, tokens, dispatch, combine)
+
+
+def _first_call(prev: Capacity | None, layer: LayerSpec, ep: int) -> Capacity | None:
+    """vLLM before PR #42976: the first layer sizes the workspace for good (a known-bad policy)."""
+    return None if prev is not None else Capacity(need(layer, ep), layer.max_num_tokens)
+
+
+_STEPS = {"total": _total, "per_dimension": _per_dimension, "first_call": _first_call}
+
+
+def trajectory(policy: str, layers: Sequence[LayerSpec], ep_size: int) -> list[Step]:
+    """The decisions ``policy`` takes for ``layers`` in order, starting uninitialized."""
+    if policy not in _STEPS:
+        raise ValueError(f"unknown policy {policy!r}; allowed: {', '.join(POLICIES)}")
+    step_fn = _STEPS[policy]
+    steps: list[Step] = []
+    capacity: Capacity | None = None
+    served: tuple[int, ...] = ()
+    for index, layer in enumerate(layers):
+        grown = step_fn(capacity, layer, ep_size)
+        if grown is not None:
+            capacity, served = grown, (index,)
+        else:
+            served = (*served, index)
+        assert capacity is not None
+        steps.append(Step(index, grown is not None, capacity, served))
+    return steps
+
+
+def minimal_rebuilds(policy: str, layers: Sequence[LayerSpec], ep_size: int) -> int:
+    """Builds (the first included) the declared policy needs for ``layers``."""
+    return sum(step.rebuilt for step in trajectory(policy, layers, ep_size))
