@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-from pytest_mnnvl.sizing import MAX_PAYLOADS, MAX_RANKS, MAX_TOP_K, METAINFO_INDEX_NAMES, AuxOffsets, aux_offsets
+from pytest_mnnvl.sizing import (
+    MAX_PAYLOADS,
+    MAX_RANKS,
+    MAX_TOP_K,
+    METAINFO_INDEX_NAMES,
+    AuxOffsets,
+    aux_offsets,
+)
 
 from ._shm import memory_fence
 
@@ -114,16 +121,28 @@ def _check_input(t: torch.Tensor, name: str) -> None:
 
 def _check_type(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """``CHECK_INPUT_TYPE``."""
-    check_eq(dl_name(t.dtype), dl_name(dtype), f"{name}.dtype()", f"dl_{dl_name(dtype)}",
-             f"Inconsistency of Tensor type: {name}")
+    check_eq(
+        dl_name(t.dtype),
+        dl_name(dtype),
+        f"{name}.dtype()",
+        f"dl_{dl_name(dtype)}",
+        f"Inconsistency of Tensor type: {name}",
+    )
 
 
 def _check_metainfo(metainfo: torch.Tensor) -> AuxOffsets:
-    check_eq(1 if metainfo.device.type == "cpu" else 2, 1, "metainfo.device().device_type", "kDLCPU",
-             "metainfo must be a host tensor")
+    check_eq(
+        1 if metainfo.device.type == "cpu" else 2,
+        1,
+        "metainfo.device().device_type",
+        "kDLCPU",
+        "metainfo must be a host tensor",
+    )
     _check_type(metainfo, torch.int64, "metainfo")
     check_eq(metainfo.dim(), 1, "metainfo.ndim()", "1")
-    check_eq(metainfo.size(0), len(METAINFO_INDEX_NAMES), "metainfo.size(0)", "fi_throughput::NUM_METAINFO_FIELDS")
+    check_eq(
+        metainfo.size(0), len(METAINFO_INDEX_NAMES), "metainfo.size(0)", "fi_throughput::NUM_METAINFO_FIELDS"
+    )
     return AuxOffsets(*(int(v) for v in metainfo.tolist()))
 
 
@@ -138,21 +157,46 @@ def _check_workspace(workspace: torch.Tensor, ep_size: int | None) -> None:
 def _resolve_rank_mask(enable: bool, mask: torch.Tensor | None, ep_rank: int, ep_size: int) -> list[bool]:
     """Which ranks take part (``resolveActiveRankMask``); all of them without a mask."""
     if not enable:
-        check(mask is None, "!hasActiveRankMask(activeRankMask)", "active_rank_mask requires enable_rank_mask=True")
+        check(
+            mask is None,
+            "!hasActiveRankMask(activeRankMask)",
+            "active_rank_mask requires enable_rank_mask=True",
+        )
         return [True] * ep_size
-    check(0 <= ep_rank < MAX_RANKS, "epRank >= 0 && epRank < kMaxRanks",
-          f"epRank must be in the range [0, {MAX_RANKS}) for active_rank_mask")
-    check(mask is not None, "hasActiveRankMask(maskTensor)", "active_rank_mask must be defined when enable_rank_mask=True")
+    check(
+        0 <= ep_rank < MAX_RANKS,
+        "epRank >= 0 && epRank < kMaxRanks",
+        f"epRank must be in the range [0, {MAX_RANKS}) for active_rank_mask",
+    )
+    check(
+        mask is not None,
+        "hasActiveRankMask(maskTensor)",
+        "active_rank_mask must be defined when enable_rank_mask=True",
+    )
     assert mask is not None
-    check_eq(1 if mask.device.type == "cpu" else 2, 1, "t.device().device_type", "kDLCPU", "t must be a host tensor")
+    check_eq(
+        1 if mask.device.type == "cpu" else 2,
+        1,
+        "t.device().device_type",
+        "kDLCPU",
+        "t must be a host tensor",
+    )
     check(mask.is_contiguous(), "t.IsContiguous()", "t must be contiguous")
     _check_type(mask, torch.uint64, "t")
     check_eq(mask.dim(), 1, "t.ndim()", "1", "active_rank_mask must be a 1D tensor")
-    check_eq(mask.size(0), RANK_MASK_WORDS, "t.size(0)", "kRankMaskWords",
-             f"active_rank_mask must have exactly {RANK_MASK_WORDS} uint64 elements")
+    check_eq(
+        mask.size(0),
+        RANK_MASK_WORDS,
+        "t.size(0)",
+        "kRankMaskWords",
+        f"active_rank_mask must have exactly {RANK_MASK_WORDS} uint64 elements",
+    )
     word = int(mask.view(torch.int64)[0]) & 0xFFFF_FFFF_FFFF_FFFF
-    check((word >> ep_rank) & 1, "(out[epRank >> 6] >> (epRank & 63)) & 1ULL",
-          f"active_rank_mask must mark the local ep_rank ({ep_rank}) as active")
+    check(
+        (word >> ep_rank) & 1,
+        "(out[epRank >> 6] >> (epRank & 63)) & 1ULL",
+        f"active_rank_mask must mark the local ep_rank ({ep_rank}) as active",
+    )
     return [bool((word >> r) & 1) for r in range(ep_size)]
 
 
@@ -238,7 +282,9 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 class SimMoeA2AModule:
     """The functions of the compiled module, on CPU tensors (see the module docstring)."""
 
-    def moe_a2a_get_aux_data_size(self, ep_size: int, max_num_tokens: int, eplb_stats_num_experts: int = 0) -> int:
+    def moe_a2a_get_aux_data_size(
+        self, ep_size: int, max_num_tokens: int, eplb_stats_num_experts: int = 0
+    ) -> int:
         return aux_offsets(int(ep_size), int(max_num_tokens), int(eplb_stats_num_experts)).payload_data
 
     def moe_a2a_get_metainfo_index_pairs(self) -> tuple[list[str], list[int]]:
@@ -246,25 +292,48 @@ class SimMoeA2AModule:
         return names, list(range(len(METAINFO_INDEX_NAMES) + 1))
 
     def moe_a2a_initialize(
-        self, workspace: torch.Tensor, ep_rank: int, ep_size: int, max_num_tokens: int,
+        self,
+        workspace: torch.Tensor,
+        ep_rank: int,
+        ep_size: int,
+        max_num_tokens: int,
         eplb_stats_num_experts: int = 0,
     ) -> torch.Tensor:
         raise_if_sticky()
         _check_host(workspace, "workspace")
         _check_type(workspace, torch.uint8, "workspace")
         check_eq(workspace.dim(), 2, "workspace.ndim()", "2", "workspace must be a 2D tensor")
-        check_eq(workspace.size(0), ep_size, "workspace.size(0)", "epSize", "workspace first dim must equal ep_size")
+        check_eq(
+            workspace.size(0),
+            ep_size,
+            "workspace.size(0)",
+            "epSize",
+            "workspace first dim must equal ep_size",
+        )
         check(0 <= ep_rank < ep_size, "epRank >= 0 && epRank < epSize", "epRank out of range")
         workspace[ep_rank].zero_()
-        check(eplb_stats_num_experts >= 0, "eplbStatsNumExperts >= 0", "eplb_stats_num_experts must be non-negative")
+        check(
+            eplb_stats_num_experts >= 0,
+            "eplbStatsNumExperts >= 0",
+            "eplb_stats_num_experts must be non-negative",
+        )
         offsets = aux_offsets(int(ep_size), int(max_num_tokens), int(eplb_stats_num_experts))
         return torch.tensor(list(offsets), dtype=torch.int64)
 
     def moe_a2a_dispatch(
-        self, token_selected_experts: torch.Tensor, input_payloads: Sequence[torch.Tensor],
-        workspace: torch.Tensor, metainfo: torch.Tensor, runtime_max_tokens_per_rank: int, ep_rank: int,
-        ep_size: int, top_k: int, num_experts: int, enable_pdl: bool,
-        eplb_local_stats: torch.Tensor | None = None, enable_rank_mask: bool = False,
+        self,
+        token_selected_experts: torch.Tensor,
+        input_payloads: Sequence[torch.Tensor],
+        workspace: torch.Tensor,
+        metainfo: torch.Tensor,
+        runtime_max_tokens_per_rank: int,
+        ep_rank: int,
+        ep_size: int,
+        top_k: int,
+        num_experts: int,
+        enable_pdl: bool,
+        eplb_local_stats: torch.Tensor | None = None,
+        enable_rank_mask: bool = False,
         active_rank_mask: torch.Tensor | None = None,
     ) -> tuple[list[int], list[int], int, int, int]:
         raise_if_sticky()
@@ -272,22 +341,39 @@ class SimMoeA2AModule:
         _check_input(tse, "tokenSelectedExperts")
         _check_type(tse, torch.int32, "tokenSelectedExperts")
         check_eq(tse.dim(), 2, "tokenSelectedExperts.ndim()", "2", "token_selected_experts must be 2D")
-        check_eq(tse.size(1), top_k, "tokenSelectedExperts.size(1)", "topK", "token_selected_experts shape mismatch")
+        check_eq(
+            tse.size(1),
+            top_k,
+            "tokenSelectedExperts.size(1)",
+            "topK",
+            "token_selected_experts shape mismatch",
+        )
         payloads = list(input_payloads)
         num_payloads = len(payloads)
         check(num_payloads > 0, "numPayloads > 0", "At least one payload is required")
-        check(num_payloads <= MAX_PAYLOADS, "numPayloads <= tl_throughput::kMaxPayloads",
-              f"Too many payloads: {num_payloads} > {MAX_PAYLOADS}")
+        check(
+            num_payloads <= MAX_PAYLOADS,
+            "numPayloads <= tl_throughput::kMaxPayloads",
+            f"Too many payloads: {num_payloads} > {MAX_PAYLOADS}",
+        )
         local = tse.size(0)
         for i, payload in enumerate(payloads):
             _check_input(payload, "payload")
             check_eq(payload.dim(), 2, "payload.ndim()", "2", f"payload {i} must be 2D")
-            check_eq(payload.size(0), local, "payload.size(0)", "localNumTokens",
-                     f"payload {i} first dimension must match local_num_tokens")
+            check_eq(
+                payload.size(0),
+                local,
+                "payload.size(0)",
+                "localNumTokens",
+                f"payload {i} first dimension must match local_num_tokens",
+            )
         offsets = _check_metainfo(metainfo)
         _check_workspace(workspace, ep_size)
-        check(0 < ep_size <= MAX_RANKS, "epSize > 0 && epSize <= tl_throughput::kMaxRanks",
-              f"epSize must be in the range (0, {MAX_RANKS}]")
+        check(
+            0 < ep_size <= MAX_RANKS,
+            "epSize > 0 && epSize <= tl_throughput::kMaxRanks",
+            f"epSize must be in the range (0, {MAX_RANKS}]",
+        )
         check(0 <= ep_rank < ep_size, "epRank >= 0 && epRank < epSize")
         runtime_max = int(runtime_max_tokens_per_rank)
         check(runtime_max > 0, "runtimeMaxTokensPerRank > 0")
@@ -301,23 +387,37 @@ class SimMoeA2AModule:
             check_eq(stats.dim(), 1, "localStats.ndim()", "1", "eplb_local_stats must be a 1D tensor")
             eplb_n = stats.size(0)
             check(eplb_n > 0, "eplbStatsNumExperts > 0", "eplb_local_stats must not be empty")
-            check(eplb_n <= num_experts, "eplbStatsNumExperts <= numExperts", "eplb_local_stats size must be <= num_experts")
+            check(
+                eplb_n <= num_experts,
+                "eplbStatsNumExperts <= numExperts",
+                "eplb_local_stats size must be <= num_experts",
+            )
             gathered_end = offsets.eplb_gathered_stats + ep_size * eplb_n * 4
-            check(gathered_end <= offsets.payload_data, "gatheredEnd <= offsets[fi_throughput::PAYLOAD_DATA_OFFSET_INDEX]",
-                  f"eplb_local_stats size ({eplb_n}) exceeds the eplb_stats_num_experts reserved at initialize time")
+            check(
+                gathered_end <= offsets.payload_data,
+                "gatheredEnd <= offsets[fi_throughput::PAYLOAD_DATA_OFFSET_INDEX]",
+                f"eplb_local_stats size ({eplb_n}) exceeds the eplb_stats_num_experts reserved at "
+                "initialize time",
+            )
         sizes: list[int] = []
         total = 0
         for i, payload in enumerate(payloads):
             elem = payload.element_size()
             sizes.append(ep_size * runtime_max * payload.size(1) * elem)
             total += sizes[-1]
-            check(total % elem == 0, "totalBytesNeeded % elementSize == 0",
-                  f"Misaligned payload buffer {i} with element size {elem}. "
-                  "Consider reordering payloads by largest to smallest element size")
+            check(
+                total % elem == 0,
+                "totalBytesNeeded % elementSize == 0",
+                f"Misaligned payload buffer {i} with element size {elem}. "
+                "Consider reordering payloads by largest to smallest element size",
+            )
         size_per_rank = workspace.size(1)
         required = offsets.payload_data + total
-        check(size_per_rank >= required, "sizePerRank >= requiredSize",
-              f"workspace size per rank insufficient, need {required} bytes but has {size_per_rank}")
+        check(
+            size_per_rank >= required,
+            "sizePerRank >= requiredSize",
+            f"workspace size per rank insufficient, need {required} bytes but has {size_per_rank}",
+        )
         active = _resolve_rank_mask(enable_rank_mask, active_rank_mask, ep_rank, ep_size)
 
         rows = _Rows(workspace, offsets)
@@ -333,17 +433,37 @@ class SimMoeA2AModule:
         for size in sizes:
             recv_offsets.append(cursor)
             cursor += size
-        self._dispatch_kernel(rows, tse, payloads, recv_offsets, runtime_max, ep_rank, ep_size, num_experts,
-                              active, eplb_local_stats, flag)
+        self._dispatch_kernel(
+            rows,
+            tse,
+            payloads,
+            recv_offsets,
+            runtime_max,
+            ep_rank,
+            ep_size,
+            num_experts,
+            active,
+            eplb_local_stats,
+            flag,
+        )
         base = ep_rank * workspace.stride(0)
         combine_offset = (cursor + 127) // 128 * 128
         eplb_offset = base + offsets.eplb_gathered_stats if eplb_local_stats is not None else -1
         return [base + o for o in recv_offsets], sizes, combine_offset, eplb_offset, eplb_n
 
     def _dispatch_kernel(
-        self, rows: _Rows, tse: torch.Tensor, payloads: list[torch.Tensor], recv_offsets: list[int],
-        runtime_max: int, me: int, ep: int, num_experts: int, active: list[bool],
-        eplb_local_stats: torch.Tensor | None, flag: int,
+        self,
+        rows: _Rows,
+        tse: torch.Tensor,
+        payloads: list[torch.Tensor],
+        recv_offsets: list[int],
+        runtime_max: int,
+        me: int,
+        ep: int,
+        num_experts: int,
+        active: list[bool],
+        eplb_local_stats: torch.Tensor | None,
+        flag: int,
     ) -> None:
         off = rows.off
         local, top_k = tse.shape
@@ -369,7 +489,8 @@ class SimMoeA2AModule:
             if count > runtime_max:
                 raise RuntimeError(
                     f"pytest-mnnvl sim: {count} tokens of rank {me} go to rank {rank} but only "
-                    f"runtime_max_tokens_per_rank={runtime_max} receive slots exist (local_num_tokens={local}); "
+                    f"runtime_max_tokens_per_rank={runtime_max} receive slots exist "
+                    f"(local_num_tokens={local}); "
                     "FlashInfer does not check this and a GPU silently overruns the next source's slots"
                 )
             if count:
@@ -380,7 +501,8 @@ class SimMoeA2AModule:
         if local * top_k > aux_slots:
             raise RuntimeError(
                 f"pytest-mnnvl sim: {local} tokens x top_k {top_k} overrun the top-k routing arrays "
-                f"({aux_slots} slots for the workspace's max_num_tokens); a GPU silently corrupts its workspace"
+                f"({aux_slots} slots for the workspace's max_num_tokens); a GPU silently corrupts "
+                "its workspace"
             )
         rows.i32(me, off.topk_target_ranks, local * top_k).copy_(target_ranks.flatten())
         rows.i32(me, off.topk_send_indices, local * top_k).copy_(send_indices.flatten())
@@ -390,7 +512,9 @@ class SimMoeA2AModule:
             tokens = tokens_for[rank]
             if not active[rank] or tokens.numel() == 0:
                 continue
-            for data, start, size in zip(raw, recv_offsets, (ep * runtime_max * r.size(1) for r in raw), strict=True):
+            for data, start, size in zip(
+                raw, recv_offsets, (ep * runtime_max * r.size(1) for r in raw), strict=True
+            ):
                 region = rows.ws[rank, start : start + size].view(ep, runtime_max, data.size(1))
                 region[me, : tokens.numel()] = data.index_select(0, tokens)
         counts = [t.numel() for t in tokens_for]
@@ -407,41 +531,104 @@ class SimMoeA2AModule:
         rows.signal_and_wait("dispatch", off.dispatch_completion_flags, me, active, flag)
 
     def moe_a2a_combine(
-        self, payload: torch.Tensor, local_num_tokens: int, workspace: torch.Tensor, metainfo: torch.Tensor,
-        runtime_max_tokens_per_rank: int, ep_rank: int, ep_size: int, top_k: int, combine_payload_offset: int,
-        payload_in_workspace: bool = False, output_dtype: torch.dtype | None = None,
-        output_scales: torch.Tensor | None = None, output_scalar_scale: float = 1.0, sf_layout: int = 2,
-        use_low_precision: bool = False, enable_pdl: bool = False, enable_rank_mask: bool = False,
+        self,
+        payload: torch.Tensor,
+        local_num_tokens: int,
+        workspace: torch.Tensor,
+        metainfo: torch.Tensor,
+        runtime_max_tokens_per_rank: int,
+        ep_rank: int,
+        ep_size: int,
+        top_k: int,
+        combine_payload_offset: int,
+        payload_in_workspace: bool = False,
+        output_dtype: torch.dtype | None = None,
+        output_scales: torch.Tensor | None = None,
+        output_scalar_scale: float = 1.0,
+        sf_layout: int = 2,
+        use_low_precision: bool = False,
+        enable_pdl: bool = False,
+        enable_rank_mask: bool = False,
         active_rank_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         raise_if_sticky()
         _check_input(payload, "payload")
-        check_eq(payload.dim(), 3, "payload.ndim()", "3", "payload must be [ep_size, runtime_max_tokens_per_rank, hidden]")
-        dtype = output_dtype if output_dtype is not None else (torch.bfloat16 if use_low_precision else payload.dtype)
+        check_eq(
+            payload.dim(),
+            3,
+            "payload.ndim()",
+            "3",
+            "payload must be [ep_size, runtime_max_tokens_per_rank, hidden]",
+        )
+        dtype = (
+            output_dtype
+            if output_dtype is not None
+            else (torch.bfloat16 if use_low_precision else payload.dtype)
+        )
         width = payload.size(2) // 2 if dtype == torch.uint8 else payload.size(2)
         output = torch.empty((int(local_num_tokens), width), dtype=dtype)
         self.moe_a2a_combine_into(
-            payload, local_num_tokens, workspace, metainfo, runtime_max_tokens_per_rank, ep_rank, ep_size, top_k,
-            combine_payload_offset, payload_in_workspace, output_dtype, output_scales, output_scalar_scale,
-            sf_layout, use_low_precision, enable_pdl, enable_rank_mask, active_rank_mask, output,
+            payload,
+            local_num_tokens,
+            workspace,
+            metainfo,
+            runtime_max_tokens_per_rank,
+            ep_rank,
+            ep_size,
+            top_k,
+            combine_payload_offset,
+            payload_in_workspace,
+            output_dtype,
+            output_scales,
+            output_scalar_scale,
+            sf_layout,
+            use_low_precision,
+            enable_pdl,
+            enable_rank_mask,
+            active_rank_mask,
+            output,
         )
         return output
 
     def moe_a2a_combine_into(
-        self, payload: torch.Tensor, local_num_tokens: int, workspace: torch.Tensor, metainfo: torch.Tensor,
-        runtime_max_tokens_per_rank: int, ep_rank: int, ep_size: int, top_k: int, combine_payload_offset: int,
-        payload_in_workspace: bool, output_dtype: torch.dtype | None, output_scales: torch.Tensor | None,
-        output_scalar_scale: float, sf_layout: int, use_low_precision: bool, enable_pdl: bool,
-        enable_rank_mask: bool, active_rank_mask: torch.Tensor | None, output: torch.Tensor,
+        self,
+        payload: torch.Tensor,
+        local_num_tokens: int,
+        workspace: torch.Tensor,
+        metainfo: torch.Tensor,
+        runtime_max_tokens_per_rank: int,
+        ep_rank: int,
+        ep_size: int,
+        top_k: int,
+        combine_payload_offset: int,
+        payload_in_workspace: bool,
+        output_dtype: torch.dtype | None,
+        output_scales: torch.Tensor | None,
+        output_scalar_scale: float,
+        sf_layout: int,
+        use_low_precision: bool,
+        enable_pdl: bool,
+        enable_rank_mask: bool,
+        active_rank_mask: torch.Tensor | None,
+        output: torch.Tensor,
     ) -> None:
         raise_if_sticky()
         _check_input(payload, "payload")
-        check_eq(payload.dim(), 3, "payload.ndim()", "3", "payload must be [ep_size, runtime_max_tokens_per_rank, hidden]")
+        check_eq(
+            payload.dim(),
+            3,
+            "payload.ndim()",
+            "3",
+            "payload must be [ep_size, runtime_max_tokens_per_rank, hidden]",
+        )
         runtime_max = int(runtime_max_tokens_per_rank)
         check_eq(payload.size(0), ep_size, "payload.size(0)", "epSize")
         check_eq(payload.size(1), runtime_max, "payload.size(1)", "runtimeMaxTokensPerRank")
-        check(0 < ep_size <= MAX_RANKS, "epSize > 0 && epSize <= tl_throughput::kMaxRanks",
-              f"epSize must be in the range (0, {MAX_RANKS}]")
+        check(
+            0 < ep_size <= MAX_RANKS,
+            "epSize > 0 && epSize <= tl_throughput::kMaxRanks",
+            f"epSize must be in the range (0, {MAX_RANKS}]",
+        )
         check(0 <= ep_rank < ep_size, "epRank >= 0 && epRank < epSize")
         check(0 < top_k <= MAX_TOP_K, "topK > 0 && topK <= tl_throughput::kMaxTopK")
         check(local_num_tokens >= 0, "localNumTokens >= 0")
@@ -449,77 +636,139 @@ class SimMoeA2AModule:
         _check_workspace(workspace, ep_size)
         size_per_rank = workspace.size(1)
         payload_bytes = payload.numel() * payload.element_size()
-        check(combine_payload_offset >= 0 and combine_payload_offset + payload_bytes <= size_per_rank,
-              "combinePayloadOffset >= 0 && combinePayloadOffset + payloadBytes <= sizePerRank",
-              "workspace insufficient for combine payload region")
+        check(
+            combine_payload_offset >= 0 and combine_payload_offset + payload_bytes <= size_per_rank,
+            "combinePayloadOffset >= 0 && combinePayloadOffset + payloadBytes <= sizePerRank",
+            "workspace insufficient for combine payload region",
+        )
         if payload_in_workspace:
             expected = workspace[ep_rank].data_ptr() + combine_payload_offset
-            check(payload.data_ptr() == expected, "payload.data_ptr() == expectedPtr",
-                  f"payload_in_workspace is True but tensor pointer mismatch: {payload.data_ptr():#x} != {expected:#x}")
-        want = output_dtype if output_dtype is not None else (torch.bfloat16 if use_low_precision else payload.dtype)
+            check(
+                payload.data_ptr() == expected,
+                "payload.data_ptr() == expectedPtr",
+                "payload_in_workspace is True but tensor pointer mismatch: "
+                f"{payload.data_ptr():#x} != {expected:#x}",
+            )
+        want = (
+            output_dtype
+            if output_dtype is not None
+            else (torch.bfloat16 if use_low_precision else payload.dtype)
+        )
         hidden = payload.size(2)
         shape = (int(local_num_tokens), hidden // 2 if want == torch.uint8 else hidden)
         _check_input(output, "output")
         check_eq(output.dim(), 2, "output.ndim()", "2", "output must be a 2D tensor")
         check_eq(output.size(0), shape[0], "output.size(0)", "output_shape[0]")
         check_eq(output.size(1), shape[1], "output.size(1)", "output_shape[1]")
-        what = "output_dtype" if output_dtype is not None else (
-            "bf16 (use_low_precision)" if use_low_precision else "payload dtype")
-        check(output.dtype == want, "output.dtype() == outputDtype",
-              f"output dtype must match {what} (expected {dl_name(want)}, got {dl_name(output.dtype)})")
+        what = (
+            "output_dtype"
+            if output_dtype is not None
+            else ("bf16 (use_low_precision)" if use_low_precision else "payload dtype")
+        )
+        check(
+            output.dtype == want,
+            "output.dtype() == outputDtype",
+            f"output dtype must match {what} (expected {dl_name(want)}, got {dl_name(output.dtype)})",
+        )
         if payload.dtype not in COMBINE_DTYPES:
             raise TypeError("Unsupported dtype for MoE combine")
         if output_scales is not None:
-            self._check_quantized_combine(payload, output, output_scales, int(sf_layout), int(local_num_tokens))
+            self._check_quantized_combine(
+                payload, output, output_scales, int(sf_layout), int(local_num_tokens)
+            )
         elif use_low_precision:
-            check(output.dtype == torch.bfloat16, "output.dtype() == dl_bfloat16",
-                  "low-precision combine must produce a bf16 output")
+            check(
+                output.dtype == torch.bfloat16,
+                "output.dtype() == dl_bfloat16",
+                "low-precision combine must produce a bf16 output",
+            )
         else:
-            check(output.dtype == payload.dtype, "output.dtype() == payload.dtype()",
-                  "output_dtype without output_scales must match payload dtype")
+            check(
+                output.dtype == payload.dtype,
+                "output.dtype() == payload.dtype()",
+                "output_dtype without output_scales must match payload dtype",
+            )
         active = _resolve_rank_mask(enable_rank_mask, active_rank_mask, ep_rank, ep_size)
         rows = _Rows(workspace, offsets)
         flag = rows.bump_flag(ep_rank)
         if top_k not in SUPPORTED_TOP_K:
             raise _launch_error("moe_a2a_combine_launch", "Unsupported top_k")
-        self._combine_kernel(rows, payload, payload_in_workspace, use_low_precision, combine_payload_offset,
-                             runtime_max, int(local_num_tokens), ep_rank, ep_size, top_k, active, flag, output)
+        self._combine_kernel(
+            rows,
+            payload,
+            payload_in_workspace,
+            use_low_precision,
+            combine_payload_offset,
+            runtime_max,
+            int(local_num_tokens),
+            ep_rank,
+            ep_size,
+            top_k,
+            active,
+            flag,
+            output,
+        )
 
     def _check_quantized_combine(
         self, payload: torch.Tensor, output: torch.Tensor, scales: torch.Tensor, sf_layout: int, rows: int
     ) -> None:
-        check(payload.dtype in (torch.bfloat16, torch.float16),
-              "payload.dtype() == dl_bfloat16 || payload.dtype() == dl_float16",
-              "Quantization only supports for fp16 or bf16 inputs")
+        check(
+            payload.dtype in (torch.bfloat16, torch.float16),
+            "payload.dtype() == dl_bfloat16 || payload.dtype() == dl_float16",
+            "Quantization only supports for fp16 or bf16 inputs",
+        )
         _check_input(scales, "scales")
         if output.dtype == torch.float8_e4m3fn:
             _check_type(scales, torch.uint8, "scales")
             block = 32
         elif output.dtype == torch.uint8:
-            check(scales.dtype in (torch.uint8, torch.float8_e4m3fn),
-                  "scales.dtype() == dl_uint8 || scales.dtype() == dl_float8_e4m3fn",
-                  "packed fp4 output_scales must have uint8 (MXFP4) or float8_e4m3fn (NVFP4) dtype")
+            check(
+                scales.dtype in (torch.uint8, torch.float8_e4m3fn),
+                "scales.dtype() == dl_uint8 || scales.dtype() == dl_float8_e4m3fn",
+                "packed fp4 output_scales must have uint8 (MXFP4) or float8_e4m3fn (NVFP4) dtype",
+            )
             block = 16 if scales.dtype == torch.float8_e4m3fn else 32
         else:
             raise RuntimeError(f"Quantization not supported for output dtype: {dl_name(output.dtype)}")
-        check(0 <= sf_layout <= 2,
-              "sfLayout >= static_cast<int64_t>(MoeA2ACombineSwizzleSFMode::SWIZZLE_128x4) && "
-              "sfLayout <= static_cast<int64_t>(MoeA2ACombineSwizzleSFMode::LINEAR)",
-              "sf_layout must be layout_128x4, layout_8x4, or layout_linear")
+        check(
+            0 <= sf_layout <= 2,
+            "sfLayout >= static_cast<int64_t>(MoeA2ACombineSwizzleSFMode::SWIZZLE_128x4) && "
+            "sfLayout <= static_cast<int64_t>(MoeA2ACombineSwizzleSFMode::LINEAR)",
+            "sf_layout must be layout_128x4, layout_8x4, or layout_linear",
+        )
         columns = (payload.size(2) + block - 1) // block
         extent = {
             0: (rows + 127) // 128 * 128 * ((columns + 3) // 4 * 4),
             1: (rows + 7) // 8 * 8 * ((columns + 3) // 4 * 4),
             2: rows * columns,
         }[sf_layout]
-        check_eq(scales.numel(), extent, "scales.numel()", "expectedScales",
-                 "output_scales extent does not match the requested quantization layout")
-        check(SIM_SM_VERSION >= 100, "sm_version >= 100",
-              f"Quantized moe_a2a_combine requires SM>=100 (Blackwell), but got SM{SIM_SM_VERSION}")
+        check_eq(
+            scales.numel(),
+            extent,
+            "scales.numel()",
+            "expectedScales",
+            "output_scales extent does not match the requested quantization layout",
+        )
+        check(
+            SIM_SM_VERSION >= 100,
+            "sm_version >= 100",
+            f"Quantized moe_a2a_combine requires SM>=100 (Blackwell), but got SM{SIM_SM_VERSION}",
+        )
 
     def _combine_kernel(
-        self, rows: _Rows, payload: torch.Tensor, in_workspace: bool, low_precision: bool, combine_offset: int,
-        runtime_max: int, local: int, me: int, ep: int, top_k: int, active: list[bool], flag: int,
+        self,
+        rows: _Rows,
+        payload: torch.Tensor,
+        in_workspace: bool,
+        low_precision: bool,
+        combine_offset: int,
+        runtime_max: int,
+        local: int,
+        me: int,
+        ep: int,
+        top_k: int,
+        active: list[bool],
+        flag: int,
         output: torch.Tensor,
     ) -> None:
         off = rows.off
@@ -530,7 +779,8 @@ class SimMoeA2AModule:
 
         def region(rank: int) -> torch.Tensor:
             return rows.ws[rank, combine_offset : combine_offset + ep * runtime_max * stride].view(
-                ep, runtime_max, stride)
+                ep, runtime_max, stride
+            )
 
         received = rows.i32(me, off.recv_counters, ep).tolist()
         mine = region(me)
@@ -565,8 +815,13 @@ class SimMoeA2AModule:
         output.copy_(acc.to(output.dtype))
 
     def moe_a2a_sanitize_expert_ids(
-        self, expert_ids: torch.Tensor, workspace: torch.Tensor, metainfo: torch.Tensor, ep_rank: int,
-        invalid_expert_id: int, enable_pdl: bool,
+        self,
+        expert_ids: torch.Tensor,
+        workspace: torch.Tensor,
+        metainfo: torch.Tensor,
+        ep_rank: int,
+        invalid_expert_id: int,
+        enable_pdl: bool,
     ) -> None:
         raise_if_sticky()
         _check_input(expert_ids, "expertIds")
@@ -586,7 +841,8 @@ class SimJitSpec:
     def __init__(self, target: str) -> None:
         if target != "legacy":
             raise NotImplementedError(
-                f"pytest-mnnvl sim backend: only the default backend='trtllm' kernels are emulated, not {target!r}"
+                "pytest-mnnvl sim backend: only the default backend='trtllm' kernels are emulated, "
+                f"not {target!r}"
             )
         self.target = target
 

@@ -87,7 +87,10 @@ def moe_a2a_get_workspace_size_per_rank(
     if backend != "trtllm":
         raise ValueError(f"Unknown MoE all-to-all backend {backend!r}; expected 'trtllm' or 'cake'")
     return sizing.workspace_size_per_rank(
-        ep_size, max_num_tokens, total_dispatch_payload_size_per_token, combine_payload_size_per_token,
+        ep_size,
+        max_num_tokens,
+        total_dispatch_payload_size_per_token,
+        combine_payload_size_per_token,
         eplb_stats_num_experts,
     )
 
@@ -110,8 +113,9 @@ def installed() -> bool:
 def _require(module: Any, name: str, version: str) -> Any:
     if not hasattr(module, name):
         raise RuntimeError(
-            f"pytest-mnnvl sim backend: flashinfer {version} has no {module.__name__}.{name}, one of the pieces "
-            f"the sim replaces; supported FlashInfer versions: {', '.join(SUPPORTED_FLASHINFER_VERSIONS)}"
+            f"pytest-mnnvl sim backend: flashinfer {version} has no {module.__name__}.{name}, one of the "
+            "pieces the sim replaces; supported FlashInfer versions: "
+            + ", ".join(SUPPORTED_FLASHINFER_VERSIONS)
         )
     return getattr(module, name)
 
@@ -124,7 +128,7 @@ def install(ctx: Any) -> None:
     import warnings
 
     import flashinfer
-    import flashinfer.comm  # noqa: F401  (the package namespace re-exports moe_a2a_combine)
+    import flashinfer.comm
     import flashinfer.comm.mnnvl as mnnvl
     import flashinfer.comm.trtllm_moe_alltoall as a2a
 
@@ -147,7 +151,7 @@ def install(ctx: Any) -> None:
         _require(memory, name, version)
 
     # 1. the compiled module
-    a2a.gen_moe_alltoall_module = _kernels.SimJitSpec
+    a2a.gen_moe_alltoall_module = _kernels.SimJitSpec  # type: ignore[assignment]
     clear = getattr(a2a.get_moe_alltoall_module, "cache_clear", None)
     if clear is not None:
         clear()
@@ -157,7 +161,7 @@ def install(ctx: Any) -> None:
     mnnvl.pack_strided_memory = _pack_strided_memory(_shm.strided_tensor)
     # 4. device queries
     memory.initialized = True
-    memory.support_nvlink = staticmethod(_all_nvlinks_up)
+    memory.support_nvlink = staticmethod(_all_nvlinks_up)  # type: ignore[method-assign]
     _install_platform_probe(memory)
     _install_torch_device_stubs(_kernels.raise_if_sticky)
     # 5. CPU output= for the functional combine
@@ -236,11 +240,25 @@ def _combine_accepting_cpu_output(original: Any, a2a: Any) -> Any:
             raise ValueError(f"output must be contiguous, got stride={output.stride()}")
         module = a2a.get_moe_alltoall_module(call["backend"])
         module.moe_a2a_combine_into(
-            call["payload"], call["local_num_tokens"], call["workspace"], call["metainfo"],
-            call["runtime_max_tokens_per_rank"], call["ep_rank"], call["ep_size"], call["top_k"],
-            call["combine_payload_offset"], call["payload_in_workspace"], call["output_dtype"],
-            call["output_scales"], call["output_scalar_scale"], call["sf_layout"], call["use_low_precision"],
-            bool(call["enable_pdl"]), call["enable_rank_mask"], call["active_rank_mask"], output,
+            call["payload"],
+            call["local_num_tokens"],
+            call["workspace"],
+            call["metainfo"],
+            call["runtime_max_tokens_per_rank"],
+            call["ep_rank"],
+            call["ep_size"],
+            call["top_k"],
+            call["combine_payload_offset"],
+            call["payload_in_workspace"],
+            call["output_dtype"],
+            call["output_scales"],
+            call["output_scalar_scale"],
+            call["sf_layout"],
+            call["use_low_precision"],
+            bool(call["enable_pdl"]),
+            call["enable_rank_mask"],
+            call["active_rank_mask"],
+            output,
         )
         return output
 

@@ -1,0 +1,116 @@
+"""``flashinfer``: the real FlashInfer one-sided all-to-all on GPUs (imported lazily).
+
+:func:`install` binds the rank to its GPU, forbids NVLink multicast (``MoeAlltoAll`` never needs
+it; on these hosts a stray multicast object can take the GPUs out of service) and makes sure the
+one-sided op module can be built or loaded before any test collective runs, so a missing JIT
+toolchain is one clear error, not a hang of the peers. Like the sim backend, this module exposes
+FlashInfer's ``MoeAlltoAll``, ``Mapping``, ``MnnvlConfig`` and
+``moe_a2a_get_workspace_size_per_rank`` (here the real ones).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+FORCE_POSIX_FD_ENV = "PYTEST_MNNVL_FORCE_POSIX_FD"
+_FLASHINFER_NAMES = {
+    "MoeAlltoAll": "flashinfer.comm.trtllm_moe_alltoall",
+    "moe_a2a_get_workspace_size_per_rank": "flashinfer.comm.trtllm_moe_alltoall",
+    "Mapping": "flashinfer.comm.mapping",
+    "MnnvlConfig": "flashinfer.comm.mnnvl",
+    "MnnvlMemory": "flashinfer.comm.mnnvl",
+}
+_installed_pid: int | None = None
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _FLASHINFER_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), name)
+
+
+def _visible_gpu_count() -> int | None:
+    """GPUs this process may use, without creating a CUDA context; None if no driver is found."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            present = int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        try:
+            present = len(os.listdir("/proc/driver/nvidia/gpus"))
+        except OSError:
+            return None
+    if visible is None:
+        return present
+    named = [part for part in visible.split(",") if part.strip()]
+    return min(len(named), present)
+
+
+def available() -> str | None:
+    """Why this backend cannot run here, or None when it can (``--mnnvl-backend=auto``)."""
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed"
+    if importlib.util.find_spec("flashinfer") is None:
+        return "flashinfer-python is not installed (pip install flashinfer-python apache-tvm-ffi)"
+    count = _visible_gpu_count()
+    if count is None:
+        return "no NVIDIA driver found (NVML and /proc/driver/nvidia unavailable)"
+    if count < 2:
+        return f"{count} GPU(s) visible to this process; the one-sided all-to-all needs at least 2"
+    return None
+
+
+def _forbid_multicast() -> None:
+    """Make any NVLink multicast creation raise in this process (the all-to-all path has none)."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "pytest-mnnvl: cuMulticastCreate is forbidden in test ranks (MoeAlltoAll never needs it)"
+        )
+
+    driver.cuMulticastCreate = refuse
+
+
+def install(ctx: Any) -> None:
+    """Bind this rank to ``ctx.device`` and load FlashInfer's one-sided module (idempotent)."""
+    global _installed_pid
+    if _installed_pid == os.getpid():
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "pytest-mnnvl flashinfer backend: this torch build sees no CUDA device; use --mnnvl-backend=sim"
+        )
+    torch.cuda.set_device(ctx.device)
+    _forbid_multicast()
+    from flashinfer.comm.mnnvl import MnnvlMemory
+    from flashinfer.comm.trtllm_moe_alltoall import get_moe_alltoall_module
+
+    if os.environ.get(FORCE_POSIX_FD_ENV) == "1":
+        # A fabric probe can read "supported" in a VM without IMEX; POSIX fds always work on one host.
+        MnnvlMemory._fabric_supported = False
+    try:
+        get_moe_alltoall_module("trtllm")
+    except Exception as exc:
+        raise RuntimeError(
+            "pytest-mnnvl flashinfer backend: FlashInfer's one-sided all-to-all module (mnnvl_moe_alltoall) "
+            f"could not be built or loaded: {type(exc).__name__}: {exc}. It is JIT-compiled on first use "
+            "(several minutes; needs nvcc, cublasLt.h and a linkable libcuda). Point "
+            "FLASHINFER_WORKSPACE_BASE at a prebuilt cache to skip the build, or use --mnnvl-backend=sim."
+        ) from exc
+    _installed_pid = os.getpid()
