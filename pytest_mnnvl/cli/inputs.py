@@ -1,0 +1,115 @@
+"""Reading a plan file and checking command-line values: every problem is one :class:`UsageError`.
+
+A :class:`UsageError` names the field (a JSON path inside the plan, or an option), the bad value and
+what is allowed; :mod:`.main` prints it on one line and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_mnnvl import sizing
+from pytest_mnnvl.layers import LayerSpec, LayerSpecError, ModelPlan, PlanError
+
+#: Exit statuses shared by every command.
+EXIT_OK = 0
+EXIT_FAILS = 1
+EXIT_USAGE = 2
+#: The rank world itself could not run the plan (crash, deadlock, unexpected error): not a verdict.
+EXIT_WORLD = 3
+
+
+class UsageError(ValueError):
+    """Bad input: a plan, an option or a manager spec that the commands cannot use."""
+
+
+@dataclass(frozen=True)
+class LoadedPlan:
+    """A validated plan plus where each of its layers came from in the JSON (for error messages)."""
+
+    plan: ModelPlan
+    source: str
+    #: ``origins[stage][i]`` is the JSON path of the entry that produced layer ``i`` of
+    #: ``plan.layers_of_stage(stage)`` (MTP head included).
+    origins: tuple[tuple[str, ...], ...]
+
+    def origin(self, stage: int, index: int) -> str:
+        return self.origins[stage][index]
+
+
+def _entry_paths(prefix: str, entries: Any) -> list[str]:
+    paths: list[str] = []
+    for j, entry in enumerate(entries if isinstance(entries, list) else []):
+        repeat = entry.get("repeat", 1) if isinstance(entry, dict) else 1
+        paths.extend([f"{prefix}[{j}]"] * (repeat if isinstance(repeat, int) and repeat > 0 else 1))
+    return paths
+
+
+def load_plan(path: str) -> LoadedPlan:
+    """Read and validate ``path`` as a plan (``layers.ModelPlan`` JSON, schema version 1)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise UsageError(f"PLAN {path!r}: no such file; pass the path of a plan JSON file") from None
+    except IsADirectoryError:
+        raise UsageError(f"PLAN {path!r}: is a directory; pass the path of a plan JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"PLAN {path!r}: cannot be read ({exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; "
+            "a plan is one JSON object with a 'stages' array (see examples/plans/README.md)"
+        ) from None
+    try:
+        plan = ModelPlan.from_dict(data)
+    except PlanError as exc:
+        raise UsageError(str(PlanError(exc.path, exc.value, exc.allowed, source=path))) from None
+    origins = []
+    for stage in range(plan.pp):
+        paths = _entry_paths(f"stages[{stage}]", data["stages"][stage])
+        if stage == plan.pp - 1:
+            paths += _entry_paths("mtp_head", data.get("mtp_head", []))
+        origins.append(tuple(paths))
+    return LoadedPlan(plan, os.fspath(path), tuple(origins))
+
+
+def check_ep(loaded: LoadedPlan, ep: int) -> None:
+    """Every layer must be runnable at this EP size (experts split evenly, a kernel top_k)."""
+    if not 1 <= ep <= sizing.MAX_RANKS:
+        raise UsageError(f"--ep {ep}: not allowed: must be an integer in 1..{sizing.MAX_RANKS}")
+    for stage, index, layer in loaded.plan.iter_layers():
+        try:
+            layer.validate_for_ep(ep)
+        except LayerSpecError as exc:
+            where = loaded.origin(stage, index)
+            raise UsageError(
+                f"{loaded.source}: {where}.{exc.field}: {exc.value!r} is not allowed with --ep {ep}: {exc.allowed}"
+            ) from None
+
+
+def check_stage(loaded: LoadedPlan, stage: int | None) -> list[int]:
+    """The stages a command looks at: all of them, or the one ``--stage`` names."""
+    if stage is None:
+        return list(range(loaded.plan.pp))
+    if not 0 <= stage < loaded.plan.pp:
+        raise UsageError(
+            f"--stage {stage}: not allowed: the plan has {loaded.plan.pp} stage(s), allowed 0..{loaded.plan.pp - 1}"
+        )
+    return [stage]
+
+
+def stage_shape_error(layers: tuple[LayerSpec, ...], index: int) -> str | None:
+    """Why a manager refuses layer ``index`` of a stage (top_k / num_experts differ from the first)."""
+    first, layer = layers[0], layers[index]
+    if (layer.top_k, layer.num_experts) == (first.top_k, first.num_experts):
+        return None
+    return (
+        f"top_k={layer.top_k}, num_experts={layer.num_experts} differ from the stage's first layer "
+        f"(top_k={first.top_k}, num_experts={first.num_experts}): the manager refuses it at initialize"
+    )

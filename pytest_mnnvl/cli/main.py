@@ -1,0 +1,187 @@
+"""Argument parsing and exit statuses of ``python -m pytest_mnnvl``.
+
+Exit status: 0 every layer fits (``repro``: no failure reproduced), 1 some layer fails (``repro``: a
+failure reproduced), 2 bad input (one line on stderr naming the field and what is allowed), 3 the
+rank world could not run the plan (``repro`` only: a crash, a deadlock, an unexpected error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_USAGE, UsageError, check_ep, check_stage, load_plan
+from pytest_mnnvl.cli.policy import SPEC_HELP, resolve_model
+from pytest_mnnvl.oracle import POLICIES
+
+PROG = "python -m pytest_mnnvl"
+DEFAULT_EP = 2
+DESCRIPTION = (
+    "Explain, predict and reproduce FlashInfer's 'workspace insufficient for combine payload region' "
+    "failures of MoE all-to-all workspace managers, from a layer plan (ModelPlan JSON; see "
+    "examples/plans/README.md)."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 1")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: must be > 0 seconds")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, stage: bool = True) -> None:
+    p.add_argument("plan", metavar="PLAN.json", help="a ModelPlan JSON file (schema_version 1)")
+    p.add_argument("--manager", metavar="SPEC", default="reference", help=f"the manager: {SPEC_HELP}")
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        help="walk the plan with this oracle policy instead of the one --manager stands for",
+    )
+    p.add_argument(
+        "--ep",
+        type=_positive_int,
+        default=DEFAULT_EP,
+        metavar="N",
+        help=f"EP size of every PP stage (default {DEFAULT_EP}); num_experts must be a multiple of it",
+    )
+    if stage:
+        p.add_argument("--stage", type=_nonneg_int, metavar="S", help="only this PP stage (default: all)")
+        p.add_argument(
+            "--observe",
+            action="store_true",
+            help="run the real manager's initialize on a sim world and read the workspace it holds, instead of "
+            "its oracle policy (automatic for specs no policy models)",
+        )
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", metavar="{explain,predict,repro}", parser_class=_Parser)
+    sub.required = True
+    explain = sub.add_parser(
+        "explain",
+        help="per layer: payload, need(), the workspace the manager holds, whether dispatch and combine fit",
+        description="Walk the plan through the manager's decisions and show FlashInfer's host-check arithmetic "
+        "at every layer's full runtime token count. Exit 0: every layer fits; 1: some layer fails; 2: bad input.",
+    )
+    _common(explain)
+    explain.add_argument(
+        "-v", "--verbose", action="store_true", help="show the arithmetic of every layer, not only of the failing ones"
+    )
+    predict = sub.add_parser(
+        "predict",
+        help="per layer: the smallest runtime token count at which it fails",
+        description="The host checks use the runtime token count, so small batches pass where a full one "
+        "fails. Exit 0: no layer fails at any token count; 1: some layer does; 2: bad input.",
+    )
+    _common(predict)
+    repro = sub.add_parser(
+        "repro",
+        help="run the plan on a real rank world and show the first failure exactly as FlashInfer raises it",
+        description="Spawns ep × pp ranks (sim: FlashInfer's Python on CPU; flashinfer: real GPUs), initializes "
+        "every layer in order on each stage and round-trips it at its full token count right after. "
+        "Exit 0: no failure; 1: a failure reproduced; 2: bad input; 3: the world itself failed.",
+    )
+    _common(repro, stage=False)
+    repro.add_argument("--backend", choices=("sim", "flashinfer"), default="sim", help="rank backend (default sim)")
+    repro.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        metavar="S",
+        help="seconds each per-layer step may take on every rank (default 120)",
+    )
+    repro.add_argument(
+        "--every-layer",
+        action="store_true",
+        help="round-trip every layer, even one identical to a layer already round-tripped on "
+        "the same live handle (same checks, same offsets; off by default to save time)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        loaded = load_plan(args.plan)
+        check_ep(loaded, args.ep)
+        if args.command == "repro":
+            from pytest_mnnvl.cli import repro
+
+            return repro.run(loaded, args)
+        stages = check_stage(loaded, args.stage)
+        model = resolve_model(args.manager, args.policy, args.observe)
+        observed = None
+        if model.observed:
+            from pytest_mnnvl.cli import repro
+
+            observed = repro.observe(loaded, model.spec, args.ep)
+    except UsageError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from pytest_mnnvl.cli import analysis, render
+
+    walk = analysis.walk(loaded, model, args.ep, stages, observed)
+    if args.command == "explain":
+        print(
+            json.dumps(render.walk_json(walk, "explain"), indent=2)
+            if args.json
+            else render.explain_text(walk, args.verbose)
+        )
+        return EXIT_OK if walk.fits else EXIT_FAILS
+    fails_somewhere = any(
+        o.first_failing_tokens is not None or o.verdict == "refused" for s in walk.stages for o in s.outcomes
+    )
+    print(json.dumps(render.walk_json(walk, "predict"), indent=2) if args.json else render.predict_text(walk))
+    return EXIT_FAILS if fails_somewhere else EXIT_OK
+
+
+def run() -> int:
+    """``main`` for ``python -m``: a closed pipe (``| head``) or Ctrl-C ends quietly, never in a traceback."""
+    try:
+        status = main()
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,414 @@
+"""``repro``: the plan run on a real rank world, first failure shown exactly as FlashInfer raises it.
+
+The world has ``ep × pp`` ranks (:mod:`pytest_mnnvl.pool`): ``sim`` runs FlashInfer's own Python on
+CPU ranks, ``flashinfer`` the real thing on GPUs. Every stage initializes its layers in order (the
+MTP head last on the last stage) and round-trips each one at its full token count right after its
+own ``initialize`` (a defect can hide behind a later, larger layer, FACTS §4). The parent drives
+one layer step per call, prints progress, and at the end puts the first failure next to what the
+arithmetic (:mod:`.analysis`) predicts for the workspace the ranks really held.
+
+:func:`observe` is the same walk without round trips, for ``explain``/``predict`` of managers no
+oracle policy models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_mnnvl import sizing
+from pytest_mnnvl.cli import analysis, render
+from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_WORLD, LoadedPlan, UsageError
+from pytest_mnnvl.cli.policy import resolve_factory
+from pytest_mnnvl.errors import MnnvlError
+from pytest_mnnvl.layers import LayerSpec
+
+#: Seconds a rank world gets to start (spawn, imports, rendezvous), on top of the per-step timeout.
+STARTUP_TIMEOUT_S = 180.0
+
+
+def classify(error_type: str, message: str) -> str:
+    """Which check an exception from a round trip is (by FlashInfer's exact texts)."""
+    if message == sizing.check_failed_message(sizing.COMBINE_SIZE_CONDITION, sizing.COMBINE_SIZE_DETAIL):
+        return "combine"
+    if message.startswith(sizing.check_failed_message(sizing.DISPATCH_SIZE_CONDITION)):
+        return "dispatch"
+    if "Misaligned payload buffer" in message:
+        return "misaligned"
+    if message == sizing.RUNTIME_TOKENS_EXCEED_MAX:
+        return "tokens"
+    if error_type == "RoundTripMismatch":
+        return "wrong data"
+    return "other"
+
+
+@dataclass(frozen=True)
+class Driver:
+    """What the ranks run: the real manager (``factory``) or a policy standing in for one."""
+
+    spec: str
+    policy: str | None
+    factory: Any = None
+
+    @property
+    def rank_driver(self) -> tuple[str, Any]:
+        return ("manager", self.factory) if self.policy is None else ("policy", self.policy)
+
+    def describe(self) -> str:
+        if self.policy is not None:
+            return f"oracle policy {self.policy} driving FlashInfer's MoeAlltoAll directly (--policy)"
+        f = self.factory
+        return f"the real {f.module}.{f.qualname} (shape {f.shape}), built on every rank's EP group"
+
+
+def make_driver(spec: str, policy: str | None) -> Driver:
+    if policy is not None:
+        return Driver(f"policy:{policy}", policy)
+    return Driver(spec, None, resolve_factory(spec))
+
+
+def _world(loaded: LoadedPlan, ep: int, backend: str, timeout: float) -> Any:
+    from pytest_mnnvl.pool import World, WorldSpec
+
+    world_size = ep * loaded.plan.pp
+    devices: tuple[str, ...] | None = None
+    if backend == "flashinfer":
+        from pytest_mnnvl import capabilities
+
+        missing = capabilities.missing_for_one_sided(world_size)
+        if missing is not None:
+            raise UsageError(f"--backend flashinfer: cannot run {world_size} ranks here: {missing}; use --backend sim")
+        gpus = [gpu.uuid or str(gpu.nvml_index) for gpu in capabilities.gpu_inventory().gpus]
+        devices = tuple(gpus[:world_size])
+    spec = WorldSpec(world_size, loaded.plan.pp, backend, devices=devices)
+    return World(spec, timeout, startup_timeout=max(STARTUP_TIMEOUT_S, timeout))
+
+
+@dataclass
+class StageRecord:
+    """What one stage's ranks did, step by step (EP rank 0's view, plus every rank's error)."""
+
+    stage: int
+    states: list[dict[str, Any]] = field(default_factory=list)
+    round_trips: list[dict[str, Any] | None] = field(default_factory=list)
+    #: ``(index, phase, {rank: error})`` of the first failing step.
+    failure: tuple[int, str, dict[int, dict[str, str]]] | None = None
+
+
+def _builds(driver: Driver, layers: tuple[LayerSpec, ...], ep: int) -> list[tuple[int, int] | None]:
+    if driver.policy is None:
+        return [None] * len(layers)
+    holdings = analysis.oracle_holdings(driver.policy, layers, ep)
+    return [(h.size_per_rank, h.max_num_tokens) if h.rebuilt else None for h in holdings]
+
+
+def _drive(
+    loaded: LoadedPlan,
+    driver: Driver,
+    world: Any,
+    ep: int,
+    round_trip: bool,
+    every_layer: bool,
+    on_step: Callable[[int, dict[int, list[dict[str, Any]]]], None],
+) -> dict[int, StageRecord]:
+    from pytest_mnnvl.cli import repro_rank
+
+    plan = loaded.plan
+    world.call(repro_rank.open_session, (driver.rank_driver,), timeout=world.startup_timeout)
+    stage_layers = {s: plan.layers_of_stage(s) for s in range(plan.pp)}
+    builds = {s: _builds(driver, layers, ep) for s, layers in stage_layers.items()}
+    records = {s: StageRecord(s) for s in range(plan.pp)}
+    try:
+        for index in range(max(len(layers) for layers in stage_layers.values())):
+            work = {
+                s: (layers[index], builds[s][index])
+                for s, layers in stage_layers.items()
+                if index < len(layers) and records[s].failure is None
+            }
+            if not work:
+                break
+            results = world.call(repro_rank.step, (index, work, round_trip, every_layer))
+            by_stage: dict[int, list[dict[str, Any]]] = {}
+            for result in results:
+                if result is not None:
+                    by_stage.setdefault(result["stage"], []).append(result)
+            for s, rows in by_stage.items():
+                rows.sort(key=lambda r: r["ep_rank"])
+                record = records[s]
+                errors = {r["rank"]: r["error"] for r in rows if "error" in r}
+                if errors:
+                    phase = next(r["phase"] for r in rows if "error" in r)
+                    record.failure = (index, phase, errors)
+                record.states.append(rows[0].get("state", {}))
+                record.round_trips.append(rows[0].get("round_trip"))
+            on_step(index, by_stage)
+    finally:
+        with contextlib.suppress(MnnvlError):
+            world.call(repro_rank.close_session, timeout=min(world.timeout, 30.0))
+    return records
+
+
+def _holdings(record: StageRecord, layers: tuple[LayerSpec, ...]) -> list[analysis.Holding]:
+    """Observed states as the analysis' holdings; layers not reached inherit the stopping error."""
+    holdings: list[analysis.Holding] = []
+    first_of: dict[Any, int] = {}
+    stop: tuple[str, str] | None = None
+    for index, _layer in enumerate(layers):
+        state = record.states[index] if index < len(record.states) else {}
+        failed_here = record.failure is not None and record.failure[0] == index and record.failure[1] == "initialize"
+        if failed_here and record.failure is not None:
+            err = next(iter(record.failure[2].values()))
+            stop = (err["type"], err["message"])
+            prev = holdings[-1] if holdings else None
+            holdings.append(
+                analysis.Holding(
+                    False,
+                    prev.built_by if prev else -1,
+                    prev.size_per_rank if prev else 0,
+                    prev.max_num_tokens if prev else 0,
+                    init_error=stop,
+                )
+            )
+            continue
+        if stop is not None or not state:
+            holdings.append(
+                analysis.Holding(
+                    False, -1, 0, 0, init_error=("NotReached", "not initialized: an earlier step of this stage failed")
+                )
+            )
+            continue
+        stamp = state["stamp"]
+        first_of.setdefault(stamp, index)
+        holdings.append(
+            analysis.Holding(
+                bool(state["rebuilt"]),
+                first_of[stamp],
+                int(state["size_per_rank"] or 0),
+                int(state["max_num_tokens"] or 0),
+                layers[first_of[stamp]].eplb_stats_num_experts,
+            )
+        )
+    return holdings
+
+
+def observe(loaded: LoadedPlan, spec: str, ep: int, timeout: float = 120.0) -> dict[int, list[analysis.Holding]]:
+    """Run the real manager's ``initialize`` per layer on a sim world; the handle it holds after each."""
+    driver = make_driver(spec, None)
+    world = _world(loaded, ep, "sim", timeout)
+    try:
+        records = _drive(loaded, driver, world, ep, False, False, lambda i, r: None)
+    except MnnvlError as exc:
+        raise UsageError(
+            f"--manager {spec!r}: observing it on a sim world failed: {str(exc).splitlines()[0]}"
+        ) from None
+    finally:
+        world.close()
+    return {s: _holdings(rec, loaded.plan.layers_of_stage(s)) for s, rec in records.items()}
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+class _Progress:
+    """One line per step that did something new; runs of repeated layers are summarized."""
+
+    def __init__(self, loaded: LoadedPlan, out: Any) -> None:
+        self.loaded = loaded
+        self.out = out
+        self.skipped: dict[int, list[int]] = {}
+
+    def _flush(self, stage: int) -> None:
+        run = self.skipped.pop(stage, [])
+        if run:
+            span = f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}"
+            print(
+                f"  stage {stage} layers {span}: handle kept, same layer as one already round-tripped on it "
+                "(not repeated; --every-layer repeats them)",
+                file=self.out,
+            )
+
+    def __call__(self, index: int, by_stage: dict[int, list[dict[str, Any]]]) -> None:
+        for stage in sorted(by_stage):
+            row = by_stage[stage][0]
+            layer = self.loaded.plan.layers_of_stage(stage)[index]
+            state = row.get("state") or {}
+            rt = row.get("round_trip")
+            failed = [r for r in by_stage[stage] if "error" in r]
+            if not failed and rt is not None and rt.get("same_as") is not None and not state.get("rebuilt"):
+                self.skipped.setdefault(stage, []).append(index)
+                continue
+            self._flush(stage)
+            name = analysis.layer_label(self.loaded, stage, index)
+            held = (
+                f"{'built' if state.get('rebuilt') else 'kept'} {render.n(state['size_per_rank'])} B/rank, "
+                f"max_num_tokens {state['max_num_tokens']}"
+                if state.get("size_per_rank") is not None
+                else "no handle"
+            )
+            if failed:
+                err = failed[0]["error"]
+                where = classify(err["type"], err["message"]) if failed[0]["phase"] == "round_trip" else "initialize"
+                what = f"FAILED in {where} on rank(s) {', '.join(str(r['rank']) for r in failed)}"
+            elif rt is None:
+                what = "initialized"
+            else:
+                what = f"round trip at T={layer.max_num_tokens} ok"
+            print(f"  stage {stage} layer {index} {name!r} ({layer.quant.value}): {held}; {what}", file=self.out)
+
+    def finish(self) -> None:
+        for stage in list(self.skipped):
+            self._flush(stage)
+
+
+def _first_failure(records: dict[int, StageRecord]) -> tuple[StageRecord, int, str, int, dict[str, str]] | None:
+    failing = [r for r in records.values() if r.failure is not None]
+    if not failing:
+        return None
+    record = min(failing, key=lambda r: (r.failure[0] if r.failure else 0, r.stage))
+    assert record.failure is not None
+    index, phase, errors = record.failure
+    rank = min(errors)
+    return record, index, phase, rank, errors[rank]
+
+
+def run(loaded: LoadedPlan, args: argparse.Namespace) -> int:
+    """``python -m pytest_mnnvl repro``; returns the exit status."""
+    driver = make_driver(args.manager, args.policy)
+    plan, ep = loaded.plan, args.ep
+    out = sys.stderr if args.json else sys.stdout
+    world = _world(loaded, ep, args.backend, args.timeout)
+    title = plan.name or loaded.source
+    print(f"repro: {title}: {plan.pp} PP stage(s), ep={ep}, {ep * plan.pp} ranks, backend={args.backend}", file=out)
+    print(f"manager: {driver.spec}: {driver.describe()}", file=out)
+    progress = _Progress(loaded, out)
+    started = time.monotonic()
+    try:
+        records = _drive(loaded, driver, world, ep, True, args.every_layer, progress)
+    except MnnvlError as exc:
+        print(f"repro: the rank world failed, no verdict: {exc}", file=sys.stderr)
+        return EXIT_WORLD
+    finally:
+        world.close()
+    progress.finish()
+    elapsed = time.monotonic() - started
+    first = _first_failure(records)
+    predicted = {
+        s: analysis.walk_stage(loaded, ep, s, _holdings(rec, plan.layers_of_stage(s))) for s, rec in records.items()
+    }
+    document = _document(loaded, args, driver, records, first, predicted, elapsed)
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        _print_verdict(loaded, first, predicted, elapsed)
+    return EXIT_OK if first is None else EXIT_FAILS
+
+
+def _prediction_for(predicted: dict[int, analysis.StageWalk], stage: int, index: int) -> analysis.LayerOutcome | None:
+    walk = predicted.get(stage)
+    return None if walk is None or index >= len(walk.outcomes) else walk.outcomes[index]
+
+
+def _print_verdict(
+    loaded: LoadedPlan,
+    first: tuple[StageRecord, int, str, int, dict[str, str]] | None,
+    predicted: dict[int, analysis.StageWalk],
+    elapsed: float,
+) -> None:
+    print()
+    if first is None:
+        print(f"no failure: every layer initialized and round-tripped at its full token count ({elapsed:.1f} s)")
+        return
+    record, index, phase, rank, error = first
+    label = analysis.layer_label(loaded, record.stage, index)
+    errors = record.failure[2] if record.failure else {}
+    check = classify(error["type"], error["message"]) if phase == "round_trip" else "initialize"
+    print(
+        f"FIRST FAILURE: stage {record.stage}, layer {index} {label!r} "
+        f"({loaded.origin(record.stage, index)}), rank {rank}, {check}:"
+    )
+    print(f"{error['type']}: {error['message']}")
+    same = [r for r, e in errors.items() if e["message"] == error["message"]]
+    others = sorted(set(errors) - set(same))
+    print(
+        f"raised by rank(s) {', '.join(map(str, sorted(same)))}"
+        + (f"; rank(s) {', '.join(map(str, others))} raised something else" if others else "")
+    )
+    if check == "other":
+        print(error.get("traceback", "").rstrip())
+    outcome = _prediction_for(predicted, record.stage, index)
+    if outcome is not None and outcome.check is not None and phase == "round_trip":
+        agrees = outcome.error == error["message"]
+        print(
+            f"arithmetic on the workspace the ranks held: {analysis.VERDICT_TEXT[outcome.verdict]} "
+            f"({'the same text' if agrees else 'a DIFFERENT outcome'})"
+        )
+        for line in render.arithmetic_lines(outcome, outcome.geometry.ep_size, indent="  ")[1:]:
+            print(line)
+
+
+def _document(
+    loaded: LoadedPlan,
+    args: argparse.Namespace,
+    driver: Driver,
+    records: dict[int, StageRecord],
+    first: tuple[StageRecord, int, str, int, dict[str, str]] | None,
+    predicted: dict[int, analysis.StageWalk],
+    elapsed: float,
+) -> dict[str, Any]:
+    stages = []
+    for s, record in sorted(records.items()):
+        layers = []
+        for index, state in enumerate(record.states):
+            rt = record.round_trips[index] if index < len(record.round_trips) else None
+            failed = record.failure is not None and record.failure[0] == index
+            layers.append(
+                {
+                    "index": index,
+                    "name": loaded.plan.layers_of_stage(s)[index].name,
+                    "rebuilt": state.get("rebuilt"),
+                    "size_per_rank": state.get("size_per_rank"),
+                    "max_num_tokens": state.get("max_num_tokens"),
+                    "round_trip": "failed"
+                    if failed
+                    else (None if rt is None else ("same_as" if rt.get("same_as") is not None else "ok")),
+                    "same_as": None if rt is None else rt.get("same_as"),
+                }
+            )
+        stages.append({"stage": s, "layers": layers, "failed": record.failure is not None})
+    failure = None
+    if first is not None:
+        record, index, phase, rank, error = first
+        outcome = _prediction_for(predicted, record.stage, index)
+        failure = {
+            "stage": record.stage,
+            "index": index,
+            "name": loaded.plan.layers_of_stage(record.stage)[index].name,
+            "origin": loaded.origin(record.stage, index),
+            "rank": rank,
+            "phase": phase,
+            "check": classify(error["type"], error["message"]) if phase == "round_trip" else "initialize",
+            "type": error["type"],
+            "message": error["message"],
+            "ranks": sorted(record.failure[2]) if record.failure else [],
+            "predicted": None if outcome is None else render.outcome_json(outcome),
+        }
+    return {
+        "schema_version": render.JSON_SCHEMA_VERSION,
+        "command": "repro",
+        "plan": loaded.plan.name,
+        "source": loaded.source,
+        "ep": args.ep,
+        "backend": args.backend,
+        "manager": driver.spec,
+        "driver": driver.describe(),
+        "reproduced": first is not None,
+        "elapsed_s": round(elapsed, 3),
+        "first_failure": failure,
+        "stages": stages,
+    }

