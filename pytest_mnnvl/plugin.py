@@ -18,11 +18,13 @@ from pytest_mnnvl.errors import MnnvlUsageError
 from pytest_mnnvl.markers import CAPABILITY_MARKERS, MARKER_LINES
 
 if TYPE_CHECKING:
+    from pytest_mnnvl.managers import ManagerFactory
     from pytest_mnnvl.pool import Pool, World
 
 SETTINGS_KEY = pytest.StashKey["_settings.Settings"]()
 BACKEND_KEY = pytest.StashKey[str]()
 POOL_KEY = pytest.StashKey["Pool"]()
+MANAGER_KEY: pytest.StashKey[ManagerFactory] = pytest.StashKey()
 
 
 class Topology(NamedTuple):
@@ -50,6 +52,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--mnnvl-report", dest="mnnvl_report", metavar="PATH", help=_settings.REPORT_HELP)
     group.addoption("--mnnvl-manager", dest="mnnvl_manager", metavar="SPEC", help=_settings.MANAGER_HELP)
     group.addoption("--mnnvl-warm-worlds", dest="mnnvl_warm_worlds", metavar="N", help=_settings.WARM_WORLDS_HELP)
+    group.addoption(
+        "--mnnvl-startup-timeout",
+        dest="mnnvl_startup_timeout",
+        metavar="SECONDS",
+        help=_settings.STARTUP_TIMEOUT_HELP,
+    )
     parser.addini("mnnvl_backend", _settings.BACKEND_HELP)
     parser.addini("mnnvl_timeout", _settings.TIMEOUT_HELP)
     parser.addini("mnnvl_strict", _settings.STRICT_HELP)
@@ -58,13 +66,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mnnvl_report", _settings.REPORT_HELP)
     parser.addini("mnnvl_manager", _settings.MANAGER_HELP)
     parser.addini("mnnvl_warm_worlds", _settings.WARM_WORLDS_HELP)
+    parser.addini("mnnvl_startup_timeout", _settings.STARTUP_TIMEOUT_HELP)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKER_LINES:
         config.addinivalue_line("markers", line)
     try:
-        config.stash[SETTINGS_KEY] = _settings.from_config(config.getoption, config.getini)
+        config.stash[SETTINGS_KEY] = settings = _settings.from_config(config.getoption, config.getini)
+        if settings.manager != _settings.Settings.manager:
+            # An explicit manager is resolved now, so a bad spec stops the run before any rank starts.
+            from pytest_mnnvl.managers import resolve
+
+            config.stash[MANAGER_KEY] = resolve(settings.manager)
     except MnnvlUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     workerinput = getattr(config, "workerinput", None)
@@ -176,7 +190,7 @@ def _pool(config: pytest.Config) -> Pool:
         from pytest_mnnvl.pool import Pool
 
         s = config.stash[SETTINGS_KEY]
-        config.stash[POOL_KEY] = Pool(timeout=s.timeout, max_warm=s.warm_worlds)
+        config.stash[POOL_KEY] = Pool(timeout=s.timeout, max_warm=s.warm_worlds, startup_timeout=s.startup_timeout)
     return config.stash[POOL_KEY]
 
 

@@ -55,6 +55,10 @@ PEER_FAILURE_GRACE_S = 2.0
 STACK_DUMP_WAIT_S = 0.5
 #: How long a rank gets to leave on TERM before KILL.
 TERM_GRACE_S = 1.0
+#: How long a world may take to start when no startup timeout is set: FlashInfer's first use JIT-builds
+#: its one-sided module (about 3 minutes on 16 cores), everything else starts in seconds.
+DEFAULT_STARTUP_TIMEOUT_S = {"flashinfer": 900.0}
+DEFAULT_STARTUP_TIMEOUT_OTHER_S = 120.0
 #: Lines of each rank's output kept for crash reports.
 OUTPUT_TAIL_LINES = 40
 
@@ -123,7 +127,8 @@ class World:
     ) -> None:
         self.spec = spec
         self.timeout = timeout
-        self.startup_timeout = startup_timeout if startup_timeout is not None else max(120.0, timeout)
+        default = DEFAULT_STARTUP_TIMEOUT_S.get(spec.backend, DEFAULT_STARTUP_TIMEOUT_OTHER_S)
+        self.startup_timeout = startup_timeout if startup_timeout is not None else max(default, timeout)
         self._tmp_root = tmp_root
         self._ranks: list[_Rank] = []
         self._dir: str | None = None
@@ -466,8 +471,11 @@ def _read_stacks(ranks: list[_Rank], wait_s: float) -> dict[int, str]:
 class Pool:
     """Warm worlds keyed by :class:`WorldSpec`, at most ``max_warm`` alive (least recently used go)."""
 
-    def __init__(self, timeout: float, max_warm: int = 2, tmp_root: str | None = None) -> None:
+    def __init__(
+        self, timeout: float, max_warm: int = 2, tmp_root: str | None = None, startup_timeout: float | None = None
+    ) -> None:
         self.timeout = timeout
+        self.startup_timeout = startup_timeout
         self.max_warm = max_warm
         self.tmp_root = tmp_root
         self._worlds: collections.OrderedDict[WorldSpec, World] = collections.OrderedDict()
@@ -475,7 +483,7 @@ class Pool:
     def world(self, spec: WorldSpec) -> World:
         world = self._worlds.pop(spec, None)
         if world is None:
-            world = World(spec, self.timeout, tmp_root=self.tmp_root)
+            world = World(spec, self.timeout, startup_timeout=self.startup_timeout, tmp_root=self.tmp_root)
         self._worlds[spec] = world
         while len(self._worlds) > self.max_warm:
             _, oldest = self._worlds.popitem(last=False)

@@ -33,6 +33,10 @@ PP_HELP = "Comma-separated pipeline-parallel sizes the conformance topologies us
 REPORT_HELP = "Write the conformance report as JSON to this path (Markdown next to it)."
 MANAGER_HELP = "Manager under test: reference, vllm, mutant:<name>, or package.module:Class (default reference)."
 WARM_WORLDS_HELP = "How many rank worlds stay warm at once (default 2)."
+STARTUP_TIMEOUT_HELP = (
+    "Seconds a rank world may take to start (default 120 on sim, 900 on flashinfer: a cold JIT build "
+    "of FlashInfer's one-sided module takes minutes)."
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Settings:
     report: str | None = None
     manager: str = "reference"
     warm_worlds: int = 2
+    startup_timeout: float | None = None
 
     def topologies(self) -> list[tuple[int, int]]:
         """(world size, pp) pairs the suite runs: every pp that divides a world size into >=2 EP ranks."""
@@ -137,6 +142,7 @@ def from_config(getoption: Any, getini: Any) -> Settings:
     manager = pick("mnnvl_manager", "mnnvl_manager")
     report = pick("mnnvl_report", "mnnvl_report")
     warm = pick("mnnvl_warm_worlds", "mnnvl_warm_worlds")
+    startup = pick("mnnvl_startup_timeout", "mnnvl_startup_timeout")
     strict = getoption("mnnvl_strict") or parse_bool(getini("mnnvl_strict") or False, "mnnvl_strict")
     settings = Settings(
         backend=parse_backend(backend) if backend is not None else "auto",
@@ -151,6 +157,7 @@ def from_config(getoption: Any, getini: Any) -> Settings:
         report=str(report) if report is not None else None,
         manager=parse_manager(manager) if manager is not None else "reference",
         warm_worlds=parse_positive_int(warm, "--mnnvl-warm-worlds") if warm is not None else 2,
+        startup_timeout=parse_timeout(startup, "--mnnvl-startup-timeout") if startup is not None else None,
     )
     settings.topologies()  # validates the combination now, not in the middle of collection
     return settings

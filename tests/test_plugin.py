@@ -32,6 +32,9 @@ import pytest
             "no topology fits --mnnvl-world-sizes=3 and --mnnvl-pp=2*",
         ),
         (["--mnnvl-warm-worlds=0"], "--mnnvl-warm-worlds='0' is not valid; allowed: an integer >= 1"),
+        (["--mnnvl-startup-timeout=0"], "--mnnvl-startup-timeout='0' is not valid; allowed: a finite number*"),
+        (["--mnnvl-manager=mutant:nope"], "*there is no mutant named 'nope'*first_call_wins*"),
+        (["--mnnvl-manager=no_such_pkg.mod:Cls"], "*no_such_pkg*"),
     ],
 )
 def test_bad_options_are_usage_errors(pytester: pytest.Pytester, args: list[str], message: str) -> None:
