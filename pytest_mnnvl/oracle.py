@@ -8,6 +8,14 @@ Two growth policies are correct and ship today, and they give different sizes fo
 - ``per_dimension`` (vLLM 0.33): keep the largest tokens, dispatch bytes and combine bytes
   separately and size for their product: more memory, and every combination is covered.
 
+"Covers" is judged by FlashInfer's own host checks on the handle's real geometry, not by
+``size >= need(layer)``: the aux regions (and so the payload offset) grow with the handle's *max
+tokens*, so a layer whose ``need()`` at its own token count fits can still overflow a handle that
+another layer built for more tokens. The ``total`` policy (vLLM 0.32) has exactly this gap: bf16 at
+64 tokens, then nvfp4 at 128 tokens (rebuilt at the same byte size for 128 tokens), then the bf16
+layer again fails combine (``examples/plans/total-need-gap.json``). It stays latent in vLLM because
+every layer there gets the same max tokens.
+
 So the MUST invariants are policy-free (the live handle covers the layer; capacity never shrinks;
 a layer dominated by one the handle already serves changes nothing), and the policy models below
 only answer the SHOULD questions: how many rebuilds the declared policy needs at least, and what
@@ -34,6 +42,11 @@ class Capacity:
     max_num_tokens: int
     dispatch_bytes_per_token: int = 0
     combine_bytes_per_token: int = 0
+    eplb_stats_num_experts: int = 0
+
+    def geometry(self, ep_size: int) -> sizing.WorkspaceGeometry:
+        """What FlashInfer's host checks see of a handle built for this capacity."""
+        return sizing.WorkspaceGeometry(ep_size, self.max_num_tokens, self.size_per_rank, self.eplb_stats_num_experts)
 
 
 @dataclass(frozen=True)
@@ -78,8 +91,10 @@ def cross_product_need(layers: Sequence[LayerSpec], ep_size: int) -> int:
 
 
 def covers(capacity: Capacity, layer: LayerSpec, ep_size: int) -> bool:
-    """The MUST: the handle has the layer's bytes per rank and its token count."""
-    return capacity.size_per_rank >= need(layer, ep_size) and capacity.max_num_tokens >= layer.max_num_tokens
+    """The MUST: at the layer's full token count, dispatch and combine both pass on this handle."""
+    if capacity.max_num_tokens < layer.max_num_tokens:
+        return False
+    return sizing.layer_round_trip(layer, capacity.geometry(ep_size), layer.max_num_tokens).fits
 
 
 def _total(prev: Capacity | None, layer: LayerSpec, ep: int) -> Capacity | None:
@@ -89,7 +104,8 @@ def _total(prev: Capacity | None, layer: LayerSpec, ep: int) -> Capacity | None:
         return None
     size = max(want, prev.size_per_rank if prev else 0)
     tokens = max(layer.max_num_tokens, prev.max_num_tokens if prev else 0)
-    return Capacity(size, tokens)
+    eplb = max(layer.eplb_stats_num_experts, prev.eplb_stats_num_experts if prev else 0)
+    return Capacity(size, tokens, eplb_stats_num_experts=eplb)
 
 
 def _per_dimension(prev: Capacity | None, layer: LayerSpec, ep: int) -> Capacity | None:
@@ -102,13 +118,16 @@ def _per_dimension(prev: Capacity | None, layer: LayerSpec, ep: int) -> Capacity
     tokens = max(layer.max_num_tokens, prev.max_num_tokens if prev else 0)
     dispatch = max(layer.dispatch_bytes_per_token, prev.dispatch_bytes_per_token if prev else 0)
     combine = max(layer.combine_bytes_per_token, prev.combine_bytes_per_token if prev else 0)
-    size = sizing.workspace_size_per_rank(ep, tokens, dispatch, combine, layer.eplb_stats_num_experts)
-    return Capacity(size, tokens, dispatch, combine)
+    eplb = max(layer.eplb_stats_num_experts, prev.eplb_stats_num_experts if prev else 0)
+    size = sizing.workspace_size_per_rank(ep, tokens, dispatch, combine, eplb)
+    return Capacity(size, tokens, dispatch, combine, eplb)
 
 
 def _first_call(prev: Capacity | None, layer: LayerSpec, ep: int) -> Capacity | None:
     """vLLM before PR #42976: the first layer sizes the workspace for good (a known-bad policy)."""
-    return None if prev is not None else Capacity(need(layer, ep), layer.max_num_tokens)
+    if prev is not None:
+        return None
+    return Capacity(need(layer, ep), layer.max_num_tokens, eplb_stats_num_experts=layer.eplb_stats_num_experts)
 
 
 _STEPS = {"total": _total, "per_dimension": _per_dimension, "first_call": _first_call}

@@ -58,3 +58,22 @@ def test_dominated_layers_never_rebuild(policy: str) -> None:
 def test_unknown_policy() -> None:
     with pytest.raises(ValueError, match="unknown policy 'fancy'; allowed: total, per_dimension, first_call"):
         oracle.trajectory("fancy", [NVFP4], 2)
+
+
+def test_total_need_leaves_a_layer_uncovered_after_a_token_growth() -> None:
+    """The aux regions grow with the handle's max tokens: need() at the layer's own tokens is not enough."""
+    wide, long = layer("bf16", 64), LayerSpec("nvfp4", hidden_size=1024, top_k=2, num_experts=8, max_num_tokens=128)
+    steps = oracle.trajectory("total", [wide, long, wide], 2)
+    assert [s.rebuilt for s in steps] == [True, True, False]
+    handle = steps[-1].capacity
+    assert handle.size_per_rank >= wide.need(2) and handle.max_num_tokens >= wide.max_num_tokens
+    assert not oracle.covers(handle, wide, 2)
+    per_dim = oracle.trajectory("per_dimension", [wide, long, wide], 2)[-1].capacity
+    assert oracle.covers(per_dim, wide, 2) and oracle.covers(per_dim, long, 2)
+
+
+@pytest.mark.parametrize("policy", ["total", "per_dimension"])
+def test_correct_policies_cover_each_layer_right_after_its_initialize(policy: str) -> None:
+    layers = [NVFP4, BF16, layer("nvfp4", 512), layer("bf16", 128, hidden=7168)]
+    for step, spec in zip(oracle.trajectory(policy, layers, 4), layers, strict=True):
+        assert oracle.covers(step.capacity, spec, 4)
