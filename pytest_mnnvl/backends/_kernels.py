@@ -34,12 +34,17 @@ from typing import Any
 import torch
 
 from pytest_mnnvl.sizing import (
+    COMBINE_SIZE_CONDITION,
+    COMBINE_SIZE_DETAIL,
+    DISPATCH_SIZE_CONDITION,
     MAX_PAYLOADS,
     MAX_RANKS,
     MAX_TOP_K,
     METAINFO_INDEX_NAMES,
     AuxOffsets,
     aux_offsets,
+    check_failed_message,
+    dispatch_size_detail,
 )
 
 from ._shm import memory_fence
@@ -89,7 +94,7 @@ def kernel_timeout_s() -> float:
 def check(ok: Any, cond: str, msg: str = "") -> None:
     """``TVM_FFI_ICHECK(cond) << msg``."""
     if not ok:
-        raise RuntimeError(f"Check failed: ({cond}) is false: {msg}")
+        raise RuntimeError(check_failed_message(cond, msg))
 
 
 def check_eq(a: Any, b: Any, expr_a: str, expr_b: str, msg: str = "") -> None:
@@ -140,9 +145,7 @@ def _check_metainfo(metainfo: torch.Tensor) -> AuxOffsets:
     )
     _check_type(metainfo, torch.int64, "metainfo")
     check_eq(metainfo.dim(), 1, "metainfo.ndim()", "1")
-    check_eq(
-        metainfo.size(0), len(METAINFO_INDEX_NAMES), "metainfo.size(0)", "fi_throughput::NUM_METAINFO_FIELDS"
-    )
+    check_eq(metainfo.size(0), len(METAINFO_INDEX_NAMES), "metainfo.size(0)", "fi_throughput::NUM_METAINFO_FIELDS")
     return AuxOffsets(*(int(v) for v in metainfo.tolist()))
 
 
@@ -282,9 +285,7 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 class SimMoeA2AModule:
     """The functions of the compiled module, on CPU tensors (see the module docstring)."""
 
-    def moe_a2a_get_aux_data_size(
-        self, ep_size: int, max_num_tokens: int, eplb_stats_num_experts: int = 0
-    ) -> int:
+    def moe_a2a_get_aux_data_size(self, ep_size: int, max_num_tokens: int, eplb_stats_num_experts: int = 0) -> int:
         return aux_offsets(int(ep_size), int(max_num_tokens), int(eplb_stats_num_experts)).payload_data
 
     def moe_a2a_get_metainfo_index_pairs(self) -> tuple[list[str], list[int]]:
@@ -396,8 +397,7 @@ class SimMoeA2AModule:
             check(
                 gathered_end <= offsets.payload_data,
                 "gatheredEnd <= offsets[fi_throughput::PAYLOAD_DATA_OFFSET_INDEX]",
-                f"eplb_local_stats size ({eplb_n}) exceeds the eplb_stats_num_experts reserved at "
-                "initialize time",
+                f"eplb_local_stats size ({eplb_n}) exceeds the eplb_stats_num_experts reserved at initialize time",
             )
         sizes: list[int] = []
         total = 0
@@ -413,11 +413,7 @@ class SimMoeA2AModule:
             )
         size_per_rank = workspace.size(1)
         required = offsets.payload_data + total
-        check(
-            size_per_rank >= required,
-            "sizePerRank >= requiredSize",
-            f"workspace size per rank insufficient, need {required} bytes but has {size_per_rank}",
-        )
+        check(size_per_rank >= required, DISPATCH_SIZE_CONDITION, dispatch_size_detail(required, size_per_rank))
         active = _resolve_rank_mask(enable_rank_mask, active_rank_mask, ep_rank, ep_size)
 
         rows = _Rows(workspace, offsets)
@@ -512,9 +508,7 @@ class SimMoeA2AModule:
             tokens = tokens_for[rank]
             if not active[rank] or tokens.numel() == 0:
                 continue
-            for data, start, size in zip(
-                raw, recv_offsets, (ep * runtime_max * r.size(1) for r in raw), strict=True
-            ):
+            for data, start, size in zip(raw, recv_offsets, (ep * runtime_max * r.size(1) for r in raw), strict=True):
                 region = rows.ws[rank, start : start + size].view(ep, runtime_max, data.size(1))
                 region[me, : tokens.numel()] = data.index_select(0, tokens)
         counts = [t.numel() for t in tokens_for]
@@ -560,11 +554,7 @@ class SimMoeA2AModule:
             "3",
             "payload must be [ep_size, runtime_max_tokens_per_rank, hidden]",
         )
-        dtype = (
-            output_dtype
-            if output_dtype is not None
-            else (torch.bfloat16 if use_low_precision else payload.dtype)
-        )
+        dtype = output_dtype if output_dtype is not None else (torch.bfloat16 if use_low_precision else payload.dtype)
         width = payload.size(2) // 2 if dtype == torch.uint8 else payload.size(2)
         output = torch.empty((int(local_num_tokens), width), dtype=dtype)
         self.moe_a2a_combine_into(
@@ -638,22 +628,17 @@ class SimMoeA2AModule:
         payload_bytes = payload.numel() * payload.element_size()
         check(
             combine_payload_offset >= 0 and combine_payload_offset + payload_bytes <= size_per_rank,
-            "combinePayloadOffset >= 0 && combinePayloadOffset + payloadBytes <= sizePerRank",
-            "workspace insufficient for combine payload region",
+            COMBINE_SIZE_CONDITION,
+            COMBINE_SIZE_DETAIL,
         )
         if payload_in_workspace:
             expected = workspace[ep_rank].data_ptr() + combine_payload_offset
             check(
                 payload.data_ptr() == expected,
                 "payload.data_ptr() == expectedPtr",
-                "payload_in_workspace is True but tensor pointer mismatch: "
-                f"{payload.data_ptr():#x} != {expected:#x}",
+                f"payload_in_workspace is True but tensor pointer mismatch: {payload.data_ptr():#x} != {expected:#x}",
             )
-        want = (
-            output_dtype
-            if output_dtype is not None
-            else (torch.bfloat16 if use_low_precision else payload.dtype)
-        )
+        want = output_dtype if output_dtype is not None else (torch.bfloat16 if use_low_precision else payload.dtype)
         hidden = payload.size(2)
         shape = (int(local_num_tokens), hidden // 2 if want == torch.uint8 else hidden)
         _check_input(output, "output")
@@ -673,9 +658,7 @@ class SimMoeA2AModule:
         if payload.dtype not in COMBINE_DTYPES:
             raise TypeError("Unsupported dtype for MoE combine")
         if output_scales is not None:
-            self._check_quantized_combine(
-                payload, output, output_scales, int(sf_layout), int(local_num_tokens)
-            )
+            self._check_quantized_combine(payload, output, output_scales, int(sf_layout), int(local_num_tokens))
         elif use_low_precision:
             check(
                 output.dtype == torch.bfloat16,
@@ -841,8 +824,7 @@ class SimJitSpec:
     def __init__(self, target: str) -> None:
         if target != "legacy":
             raise NotImplementedError(
-                "pytest-mnnvl sim backend: only the default backend='trtllm' kernels are emulated, "
-                f"not {target!r}"
+                f"pytest-mnnvl sim backend: only the default backend='trtllm' kernels are emulated, not {target!r}"
             )
         self.target = target
 
