@@ -114,3 +114,32 @@ def test_vllm_pp2_stages_rebuild_differently(mnnvl_world: Any, factory: ManagerF
         assert sum(s["rebuilt"] for s in result["steps"]) == (1 if result["stage"] == 0 else 3)
         assert all(set(ranks) == group for s in result["steps"] for _, ranks in s["collectives"])
         assert first_error(result) is None
+
+
+def test_vllm_conftest_example_runs_as_documented(pytester: pytest.Pytester) -> None:
+    """The test that ``examples/vllm_conftest.py``'s docstring shows, run from a tree with that conftest."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "vllm_conftest.py"
+    pytester.makeconftest(example.read_text())
+    pytester.makepyfile(
+        test_grow="""
+        import pytest
+
+        def _grow(ctx, factory, layers):
+            adapter = factory.adapter(factory(ctx.cpu_group))
+            sizes = []
+            for layer in layers:
+                adapter.initialize(layer)
+                sizes.append(adapter.state().size_per_rank)
+            adapter.cleanup()
+            return sizes
+
+        @pytest.mark.requires_ptrace
+        @pytest.mark.mnnvl(world_size=2)
+        def test_grows(mnnvl_world, vllm_manager, nvfp4_then_bf16):
+            assert mnnvl_world().run(_grow, vllm_manager, nvfp4_then_bf16) == [[5_427_584, 8_442_240]] * 2
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "pytest_mnnvl", "--mnnvl-backend=sim")
+    result.assert_outcomes(passed=1)
