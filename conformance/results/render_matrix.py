@@ -1,0 +1,52 @@
+"""Turn the rows ``MNNVL_MATRIX_OUT=DIR pytest tests/test_conformance_mutants.py`` wrote into the
+committed mutation matrix: ``python conformance/results/render_matrix.py DIR [WALL_SECONDS]``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from pytest_mnnvl.managers.mutants import MUTANTS
+
+
+def main(directory: str, wall: str | None = None) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))]
+    here = Path(__file__).resolve().parent
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.platform()}), sim backend, ci profile",
+        "command": "MNNVL_MATRIX_OUT=DIR python -m pytest tests/test_conformance_mutants.py -n 2 -p no:randomly",
+        "wall_seconds": float(wall) if wall else None,
+        "rows": rows,
+    }
+    (here / "mutation_matrix.json").write_text(json.dumps(meta, indent=2) + "\n")
+    lines = [
+        "# Mutation matrix (conformance suite vs the reference and every mutant)",
+        "",
+        f"- date: {meta['date']}; machine: {meta['machine']}",
+        f"- command: `{meta['command']}`" + (f"; wall {wall} s" if wall else ""),
+        "",
+        "| manager | expected | verdict | violated | exit | seconds | what the suite said |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        name = row["manager"]
+        if name == "reference":
+            verdict = "pass" if set(row["statuses"].values()) == {"pass"} else "FAIL"
+            lines.append(f"| reference | all pass | {verdict} | - | {row['exit']} | {row['seconds']} | whole suite |")
+            continue
+        mutant = MUTANTS[name.split(":", 1)[1]]
+        killed = row["status"] == "fail" and mutant.mnnvl_invariant in row["violated"]
+        lines.append(
+            f"| {name} | {row['expected']} ({row['level']}) | {'killed' if killed else 'SURVIVED'} | "
+            f"{', '.join(row['violated'])} | {row['exit']} | {row['seconds']} | {row.get('detail') or ''} |"
+        )
+    (here / "mutation_matrix.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,346 @@
+"""The conformance suite's hooks and fixtures, loaded by ``conformance/conftest.py`` (``pytest_plugins``).
+
+Kept apart from :mod:`pytest_mnnvl.plugin` so that loading ``-p pytest_mnnvl`` stays free of
+Hypothesis. It owns: the Hypothesis profile (``ci`` unless ``--hypothesis-profile`` says otherwise),
+test ordering (by topology, so each world starts once; the ``-O`` world last), the ``conformance``
+fixture (runs plans on warm worlds, caches observations, turns hangs into verdicts) and the report
+(``--mnnvl-report``: JSON + Markdown, written at session end).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pytest
+
+from pytest_mnnvl.invariants import INVARIANTS, SHOULD, InvariantViolation, Judge
+from pytest_mnnvl.plugin import MANAGER_KEY, SETTINGS_KEY, Topology, resolve_backend
+
+if TYPE_CHECKING:
+    from pytest_mnnvl.layers import ModelPlan
+    from pytest_mnnvl.managers import ManagerFactory
+    from pytest_mnnvl.pool import World
+
+RECORDER_KEY = pytest.StashKey["Recorder"]()
+#: Seconds the PP deadlock check waits per call (DESIGN: reported within timeout + 2 s).
+DEADLOCK_TIMEOUT_S = 10.0
+#: Seconds one Hypothesis plan may take on a world (plans are small; a hang must not cost minutes).
+PLAN_TIMEOUT_S = 20.0
+
+
+@dataclass
+class Recorder:
+    """Everything the report needs, gathered while the session runs."""
+
+    started: float = field(default_factory=time.time)
+    profile: str = ""
+    tests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    examples: int = 0
+    plan_runs: int = 0
+    cache_hits: int = 0
+    plan_seconds: float = 0.0
+    initialize_calls: int = 0
+    rebuilds: int = 0
+    max_size_per_rank: int = 0
+    broken: dict[tuple[int, int], str] = field(default_factory=dict)
+    cache: dict[tuple[Any, ...], list[dict[str, Any]]] = field(default_factory=dict)
+
+    def test(self, nodeid: str) -> dict[str, Any]:
+        return self.tests.setdefault(nodeid, {"nodeid": nodeid})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from pytest_mnnvl import profiles
+
+    config.addinivalue_line("markers", "conformance(invariant): the DESIGN.md invariant a conformance test checks")
+    config.addinivalue_line("markers", "conformance_first: run first within its topology (may recycle the world)")
+    config.addinivalue_line("markers", "conformance_last: run after every topology (its own world)")
+    recorder = Recorder()
+    recorder.profile = profiles.load(
+        config.getoption("hypothesis_profile", None), config.getoption("hypothesis_seed", None)
+    )
+    config.stash[RECORDER_KEY] = recorder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group conformance tests by topology (each world starts once; two stay warm), the PP deadlock
+    check first within its topology (a hang recycles the world early) and the ``-O`` world last."""
+    order = {t: i for i, t in enumerate(config.stash[SETTINGS_KEY].topologies())}
+
+    def key(pair: tuple[int, pytest.Item]) -> tuple[int, int, int]:
+        index, item = pair
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        topology = params.get("mnnvl_topology") or params.get("pp_topology")
+        if item.get_closest_marker("conformance_last"):
+            return (len(order) + 1, 0, index)
+        if topology is None:
+            return (0, 1, index)
+        first = 0 if item.get_closest_marker("conformance_first") else 1
+        return (order.get((topology.world_size, topology.pp), len(order)), first, index)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pp_topology" in metafunc.fixturenames:
+        pairs = [(ws, pp) for ws, pp in metafunc.config.stash[SETTINGS_KEY].topologies() if pp > 1]
+        metafunc.parametrize(
+            "pp_topology",
+            [Topology(ws, pp) for ws, pp in pairs] or [None],
+            ids=[f"ws{ws}-pp{pp}" for ws, pp in pairs] or ["no-pp-topology"],
+        )
+
+
+@pytest.fixture
+def mnnvl_manager(request: pytest.FixtureRequest) -> ManagerFactory:
+    """The manager under test: ``--mnnvl-manager`` (default ``reference``), resolved once."""
+    config = request.config
+    if MANAGER_KEY not in config.stash:
+        from pytest_mnnvl.managers import resolve
+
+        config.stash[MANAGER_KEY] = resolve(config.stash[SETTINGS_KEY].manager)
+    return config.stash[MANAGER_KEY]
+
+
+@pytest.fixture
+def conformance(request: pytest.FixtureRequest, mnnvl_world: Any, mnnvl_manager: ManagerFactory) -> Conformance:
+    return Conformance(request, mnnvl_world, mnnvl_manager)
+
+
+def _save_dir(config: pytest.Config) -> str:
+    report = config.stash[SETTINGS_KEY].report
+    if report:
+        return os.path.join(os.path.dirname(os.path.abspath(report)), "counterexamples")
+    return os.path.join(tempfile.gettempdir(), "pytest-mnnvl-counterexamples")
+
+
+class _Hang(Exception):
+    """The world could not finish a plan (deadlock, crash, unexpected error): a verdict by itself."""
+
+    def __init__(self, error: Exception, plan: ModelPlan, seconds: float) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.plan = plan
+        self.seconds = seconds
+
+
+class Conformance:
+    """Runs plans on the manager under test and judges them (the ``conformance`` fixture)."""
+
+    def __init__(self, request: pytest.FixtureRequest, factory: Any, manager: ManagerFactory) -> None:
+        self.request = request
+        self.config = request.config
+        self.worlds = factory
+        self.manager = manager
+        self.recorder = self.config.stash[RECORDER_KEY]
+        self.strict = self.config.stash[SETTINGS_KEY].strict
+        marker = request.node.get_closest_marker("conformance")
+        self.invariant = str(marker.args[0]) if marker else ""
+        entry = self.recorder.test(request.node.nodeid)
+        entry["invariant"] = self.invariant
+        self.entry = entry
+
+    # -- worlds and observations ---------------------------------------------------------------
+
+    def world(self, topology: Topology, **kwargs: Any) -> World:
+        self.entry["topology"] = f"ws{topology.world_size}-pp{topology.pp}"
+        broken = self.recorder.broken.get((topology.world_size, topology.pp))
+        if broken and not kwargs.get("env"):
+            pytest.skip(f"this topology already failed to finish a plan in this session ({broken})")
+        world: World = self.worlds(topology.world_size, topology.pp, **kwargs)
+        return world
+
+    def judge(self, plan: ModelPlan, topology: Topology) -> Judge:
+        return Judge(plan, topology.world_size, topology.pp, _save_dir(self.config), self.manager.policy)
+
+    def observe(self, topology: Topology, plan: ModelPlan, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Run ``plan`` on every rank (cached per manager, topology and plan)."""
+        from pytest_mnnvl.conformance_rank import run_plan
+        from pytest_mnnvl.errors import MnnvlError, MnnvlUsageError
+
+        text = plan.to_json(indent=None)
+        key = (self.manager, topology, text)
+        if key in self.recorder.cache:
+            self.recorder.cache_hits += 1
+            return self.recorder.cache[key]
+        world = self.world(topology)
+        world.pids  # noqa: B018 - start the world first: the deadlock clock must not include start-up
+        t0 = time.monotonic()
+        try:
+            results = world.call(run_plan, (self.manager, text), {}, timeout=timeout)
+        except MnnvlUsageError:
+            raise
+        except MnnvlError as exc:
+            self.recorder.broken[(topology.world_size, topology.pp)] = type(exc).__name__
+            raise _Hang(exc, plan, time.monotonic() - t0) from exc
+        self.recorder.plan_runs += 1
+        self.recorder.plan_seconds += time.monotonic() - t0
+        for r in results:
+            if r["ep_rank"] == 0:
+                self.recorder.initialize_calls += len(r["steps"])
+                self.recorder.rebuilds += sum(1 for s in r["steps"] if s["rebuilt"])
+                for s in r["steps"]:
+                    self.recorder.max_size_per_rank = max(
+                        self.recorder.max_size_per_rank, s["state"].size_per_rank or 0
+                    )
+        self.recorder.cache[key] = results
+        return results
+
+    # -- Hypothesis ----------------------------------------------------------------------------
+
+    def explore(self, topology: Topology, check: Callable[[Judge, list[dict[str, Any]]], None]) -> None:
+        """Hypothesis draws plans for ``topology``; each runs on the warm world and ``check`` judges
+        it. Every invariant test draws the same derandomized sequence (one inner function, one
+        digest), so observations are shared through the cache."""
+        from hypothesis import example, given
+
+        from pytest_mnnvl import strategies
+
+        hung: list[_Hang] = []
+        failed: list[str] = []
+        pinned = strategies.known_failures(topology.pp)
+        explicit = {plan.to_json(indent=None) for _why, plan in pinned}
+        timeout = min(self.config.stash[SETTINGS_KEY].timeout, PLAN_TIMEOUT_S)
+
+        def conformance_example(plan: ModelPlan) -> None:
+            text = plan.to_json(indent=None)
+            if hung or (failed and text in explicit and text not in failed):
+                # The world is gone (the hang is the verdict, reported below), or a pinned example
+                # already failed: Hypothesis runs every explicit example, the rest cost only time.
+                return
+            self.recorder.examples += 1
+            self.entry["examples"] = self.entry.get("examples", 0) + 1
+            try:
+                results = self.observe(topology, plan, timeout=timeout)
+            except _Hang as exc:
+                hung.append(exc)
+                return
+            try:
+                check(self.judge(plan, topology), results)
+            except InvariantViolation:
+                failed.append(text)
+                raise
+
+        test = given(plan=strategies.model_plans(topology.pp))(conformance_example)
+        for _why, plan in reversed(pinned):
+            test = example(plan=plan)(test)
+        try:
+            test()
+        except BaseException as exc:
+            violation = _violation_in(exc)
+            if violation is None:
+                raise
+            self.verdict(violation, exc)
+        if hung:
+            self.hang(topology, hung[0])
+
+    def hang(self, topology: Topology, hang: _Hang) -> NoReturn:
+        from pytest_mnnvl.errors import WorldDeadlock
+        from pytest_mnnvl.invariants import PpDeadlockViolation, scope_from_deadlock
+
+        judge = self.judge(hang.plan, topology)
+        error = hang.error
+        if isinstance(error, WorldDeadlock) and self.invariant == "collective_scope":
+            groups = _ep_groups(topology)
+            try:
+                scope_from_deadlock(judge, error.blocked_in, groups)
+            except InvariantViolation as scope:
+                self.verdict(scope, scope)
+        cls = PpDeadlockViolation
+        detail = f"the world did not finish the plan: {type(error).__name__}"
+        observed: Any = str(error)
+        if isinstance(error, WorldDeadlock):
+            detail = f"deadlock: ranks {error.pending} still running after {error.timeout:g} s"
+            observed = {"blocked_in": error.blocked_in, "reported_after_s": round(hang.seconds, 2)}
+        self.verdict(judge.fail(cls, detail, expected="every stage finishes", observed=observed), error)
+        raise AssertionError("unreachable")
+
+    def verdict(self, violation: InvariantViolation, raised: BaseException) -> NoReturn:
+        """Record the violation; SHOULDs become xfail unless ``--mnnvl-strict``."""
+        self.entry["violation"] = violation.to_dict()
+        if violation.level == "should" and not self.strict:
+            self.entry["not_gating"] = True
+            pytest.xfail(f"SHOULD {violation.invariant} violated (gates only with --mnnvl-strict): {violation}")
+        if raised is violation:
+            raise violation
+        raise violation from (raised if raised is not violation else None)
+
+
+def _violation_in(exc: BaseException) -> InvariantViolation | None:
+    if isinstance(exc, InvariantViolation):
+        return exc
+    for inner in getattr(exc, "exceptions", ()) or ():
+        found = _violation_in(inner)
+        if found is not None:
+            return found
+    return None
+
+
+def _ep_groups(topology: Topology) -> dict[int, set[int]]:
+    from pytest_mnnvl.topology import Layout
+
+    layout = Layout(topology.world_size, topology.pp)
+    groups: dict[int, set[int]] = {}
+    for group in layout.all_ep_groups():
+        for rank in group:
+            groups[rank] = set(group)
+    return groups
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    recorder = item.config.stash.get(RECORDER_KEY, None)
+    marker = item.get_closest_marker("conformance")
+    if recorder is None or marker is None:
+        return report
+    entry = recorder.test(item.nodeid)
+    entry["invariant"] = str(marker.args[0])
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        entry["outcome"] = "xfailed" if hasattr(report, "wasxfail") else report.outcome
+        entry["duration_s"] = round(report.duration, 3)
+        if report.skipped and not hasattr(report, "wasxfail"):
+            longrepr = report.longrepr
+            entry["reason"] = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        if report.failed and "violation" not in entry:
+            entry["error"] = str(report.longrepr)[-2000:]
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    recorder = config.stash.get(RECORDER_KEY, None)
+    path = config.stash[SETTINGS_KEY].report
+    if recorder is None or not path or hasattr(config, "workerinput"):
+        return
+    from pytest_mnnvl import report
+
+    data = report.build(config, recorder, int(exitstatus))
+    report.write(path, data)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    recorder = config.stash.get(RECORDER_KEY, None)
+    if recorder is None or not recorder.tests:
+        return
+    from pytest_mnnvl import report
+
+    verdicts = report.verdicts(recorder)
+    terminalreporter.section("mnnvl conformance")
+    for name in INVARIANTS:
+        v = verdicts[name]
+        level = "SHOULD" if name in SHOULD else "MUST"
+        terminalreporter.write_line(f"{level:6} {name:26} {v['status']}")
+    terminalreporter.write_line(
+        f"plans run: {recorder.plan_runs} ({recorder.plan_seconds:.1f} s), examples: {recorder.examples}, "
+        f"cache hits: {recorder.cache_hits}, hypothesis profile: {recorder.profile}, backend: {resolve_backend(config)}"
+    )

@@ -1,0 +1,684 @@
+"""The conformance invariants (DESIGN.md): one exception type each, and the parent-side checks.
+
+Ranks return observations (:mod:`pytest_mnnvl.conformance_rank`); the checks here hold them against
+what every correct growth policy must do (:mod:`pytest_mnnvl.oracle`), never against one
+implementation's numbers. A violation names the invariant, the layer (stage and index), the
+rank(s), expected vs observed, and the plan as JSON, saved to a file that ``python -m pytest_mnnvl
+explain|repro PLAN.json`` accepts. Distinct invariants raise distinct types, so Hypothesis keeps
+distinct bugs apart; the first failure of a run is reported, not its cascade (FACTS §4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pytest_mnnvl import oracle
+from pytest_mnnvl.layers import LayerSpec, ModelPlan
+
+MUST = (
+    "covers",
+    "no_shrink",
+    "no_needless_rebuild",
+    "ep_symmetry",
+    "collective_scope",
+    "pp_deadlock_freedom",
+    "shape_mismatch",
+    "cleanup",
+)
+SHOULD = (
+    "frees_superseded",
+    "mismatch_survives_O",
+    "failed_rebuild_consistent",
+    "covers_cross_product",
+    "minimal_rebuilds",
+)
+INVARIANTS = MUST + SHOULD
+
+
+class InvariantViolation(AssertionError):
+    """Base: one subclass per invariant (``invariant`` is its DESIGN.md name)."""
+
+    invariant: ClassVar[str] = ""
+    level: ClassVar[str] = "must"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        stage: int | None = None,
+        layer: int | None = None,
+        layer_name: str = "",
+        ranks: Iterable[int] = (),
+        expected: Any = None,
+        observed: Any = None,
+        plan: ModelPlan | None = None,
+        plan_path: str | None = None,
+        topology: str = "",
+    ) -> None:
+        self.detail = detail
+        self.stage = stage
+        self.layer = layer
+        self.layer_name = layer_name
+        self.ranks = tuple(sorted(set(ranks)))
+        self.expected = expected
+        self.observed = observed
+        self.plan = plan
+        self.plan_path = plan_path
+        self.topology = topology
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = []
+        if self.topology:
+            where.append(self.topology)
+        if self.stage is not None:
+            where.append(f"stage {self.stage}")
+        if self.layer is not None:
+            where.append(f"layer {self.layer}" + (f" ({self.layer_name})" if self.layer_name else ""))
+        if self.ranks:
+            where.append("rank" + ("s " if len(self.ranks) > 1 else " ") + ", ".join(map(str, self.ranks)))
+        lines = [f"[{self.invariant}] {self.detail}" + (f" — {', '.join(where)}" if where else "")]
+        lines.append(f"  expected: {self.expected}")
+        lines.append(f"  observed: {self.observed}")
+        if self.plan is not None:
+            lines.append(
+                "  minimal plan"
+                + (
+                    f" (saved to {self.plan_path}; `python -m pytest_mnnvl explain|repro {self.plan_path}`)"
+                    if self.plan_path
+                    else ""
+                )
+                + ":"
+            )
+            lines.append(self.plan.to_json(indent=None))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "invariant": self.invariant,
+            "level": self.level,
+            "detail": self.detail,
+            "topology": self.topology,
+            "stage": self.stage,
+            "layer": self.layer,
+            "layer_name": self.layer_name,
+            "ranks": list(self.ranks),
+            "expected": _plain(self.expected),
+            "observed": _plain(self.observed),
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+            "plan_path": self.plan_path,
+        }
+
+
+def _plain(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+class CoversViolation(InvariantViolation):
+    invariant = "covers"
+
+
+class NoShrinkViolation(InvariantViolation):
+    invariant = "no_shrink"
+
+
+class NeedlessRebuildViolation(InvariantViolation):
+    invariant = "no_needless_rebuild"
+
+
+class EpSymmetryViolation(InvariantViolation):
+    invariant = "ep_symmetry"
+
+
+class CollectiveScopeViolation(InvariantViolation):
+    invariant = "collective_scope"
+
+
+class PpDeadlockViolation(InvariantViolation):
+    invariant = "pp_deadlock_freedom"
+
+
+class ShapeMismatchViolation(InvariantViolation):
+    invariant = "shape_mismatch"
+
+
+class CleanupViolation(InvariantViolation):
+    invariant = "cleanup"
+
+
+class FreesSupersededViolation(InvariantViolation):
+    invariant = "frees_superseded"
+    level = "should"
+
+
+class MismatchUnderOViolation(InvariantViolation):
+    invariant = "mismatch_survives_O"
+    level = "should"
+
+
+class FailedRebuildViolation(InvariantViolation):
+    invariant = "failed_rebuild_consistent"
+    level = "should"
+
+
+class CrossProductViolation(InvariantViolation):
+    invariant = "covers_cross_product"
+    level = "should"
+
+
+class MinimalRebuildsViolation(InvariantViolation):
+    invariant = "minimal_rebuilds"
+    level = "should"
+
+
+VIOLATIONS: dict[str, type[InvariantViolation]] = {
+    cls.invariant: cls
+    for cls in (
+        CoversViolation,
+        NoShrinkViolation,
+        NeedlessRebuildViolation,
+        EpSymmetryViolation,
+        CollectiveScopeViolation,
+        PpDeadlockViolation,
+        ShapeMismatchViolation,
+        CleanupViolation,
+        FreesSupersededViolation,
+        MismatchUnderOViolation,
+        FailedRebuildViolation,
+        CrossProductViolation,
+        MinimalRebuildsViolation,
+    )
+}
+
+
+# ---- the judge: context every check needs -------------------------------------------------
+
+
+@dataclass
+class Judge:
+    """One plan on one topology: raises violations with the plan saved to ``save_dir``."""
+
+    plan: ModelPlan
+    world_size: int
+    pp: int
+    save_dir: str | None = None
+    policy: str | None = None
+    saved: list[str] = field(default_factory=list)
+
+    @property
+    def ep_size(self) -> int:
+        return self.world_size // self.pp
+
+    @property
+    def topology(self) -> str:
+        return f"ws{self.world_size}-pp{self.pp}"
+
+    def layers(self, stage: int) -> tuple[LayerSpec, ...]:
+        return self.plan.layers_of_stage(stage) if stage < self.plan.pp else ()
+
+    def save(self, invariant: str) -> str | None:
+        """Write the plan as JSON; Hypothesis replays the shrunk example last, so the file ends minimal."""
+        if not self.save_dir:
+            return None
+        os.makedirs(self.save_dir, exist_ok=True)
+        path = os.path.join(self.save_dir, f"{invariant}-{self.topology}.json")
+        self.plan.save(path)
+        self.saved.append(path)
+        return path
+
+    def fail(self, cls: type[InvariantViolation], detail: str, **kwargs: Any) -> InvariantViolation:
+        stage, layer = kwargs.get("stage"), kwargs.get("layer")
+        if stage is not None and layer is not None and "layer_name" not in kwargs:
+            layers = self.layers(stage)
+            if 0 <= layer < len(layers):
+                kwargs["layer_name"] = layers[layer].name or layers[layer].quant.value
+        return cls(detail, plan=self.plan, plan_path=self.save(cls.invariant), topology=self.topology, **kwargs)
+
+
+Results = Sequence[dict[str, Any]]
+
+
+def _geometry(state: Any) -> dict[str, Any]:
+    return {"size_per_rank": state.size_per_rank, "max_num_tokens": state.max_num_tokens}
+
+
+def _failed(outcome: str | None) -> bool:
+    return outcome is not None and outcome != "ok"
+
+
+# ---- MUST ---------------------------------------------------------------------------------
+
+
+def check_covers(judge: Judge, results: Results) -> None:
+    """After ``initialize(l)`` the live handle covers ``l`` (FlashInfer's checks on its real
+    geometry) and a round trip of ``l`` at full tokens passes; after the last ``initialize`` every
+    earlier layer's does too. The first failure, in call order, is reported."""
+    ep = judge.ep_size
+    for r in results:
+        layers = judge.layers(r["stage"])
+        for step in r["steps"]:
+            i, st = step["layer"], step["state"]
+            layer = layers[i]
+            where = {"stage": r["stage"], "layer": i, "ranks": [r["rank"]]}
+            if step["raised"] is not None:
+                raise judge.fail(
+                    CoversViolation,
+                    "initialize raised for a valid layer",
+                    expected="no exception",
+                    observed=step["raised"],
+                    **where,
+                )
+            expected = {"size_per_rank": f">= {layer.need(ep)}", "max_num_tokens": f">= {layer.max_num_tokens}"}
+            if not st.initialized or st.size_per_rank is None or st.max_num_tokens is None:
+                raise judge.fail(
+                    CoversViolation,
+                    "no live handle after initialize",
+                    expected=expected,
+                    observed={"initialized": st.initialized, "handle": st.stamp is not None},
+                    **where,
+                )
+            capacity = oracle.Capacity(st.size_per_rank, st.max_num_tokens)
+            if not oracle.covers(capacity, layer, ep):
+                raise judge.fail(
+                    CoversViolation,
+                    "the live handle cannot serve this layer at full tokens (FlashInfer's host checks)",
+                    expected=expected,
+                    observed=_geometry(st),
+                    **where,
+                )
+            if _failed(step["round_trip"]):
+                raise judge.fail(
+                    CoversViolation,
+                    "round trip right after this layer's initialize failed",
+                    expected="ok",
+                    observed=step["round_trip"],
+                    **where,
+                )
+        for i, outcome in sorted(r["late_round_trips"].items()):
+            if _failed(outcome):
+                raise judge.fail(
+                    CoversViolation,
+                    "round trip of an earlier layer after the last initialize failed",
+                    stage=r["stage"],
+                    layer=i,
+                    ranks=[r["rank"]],
+                    expected="ok",
+                    observed=outcome,
+                )
+
+
+def check_no_shrink(judge: Judge, results: Results) -> None:
+    """Bytes per rank and max tokens of the handle never decrease while initialized."""
+    for r in results:
+        prev = None
+        for step in r["steps"]:
+            st = step["state"]
+            if prev is not None and prev.initialized and prev.size_per_rank is not None:
+                shrunk = (st.size_per_rank or 0) < prev.size_per_rank or (st.max_num_tokens or 0) < (
+                    prev.max_num_tokens or 0
+                )
+                if shrunk:
+                    raise judge.fail(
+                        NoShrinkViolation,
+                        "the handle shrank",
+                        stage=r["stage"],
+                        layer=step["layer"],
+                        ranks=[r["rank"]],
+                        expected=f">= {_geometry(prev)}",
+                        observed=_geometry(st),
+                    )
+            prev = st
+
+
+def check_no_needless_rebuild(judge: Judge, results: Results) -> None:
+    """A layer dominated by one the live handle already serves keeps the handle, issues nothing."""
+    for r in results:
+        layers = judge.layers(r["stage"])
+        served: list[LayerSpec] = []
+        for step in r["steps"]:
+            layer = layers[step["layer"]]
+            if served and oracle.dominated_by_any(layer, served) and (step["rebuilt"] or step["collectives"]):
+                big = next(i for i, other in enumerate(layers) if other in served and oracle.dominates(other, layer))
+                raise judge.fail(
+                    NeedlessRebuildViolation,
+                    f"layer dominated by layer {big}, which the live handle serves, changed the handle or issued "
+                    "collectives",
+                    stage=r["stage"],
+                    layer=step["layer"],
+                    ranks=[r["rank"]],
+                    expected="same handle, no collective",
+                    observed={"rebuilt": step["rebuilt"], "collectives": step["collectives"]},
+                )
+            served = [layer] if step["rebuilt"] else [*served, layer]
+
+
+def _by_group(results: Results) -> dict[tuple[int, ...], list[dict[str, Any]]]:
+    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(tuple(r["ep_group"]), []).append(r)
+    return groups
+
+
+def check_ep_symmetry(judge: Judge, results: Results) -> None:
+    """Every rank of an EP group takes the same decisions and reaches the same state."""
+    from pytest_mnnvl.conformance_rank import _decisions
+
+    for group, members in _by_group(results).items():
+        views = [tuple(map(tuple, _decisions(m))) for m in members]
+        gathered = {tuple(map(tuple, v)) for m in members for v in m.get("ep_view", [])}
+        if len(set(views)) > 1 or len(gathered) > 1:
+            base = views[0]
+            for m, view in zip(members, views, strict=True):
+                if view != base:
+                    step = next((a[0] for a, b in zip(base, view, strict=False) if a != b), None)
+                    raise judge.fail(
+                        EpSymmetryViolation,
+                        f"ranks of EP group {list(group)} disagree (all-gathered decisions and states)",
+                        stage=m["stage"],
+                        layer=step,
+                        ranks=[members[0]["rank"], m["rank"]],
+                        expected=_row(base, step),
+                        observed=_row(view, step),
+                    )
+            raise judge.fail(
+                EpSymmetryViolation,
+                f"the all-gathered views of EP group {list(group)} disagree",
+                stage=members[0]["stage"],
+                ranks=group,
+                expected="one view",
+                observed=sorted(gathered),
+            )
+        for key in ("after_cleanup", "reinit"):
+            states = {
+                (s.initialized, s.stamp is not None, s.size_per_rank, s.max_num_tokens)
+                for s in (m.get(key) for m in members)
+                if s is not None
+            }
+            if len(states) > 1:
+                raise judge.fail(
+                    EpSymmetryViolation,
+                    f"ranks of EP group {list(group)} disagree {key.replace('_', ' ')}",
+                    stage=members[0]["stage"],
+                    ranks=group,
+                    expected="one state",
+                    observed=sorted(states),
+                )
+
+
+_ROW = (
+    "layer",
+    "ok",
+    "rebuilt",
+    "initialized",
+    "handle",
+    "size_per_rank",
+    "max_num_tokens",
+    "top_k",
+    "num_experts",
+    "collectives",
+)
+
+
+def _row(view: Sequence[Any], step: int | None) -> Any:
+    for row in view:
+        if row[0] == step:
+            return dict(zip(_ROW, row, strict=False))
+    return None
+
+
+def check_collective_scope(judge: Judge, results: Results) -> None:
+    """Every collective inside ``initialize`` stays within the EP group (by group membership)."""
+    for r in results:
+        group = set(r["ep_group"])
+        calls = [(s["layer"], c) for s in r["steps"] for c in s["collectives"]]
+        calls += [(0, c) for c in r.get("reinit_collectives", [])]
+        for layer, (name, ranks) in calls:
+            if not set(ranks) <= group:
+                raise judge.fail(
+                    CollectiveScopeViolation,
+                    f"{name} inside initialize reached beyond the EP group",
+                    stage=r["stage"],
+                    layer=layer,
+                    ranks=[r["rank"]],
+                    expected=f"group within {sorted(group)}",
+                    observed=f"{name}(group={list(ranks)})",
+                )
+
+
+_BLOCKED_GROUP = re.compile(r"(\w+)\(group=\[([\d, ]*)\]\)")
+
+
+def scope_from_deadlock(judge: Judge, blocked_in: dict[int, str], groups: dict[int, set[int]]) -> None:
+    """A deadlocked rank blocked in a collective beyond its EP group is a collective-scope violation."""
+    for rank, text in sorted(blocked_in.items()):
+        found = _BLOCKED_GROUP.search(text or "")
+        if not found:
+            continue
+        members = {int(x) for x in found.group(2).split(",") if x.strip()}
+        if rank in groups and not members <= groups[rank]:
+            raise judge.fail(
+                CollectiveScopeViolation,
+                "a rank hung in a collective beyond its EP group",
+                ranks=[rank],
+                expected=f"group within {sorted(groups[rank])}",
+                observed=text,
+            )
+
+
+def check_cleanup(judge: Judge, results: Results) -> None:
+    """``cleanup()`` releases the handle and leaves the manager uninitialized; initialize works after."""
+    ep = judge.ep_size
+    for r in results:
+        if not r["steps"] or "after_cleanup" not in r:
+            continue
+        first = judge.layers(r["stage"])[0]
+        where = {"stage": r["stage"], "layer": 0, "ranks": [r["rank"]]}
+        if r.get("cleanup_raised"):
+            raise judge.fail(
+                CleanupViolation, "cleanup() raised", expected="no exception", observed=r["cleanup_raised"], **where
+            )
+        after = r["after_cleanup"]
+        if after.initialized or after.stamp is not None:
+            raise judge.fail(
+                CleanupViolation,
+                "cleanup() left the manager initialized or kept the handle",
+                expected={"initialized": False, "handle": None},
+                observed={"initialized": after.initialized, "handle": after.stamp is not None},
+                **where,
+            )
+        st = r["reinit"]
+        capacity = oracle.Capacity(st.size_per_rank or 0, st.max_num_tokens or 0)
+        if r.get("reinit_raised") or not st.initialized or st.stamp is None or not oracle.covers(capacity, first, ep):
+            raise judge.fail(
+                CleanupViolation,
+                "initialize after cleanup() did not give a working handle",
+                expected=f"initialized handle covering need {first.need(ep)}",
+                observed={
+                    "raised": r.get("reinit_raised"),
+                    "initialized": st.initialized,
+                    "handle": st.stamp is not None,
+                    **_geometry(st),
+                },
+                **where,
+            )
+        if _failed(r.get("reinit_round_trip")):
+            raise judge.fail(
+                CleanupViolation,
+                "round trip after cleanup() + initialize failed",
+                expected="ok",
+                observed=r["reinit_round_trip"],
+                **where,
+            )
+
+
+# ---- SHOULD -------------------------------------------------------------------------------
+
+
+def check_frees_superseded(judge: Judge, results: Results) -> None:
+    """Superseded workspaces leave FlashInfer's process-wide cache (FlashInfer's own records)."""
+    for r in results:
+        if not r["steps"]:
+            continue
+        live = 1 if r.get("final_has_handle") else 0
+        leaked = r.get("workspaces_before_cleanup", 0) - live
+        if leaked > 0:
+            raise judge.fail(
+                FreesSupersededViolation,
+                "superseded workspaces are still in MoeAlltoAll._WORKSPACE_CACHE",
+                stage=r["stage"],
+                ranks=[r["rank"]],
+                expected=f"{live} cached workspace(s) (the live one)",
+                observed=f"{r['workspaces_before_cleanup']} cached, {leaked} superseded",
+            )
+        if r.get("workspaces_at_end", 0) > 0:
+            raise judge.fail(
+                FreesSupersededViolation,
+                "workspaces still cached after cleanup()",
+                stage=r["stage"],
+                ranks=[r["rank"]],
+                expected=0,
+                observed=r["workspaces_at_end"],
+            )
+
+
+def check_covers_cross_product(judge: Judge, results: Results) -> None:
+    """The final handle covers max tokens × each layout seen (arithmetic and real round trips)."""
+    from pytest_mnnvl.conformance_rank import cross_product_probes
+
+    ep = judge.ep_size
+    for r in results:
+        layers = judge.layers(r["stage"])
+        if not r["steps"] or r["stopped"]:
+            continue
+        st = r["steps"][-1]["state"]
+        capacity = oracle.Capacity(st.size_per_rank or 0, st.max_num_tokens or 0)
+        probes = cross_product_probes(layers)
+        for index, probe in enumerate(probes):
+            outcome = r["probes"].get(index)
+            if not oracle.covers(capacity, probe, ep) or _failed(outcome):
+                raise judge.fail(
+                    CrossProductViolation,
+                    f"the final handle does not cover {probe.quant.value} H={probe.hidden_size} at "
+                    f"{probe.max_num_tokens} tokens (max tokens x this layout)",
+                    stage=r["stage"],
+                    ranks=[r["rank"]],
+                    expected=f"size_per_rank >= {oracle.cross_product_need(layers, ep)}",
+                    observed={**_geometry(st), "round_trip": outcome},
+                )
+
+
+def check_minimal_rebuilds(judge: Judge, results: Results) -> None:
+    """Builds (first included) no more than the manager's declared policy needs."""
+    if judge.policy is None:
+        return
+    for r in results:
+        layers = judge.layers(r["stage"])
+        if not r["steps"] or r["stopped"]:
+            continue
+        observed = sum(1 for s in r["steps"] if s["rebuilt"])
+        least = oracle.minimal_rebuilds(judge.policy, layers, judge.ep_size)
+        if observed > least:
+            expected = [s.rebuilt for s in oracle.trajectory(judge.policy, layers, judge.ep_size)]
+            raise judge.fail(
+                MinimalRebuildsViolation,
+                f"more builds than the declared policy {judge.policy!r} needs",
+                stage=r["stage"],
+                ranks=[r["rank"]],
+                expected=f"{least} builds {expected}",
+                observed=f"{observed} builds {[s['rebuilt'] for s in r['steps']]}",
+            )
+
+
+PLAN_CHECKS: dict[str, Callable[[Judge, Results], None]] = {
+    "covers": check_covers,
+    "no_shrink": check_no_shrink,
+    "no_needless_rebuild": check_no_needless_rebuild,
+    "ep_symmetry": check_ep_symmetry,
+    "collective_scope": check_collective_scope,
+    "cleanup": check_cleanup,
+    "frees_superseded": check_frees_superseded,
+    "covers_cross_product": check_covers_cross_product,
+    "minimal_rebuilds": check_minimal_rebuilds,
+}
+
+
+def check_mismatch(
+    judge: Judge, results: Results, field_name: str, *, cls: type[InvariantViolation] = ShapeMismatchViolation
+) -> None:
+    """A different ``top_k``/``num_experts`` raises on every rank and changes nothing."""
+    for r in results:
+        where = {"stage": 0, "layer": 1, "ranks": [r["rank"]]}
+        if r["raised"] is None:
+            raise judge.fail(
+                cls,
+                f"initialize with a different {field_name} was accepted",
+                expected="an exception",
+                observed="no exception",
+                **where,
+            )
+        if not r["same_handle"] or r["after"] != r["before"] or r["collectives"]:
+            raise judge.fail(
+                cls,
+                f"initialize with a different {field_name} raised but changed state",
+                expected={"state": r["before"], "collectives": []},
+                observed={
+                    "raised": r["raised"],
+                    "same_handle": r["same_handle"],
+                    "state": r["after"],
+                    "collectives": r["collectives"],
+                },
+                **where,
+            )
+        if _failed(r["round_trip_after"]):
+            raise judge.fail(
+                cls,
+                "the first layer no longer round-trips after the refused call",
+                expected="ok",
+                observed=r["round_trip_after"],
+                **where,
+            )
+
+
+def check_failed_rebuild(judge: Judge, results: Results) -> None:
+    """A rebuild that fails leaves the previous working state; a retry then rebuilds and works."""
+    ep = judge.ep_size
+    second = judge.layers(0)[1]
+    for r in results:
+        where = {"stage": 0, "layer": 1, "ranks": [r["rank"]]}
+        if r["raised"] is not None and (not r["same_handle"] or r["after_failure"] != r["before"]):
+            raise judge.fail(
+                FailedRebuildViolation,
+                "the failed rebuild changed the manager's state",
+                expected=r["before"],
+                observed=r["after_failure"],
+                **where,
+            )
+        if _failed(r["first_round_trip"]):
+            raise judge.fail(
+                FailedRebuildViolation,
+                "the previous layer no longer works after the failed rebuild",
+                expected="ok",
+                observed=r["first_round_trip"],
+                stage=0,
+                layer=0,
+                ranks=[r["rank"]],
+            )
+        st = r["after_retry"]
+        capacity = oracle.Capacity(st.size_per_rank or 0, st.max_num_tokens or 0)
+        if r["retry_raised"] or not oracle.covers(capacity, second, ep) or _failed(r["retry_round_trip"]):
+            raise judge.fail(
+                FailedRebuildViolation,
+                "retrying the layer after a failed rebuild did not serve it",
+                expected=f"handle covering need {second.need(ep)}, round trip ok",
+                observed={"raised": r["retry_raised"], **_geometry(st), "round_trip": r["retry_round_trip"]},
+                **where,
+            )

@@ -1,0 +1,54 @@
+"""Hypothesis profiles of the conformance suite: ``ci`` (default there), ``dev``, ``thorough``.
+
+``ci`` is derandomized (no database, no deadline, few examples) so CI is reproducible; when
+``--hypothesis-seed`` is given, derandomization is switched off so that the seed takes effect
+(Hypothesis lets derandomize win over a forced seed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "ci": {"max_examples": 8, "derandomize": True, "database": None},
+    "dev": {"max_examples": 25},
+    "thorough": {"max_examples": 200},
+}
+DEFAULT_PROFILE = "ci"
+
+
+def register() -> None:
+    from hypothesis import HealthCheck, Phase, settings
+
+    common: dict[str, Any] = {
+        "deadline": None,
+        "print_blob": True,
+        "suppress_health_check": [
+            HealthCheck.too_slow,
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+        "phases": (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+    }
+    for name, values in PROFILES.items():
+        settings.register_profile(name, **common, **values)
+        settings.register_profile(
+            f"{name}-seeded",
+            **common,
+            **{**values, "derandomize": False},
+        )
+
+
+def load(profile: str | None, seed: object) -> str:
+    """Load ``profile`` (``ci`` when none was asked for); the seeded twin when a seed is forced."""
+    from hypothesis import settings
+
+    register()
+    name = profile or DEFAULT_PROFILE
+    if name not in PROFILES:
+        return name  # a user's own profile, already loaded by Hypothesis' plugin
+    if seed is not None:
+        name = f"{name}-seeded"
+    settings.load_profile(name)
+    return name

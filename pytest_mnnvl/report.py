@@ -1,0 +1,164 @@
+"""The conformance report: JSON (``--mnnvl-report=PATH``) and a Markdown twin next to it (``PATH.md``).
+
+JSON schema (version 1): ``manager`` (spec, description, shape, policy), ``backend``, ``environment``
+(python, platform, torch, flashinfer, hostname, CPUs), ``topologies``, ``hypothesis`` (profile,
+seed), ``strict``, ``exit_status``, ``invariants`` (name → level, status pass|fail|skip|not_run,
+gating, tests with outcome and duration, ``counterexample``: the violation with its minimal plan),
+``examples_run``, ``rebuilds`` (plan runs, initialize calls, rebuilds, largest bytes per rank) and
+``timings``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from pytest_mnnvl.invariants import INVARIANTS, SHOULD
+
+if TYPE_CHECKING:
+    import pytest
+
+    from pytest_mnnvl.conformance_plugin import Recorder
+
+SCHEMA_VERSION = 1
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "torch": _version("torch"),
+        "flashinfer": _version("flashinfer-python"),
+        "hypothesis": _version("hypothesis"),
+        "pytest_mnnvl": _version("pytest-mnnvl"),
+    }
+
+
+def verdicts(recorder: Recorder) -> dict[str, dict[str, Any]]:
+    """Per invariant: fail if any of its tests found a violation (or failed), else pass if any
+    passed, else skip (or not_run when no test of it ran)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in INVARIANTS:
+        tests = [t for t in recorder.tests.values() if t.get("invariant") == name and "outcome" in t]
+        violations = [t["violation"] for t in tests if "violation" in t]
+        failed = violations or [t for t in tests if t["outcome"] == "failed"]
+        if failed:
+            status = "fail"
+        elif any(t["outcome"] == "passed" for t in tests):
+            status = "pass"
+        elif tests:
+            status = "skip"
+        else:
+            status = "not_run"
+        out[name] = {
+            "level": "should" if name in SHOULD else "must",
+            "status": status,
+            "tests": tests,
+            "counterexample": violations[0] if violations else None,
+            "violated": sorted({v["invariant"] for v in violations}),
+        }
+    return out
+
+
+def build(config: pytest.Config, recorder: Recorder, exit_status: int) -> dict[str, Any]:
+    from pytest_mnnvl.plugin import MANAGER_KEY, SETTINGS_KEY, resolve_backend
+
+    settings = config.stash[SETTINGS_KEY]
+    manager = config.stash.get(MANAGER_KEY, None)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "manager": {
+            "spec": settings.manager,
+            "description": manager.describe() if manager else settings.manager,
+            "shape": manager.shape if manager else None,
+            "policy": manager.policy if manager else None,
+        },
+        "backend": resolve_backend(config),
+        "environment": environment(),
+        "topologies": [f"ws{ws}-pp{pp}" for ws, pp in settings.topologies()],
+        "hypothesis": {"profile": recorder.profile, "seed": config.getoption("hypothesis_seed", None)},
+        "strict": settings.strict,
+        "exit_status": exit_status,
+        "invariants": verdicts(recorder),
+        "examples_run": recorder.examples,
+        "rebuilds": {
+            "plan_runs": recorder.plan_runs,
+            "cache_hits": recorder.cache_hits,
+            "initialize_calls": recorder.initialize_calls,
+            "rebuilds": recorder.rebuilds,
+            "max_size_per_rank": recorder.max_size_per_rank,
+        },
+        "timings": {"session_s": round(time.time() - recorder.started, 2), "plans_s": round(recorder.plan_seconds, 2)},
+        "broken_topologies": {f"ws{ws}-pp{pp}": why for (ws, pp), why in recorder.broken.items()},
+    }
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [
+        f"# MoE all-to-all conformance: `{data['manager']['spec']}`",
+        "",
+        f"- manager: {data['manager']['description']}",
+        f"- backend: {data['backend']}; topologies: {', '.join(data['topologies'])}; strict: {data['strict']}",
+        f"- hypothesis: profile {data['hypothesis']['profile']}, seed {data['hypothesis']['seed']}; "
+        f"examples run: {data['examples_run']}",
+        "- environment: " + ", ".join(f"{k} {v}" for k, v in data["environment"].items()),
+        f"- date: {data['date']}; session {data['timings']['session_s']} s; exit status {data['exit_status']}",
+        "",
+        "| level | invariant | status | tests |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, v in data["invariants"].items():
+        outcomes = ", ".join(f"{t['outcome']}" for t in v["tests"]) or "-"
+        lines.append(f"| {v['level'].upper()} | {name} | **{v['status']}** | {outcomes} |")
+    failures = [(n, v["counterexample"]) for n, v in data["invariants"].items() if v["counterexample"]]
+    if failures:
+        lines += ["", "## Counterexamples"]
+    for name, c in failures:
+        lines += [
+            "",
+            f"### {name}: {c['detail']}",
+            "",
+            f"- violated: `{c['invariant']}` ({c['level']}); {c['topology']}, stage {c['stage']}, layer {c['layer']} "
+            f"{c['layer_name']}, ranks {c['ranks']}",
+            f"- expected: `{c['expected']}`",
+            f"- observed: `{c['observed']}`",
+            f"- plan file: `{c['plan_path']}` (`python -m pytest_mnnvl explain|repro PLAN.json`)",
+            "",
+            "```json",
+            json.dumps(c["plan"], indent=2),
+            "```",
+        ]
+    r = data["rebuilds"]
+    lines += [
+        "",
+        f"Plans run: {r['plan_runs']} (cache hits {r['cache_hits']}), initialize calls {r['initialize_calls']}, "
+        f"rebuilds {r['rebuilds']}, largest workspace {r['max_size_per_rank']} B per rank.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(path: str, data: dict[str, Any]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, default=repr)
+        fh.write("\n")
+    base = path[:-5] if path.endswith(".json") else path
+    with open(base + ".md", "w", encoding="utf-8") as fh:
+        fh.write(markdown(data))
