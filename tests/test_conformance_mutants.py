@@ -1,7 +1,8 @@
 """Proof that the conformance suite works: the reference passes it and every mutant fails it, on the
 invariant its ``mnnvl_invariant`` names (read from the suite's JSON report).
 
-Each run is a pytest subprocess on the sim backend with the ``ci`` profile. To fit CI, a mutant
+Each run is a pytest subprocess on the sim backend (``MNNVL_MATRIX_BACKEND=flashinfer`` on GPUs) with the
+``ci`` profile. To fit CI, a mutant
 runs only its named invariant's test, on 2 ranks, or on 4 ranks in 2 PP stages where the defect
 needs PP (collective scope, deadlock freedom). The runs are independent parametrized cases, so
 ``-n 2`` splits them. ``MNNVL_MATRIX_OUT=DIR`` also writes the mutation matrix (JSON + Markdown).
@@ -37,7 +38,7 @@ def run_suite(pytester: pytest.Pytester, manager: str, invariant: str | None) ->
         target,
         f"--mnnvl-manager={manager}",
         f"--mnnvl-report={report}",
-        "--mnnvl-backend=sim",
+        f"--mnnvl-backend={os.environ.get('MNNVL_MATRIX_BACKEND', 'sim')}",
         "-q",
         "-p",
         "no:randomly",

@@ -1,0 +1,218 @@
+"""What one conformance example costs: warm pool vs a world spawned per example, and the harness's
+overhead over the manager's own work. Side by side in one run, on the sim (CPU) or real FlashInfer.
+
+An *example* is what the conformance suite does for one Hypothesis draw: ``conformance_rank.run_plan``
+on every rank (fresh manager, ``initialize`` per layer with the collective audit and state read
+back from the live handle, a verified round trip per layer, late round trips, probes, ``cleanup``
+and re-``initialize``), results back in the parent.
+
+- **warm**: on a started :class:`~pytest_mnnvl.pool.World`, per-example wall time in the parent.
+- **spawn**: vLLM's test-helper shape (``torch.multiprocessing`` spawn, one process per rank, the
+  process group and backend set up, the example, ``destroy_process_group``, join), per example.
+  Target (DESIGN.md): spawn / warm ≥ 20×.
+- **bare**: the manager's own work with no harness: ``initialize`` + one round trip per layer +
+  ``cleanup``, timed inside the ranks from barrier to barrier. Overhead = (warm − bare) / bare, the
+  harness's cost over the work a hand-written test would do anyway; target ≤ 10% on GPU. (The
+  harness does more checks than the bare loop — late round trips, probes, re-initialize — so this
+  is an upper bound on pure overhead; ``warm_minimal`` runs ``run_plan`` without them.)
+- Scaling: world sizes (``--world-sizes``) × plan lengths (``--layers``).
+
+Run::
+
+    python benchmarks/bench_example.py OUT.json --backend sim --world-sizes 2,4
+    python benchmarks/bench_example.py OUT.json --backend flashinfer --world-sizes 2,4   # GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _path in (HERE, ROOT):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import _bench_example_fns as fns  # noqa: E402  (ranks and children import it by this name)
+
+from pytest_mnnvl.conformance_rank import run_plan  # noqa: E402
+from pytest_mnnvl.layers import LayerSpec, ModelPlan, QuantFormat  # noqa: E402
+from pytest_mnnvl.managers import resolve  # noqa: E402
+from pytest_mnnvl.pool import World, WorldSpec  # noqa: E402
+
+CYCLE = (QuantFormat.NVFP4, QuantFormat.BF16, QuantFormat.FP8_BLOCK, QuantFormat.MXFP8)
+
+
+def plan_of(length: int) -> ModelPlan:
+    """``length`` layers of FACTS §1's shape (H 4096, top_k 2, 8 experts), formats cycling, tokens 128/256."""
+    layers = [
+        LayerSpec(CYCLE[i % len(CYCLE)], 4096, 2, 8, 128 * (1 + i % 2), name=f"l{i}") for i in range(length)
+    ]
+    return ModelPlan((tuple(layers),), (), f"bench-{length}", "bench_example.py")
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    return {"n": len(samples), "median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def log(message: str) -> None:
+    print(f"[bench_example {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def devices_for(world_size: int, backend: str) -> tuple[str, ...] | None:
+    if backend != "flashinfer":
+        return None
+    from pytest_mnnvl import capabilities
+
+    missing = capabilities.missing_for_one_sided(world_size)
+    if missing is not None:
+        raise RuntimeError(f"cannot run {world_size} GPU ranks here: {missing}")
+    return tuple(g.uuid or str(g.nvml_index) for g in capabilities.gpu_inventory().gpus)[:world_size]
+
+
+def spawn_example(world_size: int, backend: str, devices: tuple[str, ...] | None, factory: Any, text: str) -> float:
+    """One example in a freshly spawned world, vLLM style; wall seconds."""
+    import torch.multiprocessing as mp
+
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mnnvl-bench-") as tmp:
+            boot = {"world_size": world_size, "pp": 1, "backend": backend, "store_path": f"{tmp}/store", "dir": tmp}
+            t0 = time.perf_counter()
+            ctx = mp.get_context("spawn")
+            results = ctx.Queue()
+            procs = [
+                ctx.Process(target=fns.spawn_example_worker, args=(rank, boot, factory, text, results))
+                for rank in range(world_size)
+            ]
+            for p in procs:
+                p.start()
+            outcomes = [results.get(timeout=900) for _ in range(world_size)]
+            for p in procs:
+                p.join()
+            elapsed = time.perf_counter() - t0
+            results.close()
+    finally:
+        if devices:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    bad = [o for o in outcomes if o[1] != "ok"] + [f"exit {p.exitcode}" for p in procs if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"spawned world failed: {str(bad)[:3000]}")
+    return elapsed
+
+
+def bench_world(world_size: int, backend: str, factory: Any, lengths: list[int], args: Any) -> dict[str, Any]:
+    devices = devices_for(world_size, backend)
+    world = World(WorldSpec(world_size, 1, backend, devices=devices), timeout=600.0)
+    row: dict[str, Any] = {"world_size": world_size, "by_layers": {}}
+    try:
+        t0 = time.perf_counter()
+        world.call(fns.bare_plan, (factory, plan_of(1).to_json(indent=None), 1), {})
+        row["startup_and_first_example_s"] = time.perf_counter() - t0
+        for length in lengths:
+            text = plan_of(length).to_json(indent=None)
+            for _ in range(2):  # warm-up: module caches, allocator
+                world.call(run_plan, (factory, text), {})
+            warm, minimal = [], []
+            for _ in range(args.examples):
+                t0 = time.perf_counter()
+                world.call(run_plan, (factory, text), {})
+                warm.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                world.call(run_plan, (factory, text), {"probes": False, "after_cleanup": False})
+                minimal.append(time.perf_counter() - t0)
+            bare_runs = world.call(fns.bare_plan, (factory, text, args.examples), {})
+            bare = [max(per_rank) for per_rank in zip(*bare_runs)]
+            entry: dict[str, Any] = {
+                "warm_s": stats(warm),
+                "warm_minimal_s": stats(minimal),
+                "bare_s": stats(bare),
+            }
+            entry["overhead_vs_bare"] = (entry["warm_minimal_s"]["median"] - entry["bare_s"]["median"]) / entry[
+                "bare_s"
+            ]["median"]
+            entry["full_checks_vs_bare"] = entry["warm_s"]["median"] / entry["bare_s"]["median"]
+            if length in args.spawn_at:
+                spawn = [spawn_example(world_size, backend, devices, factory, text) for _ in range(args.spawns)]
+                entry["spawn_s"] = stats(spawn)
+                entry["spawn_over_warm"] = entry["spawn_s"]["median"] / entry["warm_s"]["median"]
+            row["by_layers"][str(length)] = entry
+            log(f"ws{world_size} layers {length}: {json.dumps(entry)}")
+        row["world_starts"] = world.starts
+    finally:
+        world.close()
+    return row
+
+
+def environment(backend: str) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "backend": backend,
+    }
+    try:
+        env["flashinfer"] = md.version("flashinfer-python")
+    except md.PackageNotFoundError:
+        import flashinfer
+
+        env["flashinfer"] = getattr(flashinfer, "__version__", "unknown")
+    if backend == "flashinfer":
+        from pytest_mnnvl import capabilities
+
+        env["cards"] = [g.name for g in capabilities.gpu_inventory().gpus]
+    else:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            env["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output", help="JSON file to write")
+    parser.add_argument("--backend", choices=("sim", "flashinfer"), default="sim")
+    parser.add_argument("--manager", default="reference")
+    parser.add_argument("--world-sizes", default="2,4")
+    parser.add_argument("--layers", default="1,2,4,8", help="plan lengths")
+    parser.add_argument("--examples", type=int, default=10, help="timed examples per plan length")
+    parser.add_argument("--spawns", type=int, default=3, help="spawned worlds per measured plan length")
+    parser.add_argument("--spawn-at", default="2", help="plan lengths at which the spawn baseline runs")
+    args = parser.parse_args(argv)
+    args.spawn_at = {int(x) for x in args.spawn_at.split(",") if x}
+    factory = resolve(args.manager)
+    data: dict[str, Any] = {"environment": environment(args.backend), "manager": args.manager, "worlds": []}
+    for ws in (int(x) for x in args.world_sizes.split(",")):
+        try:
+            data["worlds"].append(bench_world(ws, args.backend, factory, [int(x) for x in args.layers.split(",")], args))
+        except Exception as exc:
+            data["worlds"].append({"world_size": ws, "error": f"{type(exc).__name__}: {exc}"[:3000]})
+            log(f"ws{ws} failed: {exc}")
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+    log(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU runs of pytest-mnnvl, step by step, each under its own time limit, logs and reports in OUTDIR.
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR STEP [STEP ...]
+#
+# Steps (run in the order given; a failing step is logged and the next one still runs):
+#   env          card, driver, CUDA, torch, FlashInfer versions, `nvidia-smi topo -m`, pip list -> env.txt
+#   header       the plugin's capability header (`pytest --co`)
+#   examples     examples/ on real FlashInfer (the combinePayloadOffset demo, the vendor example)
+#   reference    the conformance suite, reference manager, ws2-pp1, ws4-pp1, ws4-pp2 (fewer if fewer GPUs)
+#   vllm         the conformance suite, vLLM's manager (needs benchmarks/gpu_vllm_env.sh sourced first)
+#   mutants      the mutation matrix on real FlashInfer (tests/test_conformance_mutants.py, MNNVL_MATRIX_BACKEND)
+#   repro        `python -m pytest_mnnvl repro` of the DeepSeek plan under first_call_wins and reference
+#   smoke        one example test and one conformance invariant on 2 GPUs (is the GPU path alive?)
+#   findings     benchmarks/findings.py: superseded bytes (allocation records) and the layout race (TRT-LLM #19312)
+#   fidelity     benchmarks/sim_fidelity.py --ep 2,4 (needs 4 GPUs for ep 4)
+#   bench        benchmarks/bench_example.py: warm pool vs spawn per example, harness overhead, scaling
+#
+# On an air-gapped runner source benchmarks/gpu_env.sh first (the offline FlashInfer bundle + JIT cache).
+# MNNVL_BACKEND=sim runs the same steps on the CPU sim (a dry run of this script). Time limits per step come from MNNVL_STEP_TIMEOUT_<STEP> (seconds), defaults below.
+set -uo pipefail
+OUT=${1:?usage: gpu_suite.sh OUTDIR STEP [STEP ...]}
+shift
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+BACKEND=${MNNVL_BACKEND:-flashinfer}  # sim: dry-run the same steps on CPU
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then GPUS=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .); fi
+if [ "${GPUS:-0}" -ge 4 ]; then WS=2,4; else WS=2; fi
+PYTEST=("$PY" -m pytest -p pytest_mnnvl -p no:cacheprovider -p no:randomly)
+
+step_limit() {
+  local name=${1^^} default=$2 var
+  var="MNNVL_STEP_TIMEOUT_${name}"
+  echo "${!var:-$default}"
+}
+
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS rc
+  echo "=== $name (limit ${limit}s) $(date -u +%FT%TZ): $*" | tee -a "$OUT/steps.log"
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/steps.log"
+  tail -n 25 "$OUT/$name.log"
+}
+
+for step in "$@"; do
+  case "$step" in
+    env)
+      {
+        date -u +%FT%TZ
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+        nvidia-smi topo -m
+        "$PY" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+        "$PY" -c 'import flashinfer; print("flashinfer", flashinfer.__version__)'
+        "$PY" -m pip list 2>/dev/null
+      } >"$OUT/env.txt" 2>&1
+      head -n 12 "$OUT/env.txt" ;;
+    header)
+      run_step header "$(step_limit header 120)" "${PYTEST[@]}" --co -q examples/ --mnnvl-backend="$BACKEND" ;;
+    examples)
+      run_step examples "$(step_limit examples 240)" "${PYTEST[@]}" examples/ --mnnvl-backend="$BACKEND" -v \
+        --junitxml="$OUT/examples.xml" ;;
+    reference)
+      run_step reference "$(step_limit reference 420)" "${PYTEST[@]}" conformance/ --mnnvl-backend="$BACKEND" \
+        --mnnvl-world-sizes="$WS" --mnnvl-pp=1,2 --mnnvl-report="$OUT/reference-$BACKEND.json" -v ;;
+    vllm)
+      run_step vllm "$(step_limit vllm 420)" "${PYTEST[@]}" conformance/ --mnnvl-backend="$BACKEND" \
+        --mnnvl-manager=vllm --mnnvl-world-sizes="$WS" --mnnvl-pp=1,2 \
+        --mnnvl-report="$OUT/vllm-${MNNVL_VLLM_VERSION:-unknown}-$BACKEND.json" -v ;;
+    mutants)
+      MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_OUT="$OUT/matrix" run_step mutants "$(step_limit mutants 480)" \
+        "${PYTEST[@]}" tests/test_conformance_mutants.py -n "${MNNVL_MATRIX_WORKERS:-2}" -v ;;
+    repro)
+      for manager in mutant:first_call_wins reference; do
+        run_step "repro-${manager/:/_}" "$(step_limit repro 120)" "$PY" -m pytest_mnnvl repro \
+          examples/plans/deepseek-v3-r1-nvfp4-mtp.json --manager "$manager" --backend "$BACKEND" --ep 2
+      done ;;
+    smoke)
+      run_step smoke "$(step_limit smoke 150)" "${PYTEST[@]}" -x -v --mnnvl-backend="$BACKEND" --mnnvl-strict \
+        examples/test_combine_payload_offset.py conformance/test_invariants.py::test_covers \
+        --mnnvl-world-sizes=2 --mnnvl-pp=1 ;;
+    findings)
+      run_step findings "$(step_limit findings 240)" "$PY" benchmarks/findings.py "$OUT/findings-$BACKEND.json" \
+        --backend "$BACKEND" --ep "$WS" ;;
+    fidelity)
+      run_step fidelity "$(step_limit fidelity 420)" "$PY" benchmarks/sim_fidelity.py "$OUT/sim_fidelity.json" \
+        --ep "$WS" ;;
+    bench)
+      run_step bench "$(step_limit bench 300)" "$PY" benchmarks/bench_example.py "$OUT/bench_example-$BACKEND.json" \
+        --backend "$BACKEND" --world-sizes "$WS" ;;
+    *)
+      echo "gpu_suite.sh: unknown step '$step' (allowed: env header smoke examples reference vllm mutants" \
+        "repro findings fidelity bench)" >&2
+      exit 2 ;;
+  esac
+done
