@@ -12,7 +12,12 @@ from pytest_mnnvl import sizing
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = json.loads((ROOT / "tests/golden/flashinfer_sizes_h100.json").read_text())["points"]
-FIDELITY = json.loads((ROOT / "benchmarks/results/sim_fidelity-h100x2.json").read_text())
+#: GPU fidelity runs: 2x H100 (ep 2) and 4x H200 (ep 2 and 4), FlashInfer 0.7.2.post1.
+FIDELITY_RUNS = {
+    name: json.loads((ROOT / f"benchmarks/results/sim_fidelity-{name}.json").read_text())
+    for name in ("h100x2", "h200x4")
+}
+CASES = [(name, case) for name, run in FIDELITY_RUNS.items() for case in run["cases"]]
 
 # Bytes per token of each dispatch payload, per format, as the fidelity run sent them (MXFP8 scales of
 # the hidden size padded to 128, as that run did).
@@ -35,8 +40,8 @@ def test_sizes_equal_flashinfers_measured_values(point: dict[str, Any]) -> None:
         assert got == point["flashinfer"]
 
 
-@pytest.mark.parametrize("case", FIDELITY["cases"], ids=lambda c: f"case{c['index']}")
-def test_host_check_predictions_equal_real_outcomes(case: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("run", "case"), CASES, ids=[f"{name}-ep{c['ep']}-case{c['index']}" for name, c in CASES])
+def test_host_check_predictions_equal_real_outcomes(run: str, case: dict[str, Any]) -> None:
     """What FlashInfer raised on the GPUs (per rank) is what sizing predicts, message for message."""
     per_token = [*PAYLOADS[case["format"]](case["hidden"]), 4 * case["top_k"], 4 * case["top_k"]]
     check = sizing.check_round_trip(
@@ -56,6 +61,14 @@ def test_host_check_predictions_equal_real_outcomes(case: dict[str, Any]) -> Non
             assert rank_outcome["numerics_ok"] and rank_outcome["counts_ok"]
 
 
-def test_the_gpu_run_exercised_both_failures() -> None:
-    outcomes = FIDELITY["summary"]["outcomes"]
-    assert outcomes["dispatch"] >= 1 and outcomes["combine"] >= 1 and FIDELITY["summary"]["disagreements"] == 0
+@pytest.mark.parametrize("run", sorted(FIDELITY_RUNS))
+def test_the_gpu_run_exercised_both_failures(run: str) -> None:
+    summary = FIDELITY_RUNS[run]["summary"]
+    outcomes = summary["outcomes"]
+    assert outcomes["dispatch"] >= 1 and outcomes["combine"] >= 1 and summary["disagreements"] == 0
+
+
+def test_the_four_gpu_run_covered_ep_4_and_every_sizing_point_agreed() -> None:
+    run = FIDELITY_RUNS["h200x4"]
+    assert {case["ep"] for case in run["cases"]} == {2, 4}
+    assert run["sizing"]["flashinfer"]["mismatches"] == [] and run["sizing"]["flashinfer"]["points"] >= 700
