@@ -39,9 +39,7 @@ def bare_plan(ctx: Any, factory: Any, plan_json: str, repeats: int) -> list[floa
     return times
 
 
-def spawn_example_worker(
-    rank: int, boot: dict[str, Any], factory: Any, plan_json: str, results: Any
-) -> None:
+def spawn_example_worker(rank: int, boot: dict[str, Any], factory: Any, plan_json: str, results: Any) -> None:
     """One child of a world spawned for a single example (vLLM's ``_spawn_workers`` shape): start the
     world the way a pool rank does, run the example, tear down, exit."""
     import traceback

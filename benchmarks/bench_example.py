@@ -54,9 +54,7 @@ CYCLE = (QuantFormat.NVFP4, QuantFormat.BF16, QuantFormat.FP8_BLOCK, QuantFormat
 
 def plan_of(length: int) -> ModelPlan:
     """``length`` layers of FACTS §1's shape (H 4096, top_k 2, 8 experts), formats cycling, tokens 128/256."""
-    layers = [
-        LayerSpec(CYCLE[i % len(CYCLE)], 4096, 2, 8, 128 * (1 + i % 2), name=f"l{i}") for i in range(length)
-    ]
+    layers = [LayerSpec(CYCLE[i % len(CYCLE)], 4096, 2, 8, 128 * (1 + i % 2), name=f"l{i}") for i in range(length)]
     return ModelPlan((tuple(layers),), (), f"bench-{length}", "bench_example.py")
 
 
@@ -136,7 +134,7 @@ def bench_world(world_size: int, backend: str, factory: Any, lengths: list[int],
                 world.call(run_plan, (factory, text), {"probes": False, "after_cleanup": False})
                 minimal.append(time.perf_counter() - t0)
             bare_runs = world.call(fns.bare_plan, (factory, text, args.examples), {})
-            bare = [max(per_rank) for per_rank in zip(*bare_runs)]
+            bare = [max(per_rank) for per_rank in zip(*bare_runs, strict=True)]
             entry: dict[str, Any] = {
                 "warm_s": stats(warm),
                 "warm_minimal_s": stats(minimal),
@@ -204,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {"environment": environment(args.backend), "manager": args.manager, "worlds": []}
     for ws in (int(x) for x in args.world_sizes.split(",")):
         try:
-            data["worlds"].append(bench_world(ws, args.backend, factory, [int(x) for x in args.layers.split(",")], args))
+            lengths = [int(x) for x in args.layers.split(",")]
+            data["worlds"].append(bench_world(ws, args.backend, factory, lengths, args))
         except Exception as exc:
             data["worlds"].append({"world_size": ws, "error": f"{type(exc).__name__}: {exc}"[:3000]})
             log(f"ws{ws} failed: {exc}")

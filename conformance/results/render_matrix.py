@@ -1,5 +1,8 @@
 """Turn the rows ``MNNVL_MATRIX_OUT=DIR pytest tests/test_conformance_mutants.py`` wrote into the
-committed mutation matrix: ``python conformance/results/render_matrix.py DIR [WALL_SECONDS]``."""
+committed mutation matrix: ``python conformance/results/render_matrix.py DIR [WALL_SECONDS [NAME [OUTDIR]]]``.
+
+NAME defaults to ``mutation_matrix`` and OUTDIR to this folder; the backend and a description of the GPUs
+come from ``MNNVL_MATRIX_BACKEND`` (default ``sim``) and ``MNNVL_MATRIX_MACHINE`` (the GPU run sets both)."""
 
 from __future__ import annotations
 
@@ -13,17 +16,21 @@ from pathlib import Path
 from pytest_mnnvl.managers.mutants import MUTANTS
 
 
-def main(directory: str, wall: str | None = None) -> None:
+def main(directory: str, wall: str | None = None, name: str = "mutation_matrix", outdir: str | None = None) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))]
-    here = Path(__file__).resolve().parent
+    here = Path(outdir) if outdir else Path(__file__).resolve().parent
+    backend = os.environ.get("MNNVL_MATRIX_BACKEND", "sim")
+    machine = os.environ.get("MNNVL_MATRIX_MACHINE", "")
     meta = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.platform()}), sim backend, ci profile",
-        "command": "MNNVL_MATRIX_OUT=DIR python -m pytest tests/test_conformance_mutants.py -n 2 -p no:randomly",
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.platform()})"
+        f"{', ' + machine if machine else ''}, {backend} backend, ci profile",
+        "command": f"MNNVL_MATRIX_BACKEND={backend} MNNVL_MATRIX_OUT=DIR python -m pytest "
+        "tests/test_conformance_mutants.py -n 2 -p no:randomly",
         "wall_seconds": float(wall) if wall else None,
         "rows": rows,
     }
-    (here / "mutation_matrix.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (here / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     lines = [
         "# Mutation matrix (conformance suite vs the reference and every mutant)",
         "",
@@ -45,7 +52,7 @@ def main(directory: str, wall: str | None = None) -> None:
             f"| {name} | {row['expected']} ({row['level']}) | {'killed' if killed else 'SURVIVED'} | "
             f"{', '.join(row['violated'])} | {row['exit']} | {row['seconds']} | {row.get('detail') or ''} |"
         )
-    (here / "mutation_matrix.md").write_text("\n".join(lines) + "\n")
+    (here / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
