@@ -72,8 +72,12 @@ for step in "$@"; do
         --mnnvl-manager=vllm --mnnvl-world-sizes="$WS" --mnnvl-pp=1,2 \
         --mnnvl-report="$OUT/vllm-${MNNVL_VLLM_VERSION:-unknown}-$BACKEND.json" -v ;;
     mutants)
+      t0=$SECONDS
       MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_OUT="$OUT/matrix" run_step mutants "$(step_limit mutants 480)" \
-        "${PYTEST[@]}" tests/test_conformance_mutants.py -n "${MNNVL_MATRIX_WORKERS:-2}" -v ;;
+        "${PYTEST[@]}" tests/test_conformance_mutants.py -n "${MNNVL_MATRIX_WORKERS:-2}" -v
+      MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_MACHINE="${GPUS} GPUs: $(nvidia-smi --query-gpu=name \
+        --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)" PYTHONPATH="$PWD:${PYTHONPATH:-}" \
+        "$PY" conformance/results/render_matrix.py "$OUT/matrix" "$((SECONDS - t0))" "mutation_matrix-$BACKEND" "$OUT" ;;
     repro)
       for manager in mutant:first_call_wins reference; do
         run_step "repro-${manager/:/_}" "$(step_limit repro 120)" "$PY" -m pytest_mnnvl repro \
