@@ -55,6 +55,8 @@ class _Auditor:
         self.status_path: str | None = None
         self.recordings: list[list[CollectiveCall]] = []
         self.installed = False
+        #: Called with the group before each collective: torchrun worlds bound its gloo timeout there.
+        self.before: Callable[[Any], None] | None = None
 
     def set_status(self, text: str) -> None:
         if self.status_path is None:
@@ -90,6 +92,8 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         for recording in _AUDITOR.recordings:
             recording.append(call)
         _AUDITOR.set_status(call.describe())
+        if _AUDITOR.before is not None:
+            _AUDITOR.before(group)
         try:
             return original(*args, **kwargs)
         finally:
@@ -116,6 +120,11 @@ def install(status_path: str | None = None) -> None:
         if getattr(c10d, name, None) is original:
             setattr(c10d, name, wrapped)
     _AUDITOR.installed = True
+
+
+def set_before_collective(hook: Callable[[Any], None] | None) -> None:
+    """Run ``hook(group)`` before every audited collective (``None`` removes it)."""
+    _AUDITOR.before = hook
 
 
 @contextmanager

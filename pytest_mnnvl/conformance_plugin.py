@@ -222,6 +222,7 @@ class Conformance:
                 return
             self.recorder.examples += 1
             self.entry["examples"] = self.entry.get("examples", 0) + 1
+            plan = self._agreed(topology, plan)
             try:
                 results = self.observe(topology, plan, timeout=timeout)
             except _Hang as exc:
@@ -236,6 +237,7 @@ class Conformance:
         test = given(plan=strategies.model_plans(topology.pp))(conformance_example)
         for _why, plan in reversed(pinned):
             test = example(plan=plan)(test)
+        test = self._same_draws_on_every_rank(test)
         try:
             test()
         except BaseException as exc:
@@ -245,6 +247,35 @@ class Conformance:
             self.verdict(violation, exc)
         if hung:
             self.hang(topology, hung[0])
+
+    def _same_draws_on_every_rank(self, test: Any) -> Any:
+        """Under torchrun every rank runs Hypothesis: one seed, no example database, so all draw alike."""
+        from pytest_mnnvl.spmd_plugin import session_of
+
+        if session_of(self.config) is None:
+            return test
+        from hypothesis import seed, settings
+
+        from pytest_mnnvl.spmd import shared_seed
+
+        if self.config.getoption("hypothesis_seed", None) is None:
+            test = seed(shared_seed())(test)
+        return settings(database=None)(test)
+
+    def _agreed(self, topology: Topology, plan: ModelPlan) -> ModelPlan:
+        """Under torchrun, rank 0's plan (a rank that drew another one is recorded in the report)."""
+        world = self.world(topology)
+        agree = getattr(world, "agree", None)
+        if agree is None:
+            return plan
+        from pytest_mnnvl.layers import ModelPlan
+
+        text = plan.to_json(indent=None)
+        agreed = str(agree(text, f"plan of {self.request.node.nodeid}"))
+        if agreed == text:
+            return plan
+        self.entry["plan_disagreements"] = self.entry.get("plan_disagreements", 0) + 1
+        return ModelPlan.from_json(agreed)
 
     def hang(self, topology: Topology, hang: _Hang) -> NoReturn:
         from pytest_mnnvl.errors import WorldDeadlock
@@ -329,6 +360,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if recorder is None or not path or hasattr(config, "workerinput"):
         return
     from pytest_mnnvl import report
+    from pytest_mnnvl.spmd_plugin import writes_reports
+
+    if not writes_reports(config):
+        return  # under torchrun one rank writes (0, or the lowest survivor)
 
     data = report.build(config, recorder, int(exitstatus))
     report.write(path, data)
@@ -339,6 +374,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if recorder is None or not recorder.tests:
         return
     from pytest_mnnvl import report
+    from pytest_mnnvl.spmd_plugin import writes_reports
+
+    if not writes_reports(config):
+        return
 
     verdicts = report.verdicts(recorder)
     terminalreporter.section("mnnvl conformance")

@@ -36,10 +36,12 @@ class RankError(MnnvlError):
 class RankCrashed(MnnvlError):
     """A rank process ended in the middle of a call: a signal, ``os._exit`` or an interpreter abort."""
 
-    def __init__(self, rank: int, returncode: int, during: str) -> None:
+    def __init__(self, rank: int, returncode: int | None, during: str) -> None:
         self.rank = rank
         self.returncode = returncode
-        super().__init__(f"rank {rank} {describe_exit(returncode)} during {during}")
+        # Under torchrun the peers are not the crashed rank's parent: its exit status is the agent's to log.
+        how = describe_exit(returncode) if returncode is not None else "crashed (exit status: see torchrun's log)"
+        super().__init__(f"rank {rank} {how} during {during}")
 
 
 class WorldDeadlock(MnnvlError):

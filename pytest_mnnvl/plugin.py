@@ -20,10 +20,11 @@ from pytest_mnnvl.markers import CAPABILITY_MARKERS, MARKER_LINES
 if TYPE_CHECKING:
     from pytest_mnnvl.managers import ManagerFactory
     from pytest_mnnvl.pool import Pool, World
+    from pytest_mnnvl.spmd import SpmdPool, SpmdWorld
 
 SETTINGS_KEY = pytest.StashKey["_settings.Settings"]()
 BACKEND_KEY = pytest.StashKey[str]()
-POOL_KEY = pytest.StashKey["Pool"]()
+POOL_KEY = pytest.StashKey["Pool | SpmdPool"]()
 MANAGER_KEY: pytest.StashKey[ManagerFactory] = pytest.StashKey()
 
 
@@ -58,6 +59,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="SECONDS",
         help=_settings.STARTUP_TIMEOUT_HELP,
     )
+    group.addoption("--mnnvl-launcher", dest="mnnvl_launcher", metavar="spawn|torchrun", help=_settings.LAUNCHER_HELP)
     parser.addini("mnnvl_backend", _settings.BACKEND_HELP)
     parser.addini("mnnvl_timeout", _settings.TIMEOUT_HELP)
     parser.addini("mnnvl_strict", _settings.STRICT_HELP)
@@ -67,6 +69,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mnnvl_manager", _settings.MANAGER_HELP)
     parser.addini("mnnvl_warm_worlds", _settings.WARM_WORLDS_HELP)
     parser.addini("mnnvl_startup_timeout", _settings.STARTUP_TIMEOUT_HELP)
+    parser.addini("mnnvl_launcher", _settings.LAUNCHER_HELP)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -81,6 +84,10 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[MANAGER_KEY] = resolve(settings.manager)
     except MnnvlUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if settings.launcher == "torchrun":
+        from pytest_mnnvl import spmd_plugin
+
+        spmd_plugin.install(config, settings.timeout)
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "mnnvl_backend" in workerinput:
         config.stash[BACKEND_KEY] = workerinput["mnnvl_backend"]
@@ -185,11 +192,19 @@ def _uses_mnnvl(item: pytest.Item) -> bool:
     return "mnnvl_world" in fixturenames or "mnnvl_topology" in fixturenames
 
 
-def _pool(config: pytest.Config) -> Pool:
+def _pool(config: pytest.Config) -> Pool | SpmdPool:
     if POOL_KEY not in config.stash:
         from pytest_mnnvl.pool import Pool
 
         s = config.stash[SETTINGS_KEY]
+        if s.launcher == "torchrun":
+            from pytest_mnnvl.spmd import SpmdPool
+            from pytest_mnnvl.spmd_plugin import session_of
+
+            spmd = session_of(config)
+            assert spmd is not None
+            config.stash[POOL_KEY] = SpmdPool(spmd, s.timeout, s.startup_timeout)
+            return config.stash[POOL_KEY]
         config.stash[POOL_KEY] = Pool(timeout=s.timeout, max_warm=s.warm_worlds, startup_timeout=s.startup_timeout)
     return config.stash[POOL_KEY]
 
@@ -221,7 +236,7 @@ class WorldFactory:
         backend: str | None = None,
         env: dict[str, str] | None = None,
         timeout: float | None = None,
-    ) -> World:
+    ) -> World | SpmdWorld:
         __tracebackhide__ = True
         from pytest_mnnvl.markers import parse_mnnvl_mark
         from pytest_mnnvl.pool import WorldSpec
@@ -232,7 +247,9 @@ class WorldFactory:
         topology: Topology | None = None
         if "mnnvl_topology" in self._request.fixturenames:
             topology = self._request.getfixturevalue("mnnvl_topology")
-        world_size = world_size or (mark and mark.world_size) or (topology and topology.world_size) or 2
+        torchrun = config.stash[SETTINGS_KEY].launcher == "torchrun"
+        default_size = int(os.environ["WORLD_SIZE"]) if torchrun else 2
+        world_size = world_size or (mark and mark.world_size) or (topology and topology.world_size) or default_size
         pp = pp or (mark and mark.pp) or (topology and topology.pp) or 1
         chosen = backend or resolve_backend(config)
         from pytest_mnnvl.backends import BACKENDS
@@ -253,7 +270,8 @@ class WorldFactory:
             pp,
             chosen,
             tuple(sorted(extra_env.items())),
-            _devices_for(world_size) if chosen == "flashinfer" else None,
+            # Under torchrun each rank takes GPU LOCAL_RANK of its own host.
+            _devices_for(world_size) if chosen == "flashinfer" and not torchrun else None,
         )
         world = _pool(config).world(spec)
         world.timeout = timeout or (mark and mark.timeout) or config.stash[SETTINGS_KEY].timeout

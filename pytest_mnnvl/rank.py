@@ -138,29 +138,43 @@ def _start_world(boot: dict[str, Any]) -> Any:
     import torch.distributed as dist
 
     from pytest_mnnvl import audit
-    from pytest_mnnvl.topology import Layout, RankContext, build_groups
+    from pytest_mnnvl.topology import Layout
 
-    rank, world_size, pp = boot["rank"], boot["world_size"], boot["pp"]
-    layout = Layout(world_size, pp)
-    gpu = boot["backend"] == "flashinfer"
+    rank, world_size = boot["rank"], boot["world_size"]
     audit.install(boot["status_path"])
-
     store = dist.FileStore(boot["store_path"], world_size)
-    device: Any = "cpu"
-    if gpu:
+    # The pool gives every rank the same CUDA_VISIBLE_DEVICES, one GPU per rank, in rank order.
+    device = init_world(store, rank, world_size, boot["backend"], device_index=rank)
+    return make_context(Layout(world_size, boot["pp"]), rank, boot["backend"], device)
+
+
+def init_world(store: Any, rank: int, world_size: int, backend: str, device_index: int, timeout: Any = None) -> Any:
+    """Join the default process group (gloo; NCCL + gloo on GPUs) and bind the rank's GPU.
+
+    Shared by the pool's ranks and by torchrun's (:mod:`pytest_mnnvl.spmd`); returns the rank's device.
+    """
+    import torch.distributed as dist
+
+    extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    if backend == "flashinfer":
         import torch
 
-        # The pool gives every rank the same CUDA_VISIBLE_DEVICES, one GPU per rank, in rank order.
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=world_size)
-    else:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-    ep_group, cpu_group, world_cpu = build_groups(layout, rank, gpu)
+        torch.cuda.set_device(device_index)
+        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=world_size, **extra)
+        return torch.device("cuda", device_index)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, **extra)
+    return "cpu"
+
+
+def make_context(layout: Any, rank: int, backend: str, device: Any) -> Any:
+    """Build the PP x EP groups of ``layout`` (collective on WORLD), the rank's context, and install the backend."""
+    from pytest_mnnvl.topology import RankContext, build_groups
+
+    ep_group, cpu_group, world_cpu = build_groups(layout, rank, backend == "flashinfer")
     ctx = RankContext(
         rank=rank,
-        world_size=world_size,
-        pp_size=pp,
+        world_size=layout.world_size,
+        pp_size=layout.pp,
         pp_stage=layout.stage_of(rank),
         ep_rank=layout.ep_rank_of(rank),
         ep_size=layout.ep,
@@ -168,11 +182,10 @@ def _start_world(boot: dict[str, Any]) -> Any:
         cpu_group=cpu_group,
         ep_group_ranks=layout.ep_group_ranks(layout.stage_of(rank)),
         device=device,
-        backend=boot["backend"],
+        backend=backend,
         world_group=world_cpu,
     )
-    backend = importlib.import_module(f"pytest_mnnvl.backends.{boot['backend']}")
-    backend.install(ctx)
+    importlib.import_module(f"pytest_mnnvl.backends.{backend}").install(ctx)
     return ctx
 
 

@@ -106,6 +106,24 @@ def build(config: pytest.Config, recorder: Recorder, exit_status: int) -> dict[s
         },
         "timings": {"session_s": round(time.time() - recorder.started, 2), "plans_s": round(recorder.plan_seconds, 2)},
         "broken_topologies": {f"ws{ws}-pp{pp}": why for (ws, pp), why in recorder.broken.items()},
+        "launcher": launcher(config),
+    }
+
+
+def launcher(config: pytest.Config) -> dict[str, Any]:
+    """How the ranks ran: ``spawn`` (the pool), or ``torchrun`` with its world, hosts and any plan disagreement."""
+    from pytest_mnnvl.spmd_plugin import session_of
+
+    spmd = session_of(config)
+    if spmd is None:
+        return {"kind": "spawn"}
+    return {
+        "kind": "torchrun",
+        "world_size": spmd.world_size,
+        "written_by_rank": spmd.rank,
+        "hosts": spmd.hosts,
+        "gone_ranks": sorted(spmd.dead),
+        "plan_disagreements": spmd.plan_disagreements,
     }
 
 

@@ -7,13 +7,18 @@ Precedence, as in pytest-timeout: command line, then ini, then the default.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pytest_mnnvl.errors import MnnvlUsageError
 
 BACKEND_CHOICES = ("auto", "sim", "flashinfer")
+LAUNCHER_CHOICES = ("spawn", "torchrun")
+#: What a torchrun worker finds in its environment and a torchrun session cannot do without.
+TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 BUILTIN_MANAGERS = ("reference", "vllm", "mutant:<name>")
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_WORLD_SIZES = (2, 4)
@@ -32,6 +37,10 @@ WORLD_SIZES_HELP = "Comma-separated world sizes the conformance topologies use (
 PP_HELP = "Comma-separated pipeline-parallel sizes the conformance topologies use (default 1,2)."
 REPORT_HELP = "Write the conformance report as JSON to this path (Markdown next to it)."
 MANAGER_HELP = "Manager under test: reference, vllm, mutant:<name>, or package.module:Class (default reference)."
+LAUNCHER_HELP = (
+    "Who starts the ranks: spawn (this pytest process starts a pool of rank processes; default) or "
+    "torchrun (every torchrun worker runs this pytest session and is one rank: multi-node)."
+)
 WARM_WORLDS_HELP = "How many rank worlds stay warm at once (default 2)."
 STARTUP_TIMEOUT_HELP = (
     "Seconds a rank world may take to start (default 120 on sim, 900 on flashinfer: a cold JIT build "
@@ -50,6 +59,7 @@ class Settings:
     manager: str = "reference"
     warm_worlds: int = 2
     startup_timeout: float | None = None
+    launcher: str = "spawn"
 
     def topologies(self) -> list[tuple[int, int]]:
         """(world size, pp) pairs the suite runs: every pp that divides a world size into >=2 EP ranks."""
@@ -70,6 +80,20 @@ def parse_backend(value: str) -> str:
     value = value.strip().lower()
     if value not in BACKEND_CHOICES:
         raise MnnvlUsageError(f"--mnnvl-backend={value!r} is not valid; allowed: {', '.join(BACKEND_CHOICES)}")
+    return value
+
+
+def parse_launcher(value: str, environ: Mapping[str, str]) -> str:
+    value = value.strip().lower()
+    if value not in LAUNCHER_CHOICES:
+        raise MnnvlUsageError(f"--mnnvl-launcher={value!r} is not valid; allowed: {', '.join(LAUNCHER_CHOICES)}")
+    missing = [name for name in TORCHRUN_ENV if not environ.get(name)]
+    if value == "torchrun" and missing:
+        raise MnnvlUsageError(
+            f"--mnnvl-launcher=torchrun needs torchrun's environment, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set; start the session with "
+            "`torchrun --nproc-per-node N -m pytest -p pytest_mnnvl ... --mnnvl-launcher=torchrun`"
+        )
     return value
 
 
@@ -124,8 +148,9 @@ def parse_positive_int(value: Any, source: str) -> int:
     return int(text)
 
 
-def from_config(getoption: Any, getini: Any) -> Settings:
-    """Build :class:`Settings` from pytest's ``config.getoption``/``config.getini``."""
+def from_config(getoption: Any, getini: Any, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from pytest's ``config.getoption``/``config.getini`` (and torchrun's environment)."""
+    environ = os.environ if environ is None else environ
 
     def pick(option: str, ini: str) -> Any:
         value = getoption(option)
@@ -143,6 +168,10 @@ def from_config(getoption: Any, getini: Any) -> Settings:
     report = pick("mnnvl_report", "mnnvl_report")
     warm = pick("mnnvl_warm_worlds", "mnnvl_warm_worlds")
     startup = pick("mnnvl_startup_timeout", "mnnvl_startup_timeout")
+    launcher = parse_launcher(str(pick("mnnvl_launcher", "mnnvl_launcher") or "spawn"), environ)
+    if launcher == "torchrun" and world_sizes is None:
+        # Under torchrun the one world there is has torchrun's size.
+        world_sizes = environ["WORLD_SIZE"]
     strict = getoption("mnnvl_strict") or parse_bool(getini("mnnvl_strict") or False, "mnnvl_strict")
     settings = Settings(
         backend=parse_backend(backend) if backend is not None else "auto",
@@ -158,6 +187,7 @@ def from_config(getoption: Any, getini: Any) -> Settings:
         manager=parse_manager(manager) if manager is not None else "reference",
         warm_worlds=parse_positive_int(warm, "--mnnvl-warm-worlds") if warm is not None else 2,
         startup_timeout=parse_timeout(startup, "--mnnvl-startup-timeout") if startup is not None else None,
+        launcher=launcher,
     )
     settings.topologies()  # validates the combination now, not in the middle of collection
     return settings
