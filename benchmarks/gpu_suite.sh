@@ -10,6 +10,7 @@
 #   reference    the conformance suite, reference manager, ws2-pp1, ws4-pp1, ws4-pp2 (fewer if fewer GPUs)
 #   vllm         the conformance suite, vLLM's manager (needs benchmarks/gpu_vllm_env.sh sourced first)
 #   mutants      the mutation matrix on real FlashInfer (tests/test_conformance_mutants.py, MNNVL_MATRIX_BACKEND)
+#   torchrun     the conformance suite under `torchrun --standalone --nproc-per-node 4` (--mnnvl-launcher=torchrun)
 #   repro        `python -m pytest_mnnvl repro` of the DeepSeek plan under first_call_wins and reference
 #   smoke        one example test and one conformance invariant on 2 GPUs (is the GPU path alive?)
 #   findings     benchmarks/findings.py: superseded bytes (allocation records) and the layout race (TRT-LLM #19312)
@@ -78,6 +79,12 @@ for step in "$@"; do
       MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_MACHINE="${GPUS} GPUs: $(nvidia-smi --query-gpu=name \
         --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)" PYTHONPATH="$PWD:${PYTHONPATH:-}" \
         "$PY" conformance/results/render_matrix.py "$OUT/matrix" "$((SECONDS - t0))" "mutation_matrix-$BACKEND" "$OUT" ;;
+    torchrun)
+      run_step torchrun "$(step_limit torchrun 420)" "$PY" -m torch.distributed.run --standalone \
+        --nproc-per-node "$GPUS" --tee 3 --log-dir "$OUT/torchrun-logs" \
+        -m pytest -p pytest_mnnvl -p no:cacheprovider -p no:randomly conformance/ --mnnvl-launcher=torchrun \
+        --mnnvl-backend="$BACKEND" --mnnvl-world-sizes="$GPUS" --mnnvl-pp=1,2 \
+        --mnnvl-report="$OUT/torchrun-$BACKEND.json" --junitxml="$OUT/torchrun-junit.xml" ;;
     repro)
       for manager in mutant:first_call_wins reference; do
         run_step "repro-${manager/:/_}" "$(step_limit repro 120)" "$PY" -m pytest_mnnvl repro \
@@ -98,7 +105,7 @@ for step in "$@"; do
         --backend "$BACKEND" --world-sizes "$WS" ;;
     *)
       echo "gpu_suite.sh: unknown step '$step' (allowed: env header smoke examples reference vllm mutants" \
-        "repro findings fidelity bench)" >&2
+        "torchrun repro findings fidelity bench)" >&2
       exit 2 ;;
   esac
 done
