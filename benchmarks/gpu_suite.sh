@@ -18,6 +18,9 @@
 #   bench        benchmarks/bench_example.py: warm pool vs spawn per example, harness overhead, scaling
 #
 # On an air-gapped runner source benchmarks/gpu_env.sh first (the offline FlashInfer bundle + JIT cache).
+# MNNVL_MATRIX_SELECT (a -k expression) runs part of the mutation matrix; MNNVL_BENCH_ARGS adds bench_example.py
+# arguments. Worlds that run at the same time must not share GPUs: FlashInfer's kernels spin on peer flags, and two
+# worlds time-sliced on one GPU slow each other down until plans time out (seen on 4x H200).
 # MNNVL_BACKEND=sim runs the same steps on the CPU sim (a dry run of this script). Time limits per step come from MNNVL_STEP_TIMEOUT_<STEP> (seconds), defaults below.
 set -uo pipefail
 OUT=${1:?usage: gpu_suite.sh OUTDIR STEP [STEP ...]}
@@ -75,7 +78,8 @@ for step in "$@"; do
     mutants)
       t0=$SECONDS
       MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_OUT="$OUT/matrix" run_step mutants "$(step_limit mutants 480)" \
-        "${PYTEST[@]}" tests/test_conformance_mutants.py -n "${MNNVL_MATRIX_WORKERS:-2}" -v
+        "${PYTEST[@]}" tests/test_conformance_mutants.py -n "${MNNVL_MATRIX_WORKERS:-2}" -v \
+        ${MNNVL_MATRIX_SELECT:+-k "$MNNVL_MATRIX_SELECT"}
       MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_MACHINE="${GPUS} GPUs: $(nvidia-smi --query-gpu=name \
         --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)" PYTHONPATH="$PWD:${PYTHONPATH:-}" \
         "$PY" conformance/results/render_matrix.py "$OUT/matrix" "$((SECONDS - t0))" "mutation_matrix-$BACKEND" "$OUT" ;;
@@ -102,7 +106,7 @@ for step in "$@"; do
         --ep "$WS" ;;
     bench)
       run_step bench "$(step_limit bench 300)" "$PY" benchmarks/bench_example.py "$OUT/bench_example-$BACKEND.json" \
-        --backend "$BACKEND" --world-sizes "$WS" ;;
+        --backend "$BACKEND" --world-sizes "$WS" ${MNNVL_BENCH_ARGS:-} ;;
     *)
       echo "gpu_suite.sh: unknown step '$step' (allowed: env header smoke examples reference vllm mutants" \
         "torchrun repro findings fidelity bench)" >&2
