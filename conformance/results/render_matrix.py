@@ -41,15 +41,15 @@ def main(directory: str, wall: str | None = None, name: str = "mutation_matrix",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        name = row["manager"]
-        if name == "reference":
+        manager = row["manager"]
+        if manager == "reference":
             verdict = "pass" if set(row["statuses"].values()) == {"pass"} else "FAIL"
             lines.append(f"| reference | all pass | {verdict} | - | {row['exit']} | {row['seconds']} | whole suite |")
             continue
-        mutant = MUTANTS[name.split(":", 1)[1]]
+        mutant = MUTANTS[manager.split(":", 1)[1]]
         killed = row["status"] == "fail" and mutant.mnnvl_invariant in row["violated"]
         lines.append(
-            f"| {name} | {row['expected']} ({row['level']}) | {'killed' if killed else 'SURVIVED'} | "
+            f"| {manager} | {row['expected']} ({row['level']}) | {'killed' if killed else 'SURVIVED'} | "
             f"{', '.join(row['violated'])} | {row['exit']} | {row['seconds']} | {row.get('detail') or ''} |"
         )
     (here / f"{name}.md").write_text("\n".join(lines) + "\n")
