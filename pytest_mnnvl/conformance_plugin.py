@@ -350,6 +350,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             entry["reason"] = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
         if report.failed and "violation" not in entry:
             entry["error"] = str(report.longrepr)[-2000:]
+        if (getattr(report, "mnnvl_waivers", None) or {}).get("applied"):
+            # Waived (pytest_mnnvl.waivers): an xfail now, the violation or error kept for the report.
+            entry["waived"] = report.wasxfail
+            if "violation" not in entry and report.longrepr is not None:
+                entry["error"] = str(report.longrepr)[-2000:]
     return report
 
 
@@ -365,7 +370,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not writes_reports(config):
         return  # under torchrun one rank writes (0, or the lowest survivor)
 
-    data = report.build(config, recorder, int(exitstatus))
+    # session.exitstatus, not the argument: a stale waiver under --mnnvl-strict changes it first.
+    data = report.build(config, recorder, int(session.exitstatus))
     report.write(path, data)
 
 

@@ -127,9 +127,19 @@ def load_manager(ctx: Any, factory: ManagerFactory) -> str:
 
 
 def run_plan(
-    ctx: Any, factory: ManagerFactory, plan_json: str, *, probes: bool = True, after_cleanup: bool = True
+    ctx: Any,
+    factory: ManagerFactory,
+    plan_json: str,
+    *,
+    probes: bool = True,
+    after_cleanup: bool = True,
+    recheck: bool = False,
 ) -> dict[str, Any]:
-    """Run this rank's PP stage of ``plan_json`` on a fresh manager; see the module docstring."""
+    """Run this rank's PP stage of ``plan_json`` on a fresh manager; see the module docstring.
+
+    ``recheck``: after each ``initialize``, also round-trip every earlier layer
+    (``step["earlier_round_trips"]``), not only after the last one: a stricter check the manager tests
+    use, which the suite skips for time."""
     plan = ModelPlan.from_json(plan_json)
     layers = list(plan.layers_of_stage(ctx.pp_stage)) if plan.pp > ctx.pp_stage else []
     evict_workspaces()
@@ -172,7 +182,18 @@ def run_plan(
         if not failed:
             step["round_trip"] = round_trip(ctx, adapter, layer)
             failed = step["round_trip"] != OK
-    if result["stopped"] is None and not failed:
+        if recheck and not failed and index:
+            step["earlier_round_trips"] = {}
+            for earlier in range(index):
+                outcome = round_trip(ctx, adapter, layers[earlier])
+                step["earlier_round_trips"][earlier] = outcome
+                if outcome != OK:
+                    failed = True
+                    break
+    if result["stopped"] is None and not failed and recheck:
+        # The last step already round-tripped every earlier layer after the last initialize.
+        result["late_round_trips"] = dict(result["steps"][-1].get("earlier_round_trips", {}))
+    elif result["stopped"] is None and not failed:
         for index in range(len(layers) - 1):
             outcome = round_trip(ctx, adapter, layers[index])
             result["late_round_trips"][index] = outcome

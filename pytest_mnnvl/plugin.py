@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 import pytest
 
 from pytest_mnnvl import settings as _settings
+from pytest_mnnvl import waivers as _waivers
 from pytest_mnnvl.errors import MnnvlUsageError
 from pytest_mnnvl.markers import CAPABILITY_MARKERS, MARKER_LINES
 
@@ -60,6 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=_settings.STARTUP_TIMEOUT_HELP,
     )
     group.addoption("--mnnvl-launcher", dest="mnnvl_launcher", metavar="spawn|torchrun", help=_settings.LAUNCHER_HELP)
+    group.addoption("--mnnvl-waivers", dest="mnnvl_waivers", metavar="FILE", help=_waivers.HELP)
     parser.addini("mnnvl_backend", _settings.BACKEND_HELP)
     parser.addini("mnnvl_timeout", _settings.TIMEOUT_HELP)
     parser.addini("mnnvl_strict", _settings.STRICT_HELP)
@@ -70,6 +72,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mnnvl_warm_worlds", _settings.WARM_WORLDS_HELP)
     parser.addini("mnnvl_startup_timeout", _settings.STARTUP_TIMEOUT_HELP)
     parser.addini("mnnvl_launcher", _settings.LAUNCHER_HELP)
+    # "paths": a relative path in the ini file is relative to the ini file, not to where pytest runs.
+    parser.addini("mnnvl_waivers", _waivers.HELP, type="paths")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -82,6 +86,8 @@ def pytest_configure(config: pytest.Config) -> None:
             from pytest_mnnvl.managers import resolve
 
             config.stash[MANAGER_KEY] = resolve(settings.manager)
+        if settings.waivers:
+            _waivers.install(config, settings.waivers, settings.manager, settings.strict)
     except MnnvlUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     if settings.launcher == "torchrun":
@@ -177,6 +183,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"--mnnvl-strict: this test may not be skipped: {reason}"
+    # After the strict check and pytest's xfail handling, before the conformance report records it.
+    _waivers.makereport(item, report)
     return report
 
 

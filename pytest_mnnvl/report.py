@@ -2,10 +2,13 @@
 
 JSON schema (version 1): ``manager`` (spec, description, shape, policy), ``backend``, ``environment``
 (python, platform, torch, flashinfer, hostname, CPUs), ``topologies``, ``hypothesis`` (profile,
-seed), ``strict``, ``exit_status``, ``invariants`` (name → level, status pass|fail|skip|not_run,
+seed), ``strict``, ``exit_status``, ``invariants`` (name → level, status pass|fail|waived|skip|not_run,
 gating, tests with outcome and duration, ``counterexample``: the violation with its minimal plan),
-``examples_run``, ``rebuilds`` (plan runs, initialize calls, rebuilds, largest bytes per rank) and
-``timings``.
+``examples_run``, ``rebuilds`` (plan runs, initialize calls, rebuilds, largest bytes per rank),
+``timings`` and ``waivers`` (``--mnnvl-waivers``; null without it: file, counts, and per entry its
+status applied|stale|expired|unused and the tests it matched with their outcome). ``waived`` and
+``waivers`` were added to version 1 without a bump: readers that ignore them see the same verdicts,
+except that a waived invariant is no longer ``fail``.
 """
 
 from __future__ import annotations
@@ -50,15 +53,18 @@ def environment() -> dict[str, Any]:
 
 
 def verdicts(recorder: Recorder) -> dict[str, dict[str, Any]]:
-    """Per invariant: fail if any of its tests found a violation (or failed), else pass if any
-    passed, else skip (or not_run when no test of it ran)."""
+    """Per invariant: fail if any of its tests found a violation (or failed) that no waiver covers,
+    else waived if a waiver covered one, else pass if any passed, else skip (or not_run when no test
+    of it ran). A waived test keeps its violation (``counterexample``)."""
     out: dict[str, dict[str, Any]] = {}
     for name in INVARIANTS:
         tests = [t for t in recorder.tests.values() if t.get("invariant") == name and "outcome" in t]
         violations = [t["violation"] for t in tests if "violation" in t]
-        failed = violations or [t for t in tests if t["outcome"] == "failed"]
+        failed = [t for t in tests if not t.get("waived") and ("violation" in t or t["outcome"] == "failed")]
         if failed:
             status = "fail"
+        elif any(t.get("waived") for t in tests):
+            status = "waived"
         elif any(t["outcome"] == "passed" for t in tests):
             status = "pass"
         elif tests:
@@ -107,7 +113,15 @@ def build(config: pytest.Config, recorder: Recorder, exit_status: int) -> dict[s
         "timings": {"session_s": round(time.time() - recorder.started, 2), "plans_s": round(recorder.plan_seconds, 2)},
         "broken_topologies": {f"ws{ws}-pp{pp}": why for (ws, pp), why in recorder.broken.items()},
         "launcher": launcher(config),
+        "waivers": waivers(config),
     }
+
+
+def waivers(config: pytest.Config) -> dict[str, Any] | None:
+    from pytest_mnnvl.waivers import LEDGER_KEY
+
+    ledger = config.stash.get(LEDGER_KEY, None)
+    return ledger.section() if ledger is not None else None
 
 
 def launcher(config: pytest.Config) -> dict[str, Any]:
@@ -162,6 +176,12 @@ def markdown(data: dict[str, Any]) -> str:
             json.dumps(c["plan"], indent=2),
             "```",
         ]
+    if data.get("waivers"):
+        from pytest_mnnvl.waivers import describe
+
+        w = data["waivers"]
+        lines += ["", f"## Waivers (`{w['file']}`)", ""]
+        lines += [f"- {describe(e)}" for e in w["entries"]] or ["- (none)"]
     r = data["rebuilds"]
     lines += [
         "",

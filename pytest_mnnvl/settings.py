@@ -60,6 +60,8 @@ class Settings:
     warm_worlds: int = 2
     startup_timeout: float | None = None
     launcher: str = "spawn"
+    #: ``--mnnvl-waivers`` (read and validated by :mod:`pytest_mnnvl.waivers` at configure time).
+    waivers: str | None = None
 
     def topologies(self) -> list[tuple[int, int]]:
         """(world size, pp) pairs the suite runs: every pp that divides a world size into >=2 EP ranks."""
@@ -148,6 +150,18 @@ def parse_positive_int(value: Any, source: str) -> int:
     return int(text)
 
 
+def parse_waivers_path(value: Any) -> str:
+    """The command line gives a string; the ini twin (type ``paths``) a list resolved against the ini file."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise MnnvlUsageError(f"mnnvl_waivers={' '.join(map(str, value))!r} is not valid; allowed: one file")
+        value = value[0]
+    text = str(value).strip()
+    if not text:
+        raise MnnvlUsageError("--mnnvl-waivers='' is not valid; allowed: a JSON or TOML file")
+    return text
+
+
 def from_config(getoption: Any, getini: Any, environ: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from pytest's ``config.getoption``/``config.getini`` (and torchrun's environment)."""
     environ = os.environ if environ is None else environ
@@ -168,6 +182,7 @@ def from_config(getoption: Any, getini: Any, environ: Mapping[str, str] | None =
     report = pick("mnnvl_report", "mnnvl_report")
     warm = pick("mnnvl_warm_worlds", "mnnvl_warm_worlds")
     startup = pick("mnnvl_startup_timeout", "mnnvl_startup_timeout")
+    waivers = pick("mnnvl_waivers", "mnnvl_waivers")
     launcher = parse_launcher(str(pick("mnnvl_launcher", "mnnvl_launcher") or "spawn"), environ)
     if launcher == "torchrun" and world_sizes is None:
         # Under torchrun the one world there is has torchrun's size.
@@ -188,6 +203,7 @@ def from_config(getoption: Any, getini: Any, environ: Mapping[str, str] | None =
         warm_worlds=parse_positive_int(warm, "--mnnvl-warm-worlds") if warm is not None else 2,
         startup_timeout=parse_timeout(startup, "--mnnvl-startup-timeout") if startup is not None else None,
         launcher=launcher,
+        waivers=parse_waivers_path(waivers) if waivers is not None else None,
     )
     settings.topologies()  # validates the combination now, not in the middle of collection
     return settings

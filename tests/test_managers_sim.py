@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pytest_mnnvl.conformance_rank import failed_rebuild, mismatch, run_plan
 from pytest_mnnvl.errors import WorldDeadlock
 from pytest_mnnvl.layers import LayerSpec
 from pytest_mnnvl.managers import resolve
@@ -28,14 +29,12 @@ from tests.manager_rank_fns import (
     NV_TOP4,
     WIDE,
     T,
-    audited_initialize,
     cleanup_twice,
-    evict_all_workspaces,
-    failed_rebuild,
     first_error,
-    mismatch,
+    layer,
+    plan,
+    raised,
     require_sim,
-    sequence,
 )
 
 pytestmark = pytest.mark.usefixtures("_sim_backend")
@@ -69,11 +68,11 @@ def _check_grow_plan(results: list[dict[str, Any]], world_size: int) -> None:
                 assert step["collectives"] == []
             else:
                 assert ("barrier", tuple(range(world_size))) in step["collectives"]
-        assert result["new_workspaces"] == 1, "superseded workspaces must leave FlashInfer's cache"
+        assert result["workspaces_before_cleanup"] == 1, "superseded workspaces must leave FlashInfer's cache"
         assert not result["after_cleanup"].initialized and result["after_cleanup"].stamp is None
         assert result["reinit"].size_per_rank == NV.need(world_size)
         assert result["reinit_round_trip"] == "ok"
-        assert result["new_workspaces_at_end"] == 0
+        assert result["workspaces_at_end"] == 0
     # EP symmetry: every rank reached the same sizes, tokens and decisions.
     shapes = {
         tuple((s["rebuilt"], s["state"].size_per_rank, s["state"].max_num_tokens) for s in r["steps"]) for r in results
@@ -82,19 +81,19 @@ def _check_grow_plan(results: list[dict[str, Any]], world_size: int) -> None:
 
 
 def test_reference_grows_skips_never_shrinks_2_ranks(mnnvl_world: Any) -> None:
-    world = mnnvl_world(2, 1)
-    world.run(evict_all_workspaces)
-    _check_grow_plan(world.run(sequence, resolve("reference"), [GROW_PLAN]), 2)
+    # run_plan starts from an empty workspace cache; recheck: every earlier layer after each initialize.
+    _check_grow_plan(mnnvl_world(2, 1).run(run_plan, resolve("reference"), plan(GROW_PLAN), recheck=True), 2)
 
 
 def test_reference_covers_the_cross_product(mnnvl_world: Any) -> None:
-    results = mnnvl_world(2, 1).run(sequence, resolve("reference"), [[BF, NV_2T]], probes=[BF_2T])
-    assert all(r["probes"] == {0: "ok"} for r in results)
+    # The probes: each layout at the largest max tokens, BF_2T (bf16 at 2T) first.
+    results = mnnvl_world(2, 1).run(run_plan, resolve("reference"), plan([BF, NV_2T]), recheck=True)
+    assert all(r["probes"] == {0: "ok", 1: "ok"} and first_error(r) is None for r in results)
 
 
 def test_reference_failed_rebuild_keeps_the_old_handle(mnnvl_world: Any) -> None:
-    for result in mnnvl_world(2, 1).run(failed_rebuild, resolve("reference"), NV, BF):
-        assert result["raised"] == "InjectedBuildFailure"
+    for result in mnnvl_world(2, 1).run(failed_rebuild, resolve("reference"), layer(NV), layer(BF)):
+        assert raised(result["raised"]) == "InjectedBuildFailure"
         assert result["same_handle"] and result["after_failure"] == result["before"]
         assert result["first_round_trip"] == "ok"
         assert result["after_retry"].size_per_rank > result["before"].size_per_rank
@@ -103,8 +102,8 @@ def test_reference_failed_rebuild_keeps_the_old_handle(mnnvl_world: Any) -> None
 
 @pytest.mark.parametrize("second", [NV_TOP4, NV_E16], ids=["top_k", "num_experts"])
 def test_reference_refuses_mismatch_without_changing_state(mnnvl_world: Any, second: LayerSpec) -> None:
-    for result in mnnvl_world(2, 1).run(mismatch, resolve("reference"), NV, second):
-        assert result["raised"] == "ShapeMismatch"
+    for result in mnnvl_world(2, 1).run(mismatch, resolve("reference"), layer(NV), layer(second)):
+        assert raised(result["raised"]) == "ShapeMismatch"
         assert result["same_handle"] and result["after"] == result["before"]
 
 
@@ -112,7 +111,7 @@ def test_reference_refuses_mismatch_without_changing_state(mnnvl_world: Any, sec
 
 
 def test_first_call_wins_fails_the_bf16_combine(mnnvl_world: Any) -> None:
-    results = mnnvl_world(2, 1).run(sequence, resolve("mutant:first_call_wins"), [[NV, BF]])
+    results = mnnvl_world(2, 1).run(run_plan, resolve("mutant:first_call_wins"), plan([NV, BF]), probes=False)
     for result in results:
         assert not result["steps"][1]["rebuilt"]
         step, layer, outcome = first_error(result) or (None, None, "")
@@ -123,52 +122,55 @@ def test_first_call_wins_fails_the_bf16_combine(mnnvl_world: Any) -> None:
 def test_scale_bytes_left_out_fails_its_own_layer_and_hides_behind_bf16(mnnvl_world: Any) -> None:
     world = mnnvl_world(2, 1)
     spec = resolve("mutant:scale_bytes_left_out")
-    for result in world.run(sequence, spec, [[NV]]):
+    for result in world.run(run_plan, spec, plan([NV]), probes=False):
         assert result["steps"][0]["state"].size_per_rank < NV.need(2)
-        assert "workspace insufficient" in result["steps"][0]["round_trips"][0]
+        assert "workspace insufficient" in result["steps"][0]["round_trip"]
     # Grown by a bf16 layer first, every round trip passes: only a per-layer check catches it.
-    for result in world.run(sequence, spec, [[BF, NV]]):
+    for result in world.run(run_plan, spec, plan([BF, NV]), probes=False, recheck=True):
         assert first_error(result) is None
 
 
 def test_tokens_not_grown_fails_the_token_bound(mnnvl_world: Any) -> None:
-    for result in mnnvl_world(2, 1).run(sequence, resolve("mutant:tokens_not_grown"), [[NV, NV_2T]]):
+    for result in mnnvl_world(2, 1).run(run_plan, resolve("mutant:tokens_not_grown"), plan([NV, NV_2T]), probes=False):
         assert result["steps"][1]["state"].max_num_tokens == T
         assert "exceeds max_num_tokens" in (first_error(result) or (0, 0, ""))[2]
 
 
 def test_combine_from_last_layer_breaks_an_earlier_wide_layer(mnnvl_world: Any) -> None:
-    for result in mnnvl_world(2, 1).run(sequence, resolve("mutant:combine_from_last_layer"), [[WIDE, BF]]):
+    world = mnnvl_world(2, 1)
+    for result in world.run(run_plan, resolve("mutant:combine_from_last_layer"), plan([WIDE, BF]), recheck=True):
         assert result["steps"][1]["rebuilt"]
-        assert result["steps"][1]["round_trips"][0].startswith("error")
-        assert "combine payload region" in result["steps"][1]["round_trips"][0]
-    for result in mnnvl_world(2, 1).run(sequence, resolve("reference"), [[WIDE, BF]]):
+        assert result["steps"][1]["earlier_round_trips"][0].startswith("error")
+        assert "combine payload region" in result["steps"][1]["earlier_round_trips"][0]
+    for result in world.run(run_plan, resolve("reference"), plan([WIDE, BF]), probes=False, recheck=True):
         assert first_error(result) is None
 
 
 def test_shrink_to_current_shrinks(mnnvl_world: Any) -> None:
-    for result in mnnvl_world(2, 1).run(sequence, resolve("mutant:shrink_to_current"), [[BF, NV]]):
+    for result in mnnvl_world(2, 1).run(run_plan, resolve("mutant:shrink_to_current"), plan([BF, NV]), recheck=True):
         first, second = (s["state"] for s in result["steps"])
         assert result["steps"][1]["rebuilt"] and second.size_per_rank < first.size_per_rank
-        assert "combine payload region" in result["steps"][1]["round_trips"][0]
+        assert "combine payload region" in result["steps"][1]["earlier_round_trips"][0]
 
 
 def test_rebuild_every_call_rebuilds_a_dominated_layer(mnnvl_world: Any) -> None:
     world = mnnvl_world(2, 1)
-    for result in world.run(sequence, resolve("mutant:rebuild_every_call"), [[BF, NV]]):
+    for result in world.run(run_plan, resolve("mutant:rebuild_every_call"), plan([BF, NV]), probes=False, recheck=True):
         assert result["steps"][1]["rebuilt"] and result["steps"][1]["collectives"]
         assert first_error(result) is None
-    for result in world.run(sequence, resolve("reference"), [[BF, NV]]):
+    for result in world.run(run_plan, resolve("reference"), plan([BF, NV]), probes=False, recheck=True):
         assert not result["steps"][1]["rebuilt"] and result["steps"][1]["collectives"] == []
 
 
 def test_rebuilds_unless_dominated_rebuilds_what_the_union_covers(mnnvl_world: Any) -> None:
-    plan = [NV_2T, BF, BF_2T]  # BF_2T: dominated by no single layer, covered by the union
-    expected = [e.rebuilt for e in trajectory("per_dimension", plan, 2)]
+    layers = [NV_2T, BF, BF_2T]  # BF_2T: dominated by no single layer, covered by the union
+    expected = [e.rebuilt for e in trajectory("per_dimension", layers, 2)]
     world = mnnvl_world(2, 1)
-    for result in world.run(sequence, resolve("reference"), [plan]):
+    for result in world.run(run_plan, resolve("reference"), plan(layers), probes=False, recheck=True):
         assert [s["rebuilt"] for s in result["steps"]] == expected == [True, True, False]
-    for result in world.run(sequence, resolve("mutant:rebuilds_unless_dominated"), [plan]):
+    for result in world.run(
+        run_plan, resolve("mutant:rebuilds_unless_dominated"), plan(layers), probes=False, recheck=True
+    ):
         steps = result["steps"]
         assert [s["rebuilt"] for s in steps] == [True, True, True]
         assert steps[2]["state"].size_per_rank == steps[1]["state"].size_per_rank
@@ -176,20 +178,20 @@ def test_rebuilds_unless_dominated_rebuilds_what_the_union_covers(mnnvl_world: A
 
 
 def test_asymmetric_ranks_disagree(mnnvl_world: Any) -> None:
-    results = mnnvl_world(2, 1).run(sequence, resolve("mutant:asymmetric"), [[NV_2T, BF]], round_trips=False)
+    results = mnnvl_world(2, 1).run(run_plan, resolve("mutant:asymmetric"), plan([NV_2T, BF]), probes=False)
     tokens = [r["steps"][1]["state"].max_num_tokens for r in results]
     sizes = {r["steps"][1]["state"].size_per_rank for r in results}
     assert tokens == [T, 2 * T] and len(sizes) == 1
 
 
 def test_accepts_mismatch_raises_nothing(mnnvl_world: Any) -> None:
-    for result in mnnvl_world(2, 1).run(mismatch, resolve("mutant:accepts_mismatch"), NV, NV_TOP4):
+    for result in mnnvl_world(2, 1).run(mismatch, resolve("mutant:accepts_mismatch"), layer(NV), layer(NV_TOP4)):
         assert result["raised"] is None
 
 
 def test_mismatch_raises_late_changes_the_handle(mnnvl_world: Any) -> None:
-    for result in mnnvl_world(2, 1).run(mismatch, resolve("mutant:mismatch_raises_late"), NV, NV_TOP4):
-        assert result["raised"] == "ShapeMismatch"
+    for result in mnnvl_world(2, 1).run(mismatch, resolve("mutant:mismatch_raises_late"), layer(NV), layer(NV_TOP4)):
+        assert raised(result["raised"]) == "ShapeMismatch"
         assert not result["same_handle"] and result["after"].top_k == 4
 
 
@@ -202,45 +204,48 @@ def test_cleanup_keeps_handle(mnnvl_world: Any) -> None:
 
 
 def test_cleanup_stays_initialized(mnnvl_world: Any) -> None:
-    for result in mnnvl_world(2, 1).run(sequence, resolve("mutant:cleanup_stays_initialized"), [[NV]]):
+    for result in mnnvl_world(2, 1).run(
+        run_plan, resolve("mutant:cleanup_stays_initialized"), plan([NV]), probes=False
+    ):
         assert result["after_cleanup"].initialized and result["after_cleanup"].stamp is None
         assert result["reinit"].stamp is None
         assert result["reinit_round_trip"] == "error: no live MoeAlltoAll"
 
 
 def test_leaks_superseded_keeps_every_workspace(mnnvl_world: Any) -> None:
-    plan = [NV, BF, NV_2T]
+    # run_plan empties FlashInfer's cache first: a cached workspace of the same geometry would be reused.
+    layers = plan([NV, BF, NV_2T])
     world = mnnvl_world(2, 1)
-    world.run(evict_all_workspaces)  # a cached workspace of the same geometry would be reused
-    for result in world.run(sequence, resolve("mutant:leaks_superseded"), [plan], after_cleanup=False):
-        assert result["new_workspaces"] == 3
-    world.run(evict_all_workspaces)
-    for result in world.run(sequence, resolve("reference"), [plan], after_cleanup=False):
-        assert result["new_workspaces"] == 1
+    for result in world.run(run_plan, resolve("mutant:leaks_superseded"), layers, probes=False, after_cleanup=False):
+        assert result["workspaces_before_cleanup"] == 3
+    for result in world.run(run_plan, resolve("reference"), layers, probes=False, after_cleanup=False):
+        assert result["workspaces_before_cleanup"] == 1
 
 
 def test_half_updated_on_failure_skips_the_retry(mnnvl_world: Any) -> None:
-    for result in mnnvl_world(2, 1).run(failed_rebuild, resolve("mutant:half_updated_on_failure"), NV, BF):
-        assert result["raised"] == "InjectedBuildFailure"
+    for result in mnnvl_world(2, 1).run(
+        failed_rebuild, resolve("mutant:half_updated_on_failure"), layer(NV), layer(BF)
+    ):
+        assert raised(result["raised"]) == "InjectedBuildFailure"
         assert result["after_retry"] == result["before"]  # the retry was skipped as "fits"
         assert "combine payload region" in result["retry_round_trip"]
 
 
 def test_total_need_misses_the_cross_product(mnnvl_world: Any) -> None:
-    plan = [BF, NV_2T]
-    results = mnnvl_world(2, 1).run(sequence, resolve("mutant:total_need"), [plan], probes=[BF_2T])
-    expected = trajectory("total", plan, 2)
+    layers = [BF, NV_2T]
+    results = mnnvl_world(2, 1).run(run_plan, resolve("mutant:total_need"), plan(layers), recheck=True)
+    expected = trajectory("total", layers, 2)
     for result in results:
         assert [s["state"].size_per_rank for s in result["steps"]] == [e.capacity.size_per_rank for e in expected]
         assert first_error(result) is None  # every MUST holds
-        assert "workspace" in result["probes"][0]  # bf16 at max tokens does not fit
+        assert "workspace" in result["probes"][0]  # the first probe, bf16 at max tokens (BF_2T), does not fit
 
 
 def test_assert_only_mismatch_raises_without_O(mnnvl_world: Any) -> None:
     # Under -O the assert vanishes: shown without a rank world in test_managers.py
     # (an -O world recompiles torch's bytecode: 15-30 s here).
-    for result in mnnvl_world(2, 1).run(mismatch, resolve("mutant:assert_only_mismatch"), NV, NV_TOP4):
-        assert result["raised"] == "AssertionError" and result["optimize"] == 0
+    for result in mnnvl_world(2, 1).run(mismatch, resolve("mutant:assert_only_mismatch"), layer(NV), layer(NV_TOP4)):
+        assert raised(result["raised"]) == "AssertionError" and result["optimize"] == 0
 
 
 # ---- 4 ranks, then 4 ranks in 2 PP stages ------------------------------------------------------
@@ -248,14 +253,12 @@ def test_assert_only_mismatch_raises_without_O(mnnvl_world: Any) -> None:
 
 def test_reference_grows_skips_never_shrinks_4_ranks(mnnvl_world: Any) -> None:
     # Earlier layers re-checked after the last initialize only: 4 ranks share 2 cores here.
-    world = mnnvl_world(4, 1)
-    world.run(evict_all_workspaces)
-    _check_grow_plan(world.run(sequence, resolve("reference"), [GROW_PLAN], earlier="last"), 4)
+    _check_grow_plan(mnnvl_world(4, 1).run(run_plan, resolve("reference"), plan(GROW_PLAN), probes=False), 4)
 
 
 def test_reference_pp2_stages_rebuild_differently(mnnvl_world: Any) -> None:
     world = mnnvl_world(4, 2)
-    results = world.run(sequence, resolve("reference"), [[NV], [NV, BF, NV_2T]])
+    results = world.run(run_plan, resolve("reference"), plan([NV], [NV, BF, NV_2T]), probes=False, recheck=True)
     for result in results:
         group = (0, 1) if result["stage"] == 0 else (2, 3)
         rebuilds = sum(s["rebuilt"] for s in result["steps"])
@@ -265,12 +268,13 @@ def test_reference_pp2_stages_rebuild_differently(mnnvl_world: Any) -> None:
 
 
 def test_world_comm_backend_allocates_over_the_world(mnnvl_world: Any) -> None:
-    results = mnnvl_world(4, 2).run(audited_initialize, resolve("mutant:world_comm_backend"), [[NV]])
+    world = mnnvl_world(4, 2)
+    results = world.run(run_plan, resolve("mutant:world_comm_backend"), plan([NV], [NV]), probes=False)
     for result in results:
-        assert (("all_gather_object", (0, 1, 2, 3))) in result["collectives"]
-    for result in mnnvl_world(4, 2).run(audited_initialize, resolve("reference"), [[NV]]):
-        assert result["raised"] is None
-        assert all(len(ranks) == 2 for _, ranks in result["collectives"])
+        assert (("all_gather_object", (0, 1, 2, 3))) in result["steps"][0]["collectives"]
+    for result in world.run(run_plan, resolve("reference"), plan([NV], [NV]), probes=False):
+        assert first_error(result) is None
+        assert all(len(ranks) == 2 for _, ranks in result["steps"][0]["collectives"])
 
 
 def test_world_barrier_deadlocks_pp2(mnnvl_world: Any) -> None:
@@ -278,7 +282,7 @@ def test_world_barrier_deadlocks_pp2(mnnvl_world: Any) -> None:
     among the PP-2 tests: the deadlock recycles that world."""
     world = mnnvl_world(4, 2, timeout=5)
     with pytest.raises(WorldDeadlock) as info:
-        world.run(sequence, resolve("mutant:world_barrier"), [[NV], [NV, BF]], round_trips=False, cleanup=False)
+        world.run(run_plan, resolve("mutant:world_barrier"), plan([NV], [NV, BF]), probes=False, after_cleanup=False)
     # Stage 1 (ranks 2, 3) waits in its second world barrier; stage 0 returned after its only build
     # (unless a loaded machine kept it from getting there within the timeout).
     assert {2, 3} <= set(info.value.pending)

@@ -13,21 +13,10 @@ from typing import Any
 
 import pytest
 
+from pytest_mnnvl.conformance_rank import mismatch, run_plan
 from pytest_mnnvl.managers import ManagerFactory, installed_vllm, resolve
 from pytest_mnnvl.oracle import trajectory
-from tests.manager_rank_fns import (
-    BF,
-    BF_2T,
-    GROW_PLAN,
-    NV,
-    NV_2T,
-    NV_TOP4,
-    evict_all_workspaces,
-    first_error,
-    mismatch,
-    require_sim,
-    sequence,
-)
+from tests.manager_rank_fns import BF, GROW_PLAN, NV, NV_2T, NV_TOP4, first_error, layer, plan, raised, require_sim
 
 _FOUND = installed_vllm()
 pytestmark = [
@@ -73,42 +62,40 @@ def test_vllm_resolves_to_its_shape(factory: ManagerFactory) -> None:
 
 
 def test_vllm_grows_skips_never_shrinks_2_ranks(mnnvl_world: Any, factory: ManagerFactory) -> None:
-    world = mnnvl_world(2, 1)
-    world.run(evict_all_workspaces)
-    results = world.run(sequence, factory, [GROW_PLAN])
+    # run_plan starts from an empty workspace cache; recheck: every earlier layer after each initialize.
+    results = mnnvl_world(2, 1).run(run_plan, factory, plan(GROW_PLAN), probes=False, recheck=True)
     _expect(factory, results, 2)
     builds = sum(s["rebuilt"] for s in results[0]["steps"])
     # Known, and why the reference exists: vLLM drops superseded handles but FlashInfer's cache
     # keeps every workspace (the frees_superseded SHOULD).
-    assert all(r["new_workspaces"] == builds for r in results)
+    assert all(r["workspaces_before_cleanup"] == builds for r in results)
 
 
 def test_vllm_cross_product_by_policy(mnnvl_world: Any, factory: ManagerFactory) -> None:
     """covers_cross_product: per dimension (0.33) covers bf16 at the largest token count; total
     need (0.32) does not."""
-    results = mnnvl_world(2, 1).run(sequence, factory, [[BF, NV_2T]], probes=[BF_2T], after_cleanup=False)
+    # The probes: each layout at the largest max tokens, bf16 at 2T (BF_2T) first.
+    results = mnnvl_world(2, 1).run(run_plan, factory, plan([BF, NV_2T]), after_cleanup=False, recheck=True)
     for result in results:
         assert first_error(result) is None
         if factory.policy == "per_dimension":
-            assert result["probes"] == {0: "ok"}
+            assert result["probes"] == {0: "ok", 1: "ok"}
         else:
             assert "workspace" in result["probes"][0]
 
 
 def test_vllm_refuses_mismatch(mnnvl_world: Any, factory: ManagerFactory) -> None:
-    for result in mnnvl_world(2, 1).run(mismatch, factory, NV, NV_TOP4):
-        assert result["raised"] == "AssertionError"  # vLLM's check is an assert: python -O drops it
+    for result in mnnvl_world(2, 1).run(mismatch, factory, layer(NV), layer(NV_TOP4)):
+        assert raised(result["raised"]) == "AssertionError"  # vLLM's check is an assert: python -O drops it
         assert result["same_handle"] and result["after"] == result["before"]
 
 
 def test_vllm_grows_skips_never_shrinks_4_ranks(mnnvl_world: Any, factory: ManagerFactory) -> None:
-    world = mnnvl_world(4, 1)
-    world.run(evict_all_workspaces)
-    _expect(factory, world.run(sequence, factory, [GROW_PLAN], earlier="last"), 4)
+    _expect(factory, mnnvl_world(4, 1).run(run_plan, factory, plan(GROW_PLAN), probes=False), 4)
 
 
 def test_vllm_pp2_stages_rebuild_differently(mnnvl_world: Any, factory: ManagerFactory) -> None:
-    results = mnnvl_world(4, 2).run(sequence, factory, [[NV], [NV, BF, NV_2T]])
+    results = mnnvl_world(4, 2).run(run_plan, factory, plan([NV], [NV, BF, NV_2T]), probes=False, recheck=True)
     for result in results:
         group = {0, 1} if result["stage"] == 0 else {2, 3}
         assert sum(s["rebuilt"] for s in result["steps"]) == (1 if result["stage"] == 0 else 3)
