@@ -8,7 +8,8 @@ from typing import Any
 
 def bare_plan(ctx: Any, factory: Any, plan_json: str, repeats: int) -> list[float]:
     """The manager's own work, no harness: a fresh manager, ``initialize`` + one round trip per layer,
-    ``cleanup``; timed from an EP barrier to an EP barrier (the slowest rank), ``repeats`` times."""
+    the earlier layers' round trips again on the final handle, ``cleanup``; timed from an EP barrier to
+    an EP barrier (the slowest rank), ``repeats`` times."""
     import torch
     import torch.distributed as dist
 
@@ -28,6 +29,8 @@ def bare_plan(ctx: Any, factory: Any, plan_json: str, repeats: int) -> list[floa
         adapter = factory.adapter(manager)
         for layer in layers:
             adapter.initialize(layer)
+            round_trip(adapter.moe_alltoall(), layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
+        for layer in layers[:-1]:  # earlier layers again on the final handle, as run_plan does
             round_trip(adapter.moe_alltoall(), layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
         adapter.cleanup()
         if gpu:
