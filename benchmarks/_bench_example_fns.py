@@ -27,11 +27,15 @@ def bare_plan(ctx: Any, factory: Any, plan_json: str, repeats: int) -> list[floa
         t0 = time.perf_counter()
         manager = factory(ctx.cpu_group)
         adapter = factory.adapter(manager)
+        # Between round trips of different layouts a barrier is required (TensorRT-LLM #19312: without it a
+        # fast peer's next dispatch overwrites a combine still being read; this loop hit it at ws 4).
         for layer in layers:
             adapter.initialize(layer)
             round_trip(adapter.moe_alltoall(), layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
+            dist.barrier(group=ctx.cpu_group)
         for layer in layers[:-1]:  # earlier layers again on the final handle, as run_plan does
             round_trip(adapter.moe_alltoall(), layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
+            dist.barrier(group=ctx.cpu_group)
         adapter.cleanup()
         if gpu:
             torch.cuda.synchronize()
