@@ -261,17 +261,24 @@ def _decisions(result: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _initialized_on_first(
+    ctx: Any, factory: ManagerFactory, first_json: str, second_json: str
+) -> tuple[Any, LayerSpec, LayerSpec]:
+    """A fresh manager on a clean workspace cache, initialized with ``first``; the two layers parsed."""
+    first = LayerSpec(**_layer_dict(first_json))
+    second = LayerSpec(**_layer_dict(second_json))
+    evict_workspaces()
+    adapter = factory.adapter(factory(ctx.cpu_group))
+    adapter.initialize(first)
+    return adapter, first, second
+
+
 def mismatch(ctx: Any, factory: ManagerFactory, first_json: str, second_json: str) -> dict[str, Any]:
     """Initialize ``first``, then ``second`` (another top_k or num_experts): what was raised, and
     whether state, handle or collectives moved."""
     import sys
 
-    first = LayerSpec(**_layer_dict(first_json))
-    second = LayerSpec(**_layer_dict(second_json))
-    evict_workspaces()
-    manager = factory(ctx.cpu_group)
-    adapter = factory.adapter(manager)
-    adapter.initialize(first)
+    adapter, first, second = _initialized_on_first(ctx, factory, first_json, second_json)
     before = adapter.state()
     raised, collectives = _initialize(ctx, adapter, second)
     after = adapter.state()
@@ -298,12 +305,7 @@ def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_js
     retry ``second`` normally."""
     from pytest_mnnvl.managers.adapters import inject_build_failure
 
-    first = LayerSpec(**_layer_dict(first_json))
-    second = LayerSpec(**_layer_dict(second_json))
-    evict_workspaces()
-    manager = factory(ctx.cpu_group)
-    adapter = factory.adapter(manager)
-    adapter.initialize(first)
+    adapter, first, second = _initialized_on_first(ctx, factory, first_json, second_json)
     before = adapter.state()
     with inject_build_failure():
         raised, _ = _initialize(ctx, adapter, second)
