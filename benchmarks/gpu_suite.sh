@@ -18,8 +18,8 @@
 #   bench        benchmarks/bench_example.py: warm pool vs spawn per example, harness overhead, scaling
 #
 # On an air-gapped runner source benchmarks/gpu_env.sh first (the offline FlashInfer bundle + JIT cache).
-# MNNVL_MATRIX_SELECT (a -k expression) runs part of the mutation matrix; MNNVL_BENCH_ARGS adds bench_example.py
-# arguments. Worlds that run at the same time must not share GPUs: FlashInfer's kernels spin on peer flags, and two
+# MNNVL_MATRIX_SELECT (a -k expression) runs part of the mutation matrix; MNNVL_BENCH_ARGS and MNNVL_FINDINGS_ARGS
+# add bench_example.py and findings.py arguments. Worlds that run at the same time must not share GPUs: FlashInfer's kernels spin on peer flags, and two
 # worlds time-sliced on one GPU slow each other down until plans time out (seen on 4x H200).
 # MNNVL_BACKEND=sim runs the same steps on the CPU sim (a dry run of this script). Time limits per step come from MNNVL_STEP_TIMEOUT_<STEP> (seconds), defaults below.
 set -uo pipefail
@@ -100,7 +100,7 @@ for step in "$@"; do
         --mnnvl-world-sizes=2 --mnnvl-pp=1 ;;
     findings)
       run_step findings "$(step_limit findings 240)" "$PY" benchmarks/findings.py "$OUT/findings-$BACKEND.json" \
-        --backend "$BACKEND" --ep "$WS" ;;
+        --backend "$BACKEND" --ep "$WS" ${MNNVL_FINDINGS_ARGS:-} ;;
     fidelity)
       run_step fidelity "$(step_limit fidelity 420)" "$PY" benchmarks/sim_fidelity.py "$OUT/sim_fidelity.json" \
         --ep "$WS" ;;
