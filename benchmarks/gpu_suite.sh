@@ -45,7 +45,8 @@ run_step() {
   shift 2
   local t0=$SECONDS rc
   echo "=== $name (limit ${limit}s) $(date -u +%FT%TZ): $*" | tee -a "$OUT/steps.log"
-  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  # SIGINT first: pytest then prints its failures and the conformance summary before it stops.
+  timeout -s INT -k 30 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   echo "=== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/steps.log"
   tail -n 25 "$OUT/$name.log"

@@ -49,6 +49,9 @@ class Recorder:
     max_size_per_rank: int = 0
     broken: dict[tuple[int, int], str] = field(default_factory=dict)
     loaded: set[tuple[tuple[int, ...], str]] = field(default_factory=set)
+    #: The first failure to import the manager in the ranks (test id, error): every later test skips
+    #: on it instead of importing again (a failed vLLM import can take minutes and may not be re-entrant).
+    load_error: tuple[str, str] | None = None
     cache: dict[tuple[Any, ...], list[dict[str, Any]]] = field(default_factory=dict)
 
     def test(self, nodeid: str) -> dict[str, Any]:
@@ -151,18 +154,39 @@ class Conformance:
 
     def world(self, topology: Topology, **kwargs: Any) -> World:
         self.entry["topology"] = f"ws{topology.world_size}-pp{topology.pp}"
+        if self.recorder.load_error is not None:
+            nodeid, error = self.recorder.load_error
+            pytest.skip(f"the manager could not be loaded in the ranks ({error}; traceback in {nodeid})")
         broken = self.recorder.broken.get((topology.world_size, topology.pp))
         if broken and not kwargs.get("env"):
             pytest.skip(f"this topology already failed to finish a plan in this session ({broken})")
         world: World = self.worlds(topology.world_size, topology.pp, **kwargs)
+        self._load_manager(world)
         return world
+
+    def _load_manager(self, world: World) -> None:
+        """Import the manager in every rank of ``world`` once, before any timed call: the deadlock timeout
+        must measure plans, not start-up (vLLM's import takes 10-15 s)."""
+        from pytest_mnnvl.conformance_rank import load_manager
+        from pytest_mnnvl.errors import MnnvlError
+
+        warm = (tuple(world.pids), self.manager.spec)
+        if warm in self.recorder.loaded:
+            return
+        try:
+            world.call(load_manager, (self.manager,), {}, timeout=world.startup_timeout)
+        except MnnvlError as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            self.recorder.load_error = (self.request.node.nodeid, lines[-1].strip() if lines else type(exc).__name__)
+            raise
+        self.recorder.loaded.add(warm)
 
     def judge(self, plan: ModelPlan, topology: Topology) -> Judge:
         return Judge(plan, topology.world_size, topology.pp, _save_dir(self.config), self.manager.policy)
 
     def observe(self, topology: Topology, plan: ModelPlan, timeout: float | None = None) -> list[dict[str, Any]]:
         """Run ``plan`` on every rank (cached per manager, topology and plan)."""
-        from pytest_mnnvl.conformance_rank import load_manager, run_plan
+        from pytest_mnnvl.conformance_rank import run_plan
         from pytest_mnnvl.errors import MnnvlError, MnnvlUsageError
 
         text = plan.to_json(indent=None)
@@ -171,12 +195,6 @@ class Conformance:
             self.recorder.cache_hits += 1
             return self.recorder.cache[key]
         world = self.world(topology)
-        # Start the world and import the manager (vLLM takes 10-15 s) before the clock starts: the
-        # deadlock timeout must measure the plan, not start-up.
-        warm = (tuple(world.pids), self.manager.spec)
-        if warm not in self.recorder.loaded:
-            world.call(load_manager, (self.manager,), {}, timeout=world.startup_timeout)
-            self.recorder.loaded.add(warm)
         t0 = time.monotonic()
         try:
             results = world.call(run_plan, (self.manager, text), {}, timeout=timeout)
@@ -213,6 +231,9 @@ class Conformance:
         pinned = strategies.known_failures(topology.pp)
         explicit = {plan.to_json(indent=None) for _why, plan in pinned}
         timeout = min(self.config.stash[SETTINGS_KEY].timeout, PLAN_TIMEOUT_S)
+        # Start the world and load the manager outside Hypothesis: a manager that cannot load is this
+        # test's failure, not an example's (Hypothesis would replay it into the skip that follows).
+        self.world(topology)
 
         def conformance_example(plan: ModelPlan) -> None:
             text = plan.to_json(indent=None)
@@ -395,3 +416,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"plans run: {recorder.plan_runs} ({recorder.plan_seconds:.1f} s), examples: {recorder.examples}, "
         f"cache hits: {recorder.cache_hits}, hypothesis profile: {recorder.profile}, backend: {resolve_backend(config)}"
     )
+    if recorder.load_error is not None:
+        terminalreporter.write_line(
+            f"the manager could not be loaded in the ranks: {recorder.load_error[1]} (traceback in "
+            f"{recorder.load_error[0]}); every later test was skipped",
+            red=True,
+        )

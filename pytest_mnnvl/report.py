@@ -112,6 +112,9 @@ def build(config: pytest.Config, recorder: Recorder, exit_status: int) -> dict[s
         },
         "timings": {"session_s": round(time.time() - recorder.started, 2), "plans_s": round(recorder.plan_seconds, 2)},
         "broken_topologies": {f"ws{ws}-pp{pp}": why for (ws, pp), why in recorder.broken.items()},
+        "manager_load_error": (
+            {"test": recorder.load_error[0], "error": recorder.load_error[1]} if recorder.load_error else None
+        ),
         "launcher": launcher(config),
         "waivers": waivers(config),
     }
@@ -151,6 +154,11 @@ def markdown(data: dict[str, Any]) -> str:
         f"examples run: {data['examples_run']}",
         "- environment: " + ", ".join(f"{k} {v}" for k, v in data["environment"].items()),
         f"- date: {data['date']}; session {data['timings']['session_s']} s; exit status {data['exit_status']}",
+    ]
+    if data.get("manager_load_error"):
+        e = data["manager_load_error"]
+        lines += [f"- **the manager could not be loaded in the ranks**: `{e['error']}` (traceback in `{e['test']}`)"]
+    lines += [
         "",
         "| level | invariant | status | tests |",
         "| --- | --- | --- | --- |",
