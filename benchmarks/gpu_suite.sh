@@ -32,6 +32,7 @@ BACKEND=${MNNVL_BACKEND:-flashinfer}  # sim: dry-run the same steps on CPU
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then GPUS=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .); fi
 if [ "${GPUS:-0}" -ge 4 ]; then WS=2,4; else WS=2; fi
+WS=${MNNVL_WORLD_SIZES:-$WS}  # e.g. 4 alone, when ws 2 already ran on a 2-GPU machine
 PYTEST=("$PY" -m pytest -p pytest_mnnvl -p no:cacheprovider -p no:randomly)
 
 step_limit() {
