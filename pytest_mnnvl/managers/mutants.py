@@ -306,8 +306,10 @@ class HalfUpdatedOnFailure(Mutant):
 
 class TotalNeed(Mutant):
     """Grows the total need (``max need(l)``, and max tokens), as vLLM 0.32 does, declaring that
-    policy honestly. Correct by the MUSTs; the workspace misses max tokens × max payload of layers
-    seen apart. Caught by **covers_cross_product** (a SHOULD)."""
+    policy honestly. The workspace misses max tokens × max payload of layers seen apart. Caught by
+    **covers_cross_product** (a SHOULD) on every plan where that differs; and, like vLLM 0.32.0, by the
+    MUST ``covers`` where an earlier, wider layer must still fit once a later one raised the token count
+    (the pinned ``total-need-mtp`` plan, ``examples/plans/total-need-gap.json``)."""
 
     mnnvl_mutant = "total_need"
     mnnvl_invariant = "covers_cross_product"

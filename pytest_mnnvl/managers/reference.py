@@ -10,7 +10,7 @@ FlashInfer's one-sided all-to-all exists.
 
 Policy: **per dimension** (``mnnvl_policy``). The manager keeps the largest token count, dispatch
 bytes per token and combine bytes per token seen, and sizes the workspace for their product. The
-other correct policy (vLLM 0.32's total need, ``max_l need(l)``) is cheaper, but a handle built for
+other policy in use (vLLM 0.32's total need, ``max_l need(l)``) is cheaper, but a handle built for
 ``max T`` tokens accepts any runtime token count up to ``max T`` from *every* layer, and FlashInfer's
 combine check moves with the current layer's dispatch bytes: a layer declared at few tokens, run at
 ``max T``, fails ``combinePayloadOffset`` under the total-need policy. Per dimension covers every
