@@ -28,10 +28,8 @@ Run::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,6 +43,7 @@ for _path in (HERE, ROOT):
         sys.path.insert(0, _path)
 
 import _bench_example_fns as fns  # noqa: E402  (ranks and children import it by this name)
+from _environment import environment  # noqa: E402
 
 from pytest_mnnvl.conformance_rank import run_plan  # noqa: E402
 from pytest_mnnvl.layers import LayerSpec, ModelPlan, QuantFormat  # noqa: E402
@@ -156,36 +155,6 @@ def bench_world(world_size: int, backend: str, factory: Any, lengths: list[int],
     finally:
         world.close()
     return row
-
-
-def environment(backend: str) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    import torch
-
-    env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "backend": backend,
-    }
-    try:
-        env["flashinfer"] = md.version("flashinfer-python")
-    except md.PackageNotFoundError:
-        import flashinfer
-
-        env["flashinfer"] = getattr(flashinfer, "__version__", "unknown")
-    if backend == "flashinfer":
-        from pytest_mnnvl import capabilities
-
-        env["cards"] = [g.name for g in capabilities.gpu_inventory().gpus]
-    else:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            env["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    return env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,8 @@ Run::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -36,6 +34,7 @@ for _path in (HERE, ROOT):
         sys.path.insert(0, _path)
 
 import _findings_fns as fns  # noqa: E402  (ranks import it by this name)
+from _environment import environment  # noqa: E402
 
 from pytest_mnnvl.layers import LayerSpec, QuantFormat  # noqa: E402
 from pytest_mnnvl.pool import World, WorldSpec  # noqa: E402
@@ -132,30 +131,6 @@ def race(world: World, tokens: int, iterations: int) -> list[dict[str, Any]]:
         )
         print(json.dumps(out[-1]), flush=True)
     return out
-
-
-def environment(backend: str) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "backend": backend,
-    }
-    try:
-        import importlib.metadata as md
-
-        import torch
-
-        env["torch"] = torch.__version__
-        env["cuda"] = torch.version.cuda
-        env["flashinfer"] = md.version("flashinfer-python")
-    except Exception as exc:  # versions are informative only
-        env["versions_error"] = str(exc)
-    if backend == "flashinfer":
-        from pytest_mnnvl import capabilities
-
-        env["cards"] = [g.name for g in capabilities.gpu_inventory().gpus]
-    return env
 
 
 def main(argv: list[str] | None = None) -> int:

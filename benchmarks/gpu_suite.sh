@@ -18,7 +18,8 @@
 #   bench        benchmarks/bench_example.py: warm pool vs spawn per example, harness overhead, scaling
 #
 # On an air-gapped runner source benchmarks/gpu_env.sh first (the offline FlashInfer bundle + JIT cache).
-# MNNVL_MATRIX_SELECT (a -k expression) runs part of the mutation matrix; MNNVL_BENCH_ARGS and MNNVL_FINDINGS_ARGS
+# MNNVL_MATRIX_SELECT (a -k expression) runs part of the mutation matrix, MNNVL_MATRIX_TOPOLOGIES=all runs it on
+# ws2-pp1, ws4-pp1 and ws4-pp2 (needs 4 GPUs and MNNVL_MATRIX_WORKERS=1); MNNVL_BENCH_ARGS and MNNVL_FINDINGS_ARGS
 # add bench_example.py and findings.py arguments. Worlds that run at the same time must not share GPUs: FlashInfer's kernels spin on peer flags, and two
 # worlds time-sliced on one GPU slow each other down until plans time out (seen on 4x H200).
 # MNNVL_BACKEND=sim runs the same steps on the CPU sim (a dry run of this script). Time limits per step come from MNNVL_STEP_TIMEOUT_<STEP> (seconds), defaults below.

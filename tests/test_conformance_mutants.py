@@ -6,6 +6,8 @@ Each run is a pytest subprocess on the sim backend (``MNNVL_MATRIX_BACKEND=flash
 runs only its named invariant's test, on 2 ranks, or on 4 ranks in 2 PP stages where the defect
 needs PP (collective scope, deadlock freedom). The runs are independent parametrized cases, so
 ``-n 2`` splits them. ``MNNVL_MATRIX_OUT=DIR`` also writes the mutation matrix (JSON + Markdown).
+``MNNVL_MATRIX_TOPOLOGIES=all`` runs every mutant on each of ws2-pp1, ws4-pp1 and ws4-pp2 instead (a defect
+that needs PP is run only where there is PP): the full GPU matrix, ~3× the time.
 """
 
 from __future__ import annotations
@@ -25,11 +27,29 @@ REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "conformance" / "test_invariants.py"
 #: Invariants whose defects only show with more than one PP stage.
 NEEDS_PP = ("collective_scope", "pp_deadlock_freedom")
+#: (world size, PP) of every topology the full matrix runs a mutant on.
+ALL_TOPOLOGIES = ((2, 1), (4, 1), (4, 2))
+
+
+def topologies_for(invariant: str) -> list[tuple[int, int]]:
+    """Where a mutant of ``invariant`` runs: its one default topology, or every topology where the defect can
+    show under ``MNNVL_MATRIX_TOPOLOGIES=all``."""
+    mode = os.environ.get("MNNVL_MATRIX_TOPOLOGIES", "default")
+    if mode not in ("default", "all"):
+        raise ValueError(f"MNNVL_MATRIX_TOPOLOGIES={mode!r}: allowed values are 'default' and 'all'")
+    if mode == "default":
+        return [(4, 2) if invariant in NEEDS_PP else (2, 1)]
+    return [(ws, pp) for ws, pp in ALL_TOPOLOGIES if pp > 1 or invariant not in NEEDS_PP]
+
+
+MATRIX = [(name, ws, pp) for name in MUTANT_NAMES for ws, pp in topologies_for(MUTANTS[name].mnnvl_invariant)]
 
 pytestmark = pytest.mark.skipif(not SUITE.exists(), reason="the conformance suite is not in this checkout")
 
 
-def run_suite(pytester: pytest.Pytester, manager: str, invariant: str | None) -> tuple[int, dict[str, Any], float]:
+def run_suite(
+    pytester: pytest.Pytester, manager: str, invariant: str | None, topology: tuple[int, int] | None = None
+) -> tuple[int, dict[str, Any], float]:
     report = pytester.path / "report.json"
     target = str(SUITE) if invariant is None else f"{SUITE}::test_{invariant}"
     args = [
@@ -43,9 +63,8 @@ def run_suite(pytester: pytest.Pytester, manager: str, invariant: str | None) ->
         "-p",
         "no:randomly",
     ]
-    if invariant is not None:
-        ws, pp = ("4", "2") if invariant in NEEDS_PP else ("2", "1")
-        args += [f"--mnnvl-world-sizes={ws}", f"--mnnvl-pp={pp}"]
+    if topology is not None:
+        args += [f"--mnnvl-world-sizes={topology[0]}", f"--mnnvl-pp={topology[1]}"]
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     t0 = time.monotonic()
     result = pytester.runpytest_subprocess(*args, timeout=300)
@@ -58,7 +77,8 @@ def _record(row: dict[str, Any]) -> None:
     out = os.environ.get("MNNVL_MATRIX_OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"{row['manager'].replace(':', '_')}.json").write_text(json.dumps(row, indent=2))
+        suffix = f"_{row['topology']}" if os.environ.get("MNNVL_MATRIX_TOPOLOGIES") == "all" else ""
+        (Path(out) / f"{row['manager'].replace(':', '_')}{suffix}.json").write_text(json.dumps(row, indent=2))
 
 
 def test_reference_passes_the_whole_suite(pytester: pytest.Pytester) -> None:
@@ -71,15 +91,16 @@ def test_reference_passes_the_whole_suite(pytester: pytest.Pytester) -> None:
     assert set(statuses.values()) == {"pass"}, statuses
 
 
-@pytest.mark.parametrize("name", MUTANT_NAMES)
-def test_mutant_is_killed_on_its_invariant(pytester: pytest.Pytester, name: str) -> None:
+@pytest.mark.parametrize(("name", "ws", "pp"), MATRIX, ids=[f"{n}-ws{ws}-pp{pp}" for n, ws, pp in MATRIX])
+def test_mutant_is_killed_on_its_invariant(pytester: pytest.Pytester, name: str, ws: int, pp: int) -> None:
     invariant = MUTANTS[name].mnnvl_invariant
-    ret, report, seconds = run_suite(pytester, f"mutant:{name}", invariant)
+    ret, report, seconds = run_suite(pytester, f"mutant:{name}", invariant, (ws, pp))
     verdict = report["invariants"][invariant]
     violated = verdict["violated"]
     _record(
         {
             "manager": f"mutant:{name}",
+            "topology": f"ws{ws}-pp{pp}",
             "expected": f"fail on {invariant}",
             "status": verdict["status"],
             "violated": violated,
@@ -93,3 +114,15 @@ def test_mutant_is_killed_on_its_invariant(pytester: pytest.Pytester, name: str)
     assert invariant in violated, violated
     if verdict["level"] == "must":
         assert ret == 1
+
+
+def test_full_matrix_topologies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MNNVL_MATRIX_TOPOLOGIES", "all")
+    assert topologies_for("covers") == [(2, 1), (4, 1), (4, 2)]
+    assert topologies_for("collective_scope") == [(4, 2)]
+    monkeypatch.setenv("MNNVL_MATRIX_TOPOLOGIES", "some")
+    with pytest.raises(ValueError, match="'some': allowed values are 'default' and 'all'"):
+        topologies_for("covers")
+    monkeypatch.delenv("MNNVL_MATRIX_TOPOLOGIES")
+    assert topologies_for("covers") == [(2, 1)]
+    assert topologies_for("pp_deadlock_freedom") == [(4, 2)]

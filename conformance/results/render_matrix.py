@@ -37,19 +37,23 @@ def main(directory: str, wall: str | None = None, name: str = "mutation_matrix",
         f"- date: {meta['date']}; machine: {meta['machine']}",
         f"- command: `{meta['command']}`" + (f"; wall {wall} s" if wall else ""),
         "",
-        "| manager | expected | verdict | violated | exit | seconds | what the suite said |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| manager | topology | expected | verdict | violated | exit | seconds | what the suite said |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         manager = row["manager"]
         if manager == "reference":
             verdict = "pass" if set(row["statuses"].values()) == {"pass"} else "FAIL"
-            lines.append(f"| reference | all pass | {verdict} | - | {row['exit']} | {row['seconds']} | whole suite |")
+            lines.append(
+                f"| reference | {row.get('topology', 'all')} | all pass | {verdict} | - | {row['exit']} | "
+                f"{row['seconds']} | whole suite |"
+            )
             continue
         mutant = MUTANTS[manager.split(":", 1)[1]]
         killed = row["status"] == "fail" and mutant.mnnvl_invariant in row["violated"]
         lines.append(
-            f"| {manager} | {row['expected']} ({row['level']}) | {'killed' if killed else 'SURVIVED'} | "
+            f"| {manager} | {row.get('topology', '-')} | {row['expected']} ({row['level']}) | "
+            f"{'killed' if killed else 'SURVIVED'} | "
             f"{', '.join(row['violated'])} | {row['exit']} | {row['seconds']} | {row.get('detail') or ''} |"
         )
     (here / f"{name}.md").write_text("\n".join(lines) + "\n")
