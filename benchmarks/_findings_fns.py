@@ -65,22 +65,13 @@ def layout_race(
     ``barrier`` puts a device sync + EP-group barrier between the rounds (the safe way)."""
     import torch
     import torch.distributed as dist
-    from flashinfer.comm import Mapping, MoeAlltoAll
-    from flashinfer.comm.comm_backend import TorchDistBackend
-    from flashinfer.comm.mnnvl import MnnvlConfig
 
-    from pytest_mnnvl.roundtrip import make_inputs, owner_of, selected_experts
+    from pytest_mnnvl.roundtrip import build_alltoall, make_inputs, owner_of, selected_experts
 
     ep, rank = ctx.ep_size, ctx.ep_rank
     need = max(first.need(ep), second.need(ep))
-    mapping = Mapping(world_size=ep, rank=rank, gpus_per_node=ep, tp_size=ep, moe_ep_size=ep)
-    a2a = MoeAlltoAll(
-        mapping,
-        max_num_tokens=tokens,
-        top_k=first.top_k,
-        num_experts=first.num_experts,
-        workspace_size_per_rank=need,
-        mnnvl_config=MnnvlConfig(comm_backend=TorchDistBackend(ctx.cpu_group)),
+    a2a = build_alltoall(
+        ctx, max_num_tokens=tokens, top_k=first.top_k, num_experts=first.num_experts, size_per_rank=need
     )
     local = _local_tokens(rank, tokens, skew)
     experts_a, payloads_a = make_inputs(first, rank, local, ctx.device)

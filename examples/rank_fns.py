@@ -9,19 +9,14 @@ from pytest_mnnvl.layers import LayerSpec
 
 def build_moe_alltoall(ctx: Any, sized_for: LayerSpec) -> Any:
     """FlashInfer's own ``MoeAlltoAll`` on this rank's EP group, sized for one layer only."""
-    from flashinfer.comm import Mapping, MoeAlltoAll
-    from flashinfer.comm.comm_backend import TorchDistBackend
-    from flashinfer.comm.mnnvl import MnnvlConfig
+    from pytest_mnnvl.roundtrip import build_alltoall
 
-    ep = ctx.ep_size
-    mapping = Mapping(world_size=ep, rank=ctx.ep_rank, gpus_per_node=ep, tp_size=ep, moe_ep_size=ep)
-    return MoeAlltoAll(
-        mapping,
+    return build_alltoall(
+        ctx,
         max_num_tokens=sized_for.max_num_tokens,
         top_k=sized_for.top_k,
         num_experts=sized_for.num_experts,
-        workspace_size_per_rank=sized_for.need(ep),
-        mnnvl_config=MnnvlConfig(comm_backend=TorchDistBackend(ctx.cpu_group)),
+        size_per_rank=sized_for.need(ctx.ep_size),
     )
 
 

@@ -36,6 +36,34 @@ class RoundTripResult:
     combine_payload_offset: int | None
 
 
+def build_alltoall(
+    ctx: Any, *, max_num_tokens: int, top_k: int, num_experts: int, size_per_rank: int, **extra: Any
+) -> Any:
+    """FlashInfer's own ``MoeAlltoAll`` on this rank's EP group with exactly these sizes, the way vLLM builds
+    it (``TorchDistBackend`` over the EP gloo group): for code that drives FlashInfer without a manager
+    (the examples, ``repro``'s policy driver, the benchmarks). ``extra`` goes to ``MoeAlltoAll`` as is."""
+    import warnings
+
+    from flashinfer.comm import Mapping, MoeAlltoAll
+    from flashinfer.comm.comm_backend import TorchDistBackend
+    from flashinfer.comm.mnnvl import MnnvlConfig
+
+    ep = ctx.ep_size
+    mapping = Mapping(world_size=ep, rank=ctx.ep_rank, gpus_per_node=ep, tp_size=ep, moe_ep_size=ep)
+    with warnings.catch_warnings():
+        # Deprecated in favour of flashinfer.moe_ep in 0.7.1; still what vLLM's managers use.
+        warnings.filterwarnings("ignore", "MoeAlltoAll is deprecated", DeprecationWarning)
+        return MoeAlltoAll(
+            mapping,
+            max_num_tokens=max_num_tokens,
+            top_k=top_k,
+            num_experts=num_experts,
+            workspace_size_per_rank=size_per_rank,
+            mnnvl_config=MnnvlConfig(comm_backend=TorchDistBackend(ctx.cpu_group)),
+            **extra,
+        )
+
+
 def experts_owned(num_experts: int, ep_size: int) -> list[range]:
     """FlashInfer's contiguous expert blocks: ranks below ``E % ep`` own one extra expert."""
     base, rem = divmod(num_experts, ep_size)

@@ -53,24 +53,15 @@ def _error(exc: BaseException) -> dict[str, str]:
 
 def _build(ctx: Any, layer: LayerSpec, size_per_rank: int, max_num_tokens: int) -> Any:
     """A ``MoeAlltoAll`` on this rank's EP group with exactly these sizes (the policy driver)."""
-    import warnings
+    from pytest_mnnvl.roundtrip import build_alltoall
 
-    from flashinfer.comm import Mapping, MoeAlltoAll
-    from flashinfer.comm.comm_backend import TorchDistBackend
-    from flashinfer.comm.mnnvl import MnnvlConfig
-
-    ep = ctx.ep_size
-    mapping = Mapping(world_size=ep, rank=ctx.ep_rank, gpus_per_node=ep, tp_size=ep, moe_ep_size=ep)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return MoeAlltoAll(
-            mapping,
-            max_num_tokens=max_num_tokens,
-            top_k=layer.top_k,
-            num_experts=layer.num_experts,
-            workspace_size_per_rank=size_per_rank,
-            mnnvl_config=MnnvlConfig(comm_backend=TorchDistBackend(ctx.cpu_group)),
-        )
+    return build_alltoall(
+        ctx,
+        max_num_tokens=max_num_tokens,
+        top_k=layer.top_k,
+        num_experts=layer.num_experts,
+        size_per_rank=size_per_rank,
+    )
 
 
 def _release(handle: Any) -> None:
