@@ -77,7 +77,8 @@ def _record(row: dict[str, Any]) -> None:
     out = os.environ.get("MNNVL_MATRIX_OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        suffix = f"_{row['topology']}" if os.environ.get("MNNVL_MATRIX_TOPOLOGIES") == "all" else ""
+        all_topologies = os.environ.get("MNNVL_MATRIX_TOPOLOGIES") == "all"
+        suffix = f"_{row['topology']}" if all_topologies and "topology" in row else ""
         (Path(out) / f"{row['manager'].replace(':', '_')}{suffix}.json").write_text(json.dumps(row, indent=2))
 
 

@@ -21,11 +21,13 @@ def main(directory: str, wall: str | None = None, name: str = "mutation_matrix",
     here = Path(outdir) if outdir else Path(__file__).resolve().parent
     backend = os.environ.get("MNNVL_MATRIX_BACKEND", "sim")
     machine = os.environ.get("MNNVL_MATRIX_MACHINE", "")
+    all_topologies = os.environ.get("MNNVL_MATRIX_TOPOLOGIES") == "all"
+    topologies = "MNNVL_MATRIX_TOPOLOGIES=all " if all_topologies else ""
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.platform()})"
         f"{', ' + machine if machine else ''}, {backend} backend, ci profile",
-        "command": f"MNNVL_MATRIX_BACKEND={backend} MNNVL_MATRIX_OUT=DIR python -m pytest "
+        "command": f"MNNVL_MATRIX_BACKEND={backend} {topologies}MNNVL_MATRIX_OUT=DIR python -m pytest "
         "tests/test_conformance_mutants.py -n 2 -p no:randomly",
         "wall_seconds": float(wall) if wall else None,
         "rows": rows,
