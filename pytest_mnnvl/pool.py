@@ -115,7 +115,27 @@ def _function_reference(fn: Callable[..., Any]) -> tuple[str, str | None, str]:
     return module_name, getattr(module, "__file__", None), qualname
 
 
-class World:
+class RankWorld:
+    """What a test sees of a world, whichever launcher started its ranks (this pool, or torchrun:
+    :class:`pytest_mnnvl.spmd.SpmdWorld`): ``call`` is the launcher's, ``run`` is the same for both."""
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``fn(ctx, *args, **kwargs)`` on every rank; results in rank order."""
+        __tracebackhide__ = True
+        return self.call(fn, args, kwargs)
+
+    def call(
+        self,
+        fn: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """Like :meth:`run`, with an explicit per-call ``timeout`` (seconds)."""
+        raise NotImplementedError
+
+
+class World(RankWorld):
     """A warm world of ``spec.world_size`` rank processes; see the module docstring."""
 
     def __init__(
@@ -159,11 +179,6 @@ class World:
         self._ensure_started()
         return [r.pid for r in self._ranks]
 
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
-        """Call ``fn(ctx, *args, **kwargs)`` on every rank; results in rank order."""
-        __tracebackhide__ = True
-        return self.call(fn, args, kwargs)
-
     def call(
         self,
         fn: Callable[..., Any],
@@ -171,7 +186,6 @@ class World:
         kwargs: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> list[Any]:
-        """Like :meth:`run`, with an explicit per-call ``timeout`` (seconds)."""
         __tracebackhide__ = True
         reference = _function_reference(fn)
         try:

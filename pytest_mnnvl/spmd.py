@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from pytest_mnnvl.errors import MnnvlError, RankCrashed, RankError, WorldDeadlock
+from pytest_mnnvl.pool import RankWorld, _function_reference
 
 #: How long a rank waits after its own deadline for the statuses (stacks) of late peers.
 LATE_GRACE_S = 2.0
@@ -479,7 +480,7 @@ def _dumps_status(status: tuple[Any, ...]) -> bytes:
         return pickle.dumps(("done", ("error", f"the result could not be pickled for the peers: {exc!r}")))
 
 
-class SpmdWorld:
+class SpmdWorld(RankWorld):
     """What ``mnnvl_world(...)`` returns under torchrun: the same surface as :class:`pytest_mnnvl.pool.World`."""
 
     def __init__(self, session: SpmdSession, spec: Any, timeout: float, startup_timeout: float) -> None:
@@ -518,11 +519,6 @@ class SpmdWorld:
     def calls(self) -> int:
         return self.session.calls
 
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
-        """Call ``fn(ctx, *args, **kwargs)`` on every rank; results in rank order."""
-        __tracebackhide__ = True
-        return self.call(fn, args, kwargs)
-
     def call(
         self,
         fn: Callable[..., Any],
@@ -530,10 +526,7 @@ class SpmdWorld:
         kwargs: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> list[Any]:
-        """Like :meth:`run`, with an explicit per-call ``timeout`` (seconds)."""
         __tracebackhide__ = True
-        from pytest_mnnvl.pool import _function_reference
-
         _function_reference(fn)  # the same rule as the pool's, so a test runs under both launchers
         result: list[Any] = self.session.call(
             self.pp, fn, args, dict(kwargs or {}), self.timeout if timeout is None else timeout, self.startup_timeout
