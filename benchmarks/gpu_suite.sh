@@ -20,7 +20,8 @@
 # On an air-gapped runner source benchmarks/gpu_env.sh first (the offline FlashInfer bundle + JIT cache).
 # MNNVL_MATRIX_SELECT (a -k expression) runs part of the mutation matrix, MNNVL_MATRIX_TOPOLOGIES=all runs it on
 # ws2-pp1, ws4-pp1 and ws4-pp2 (needs 4 GPUs and MNNVL_MATRIX_WORKERS=1); MNNVL_BENCH_ARGS and MNNVL_FINDINGS_ARGS
-# add bench_example.py and findings.py arguments. Worlds that run at the same time must not share GPUs: FlashInfer's kernels spin on peer flags, and two
+# add bench_example.py and findings.py arguments; MNNVL_REPRO_PLAN and MNNVL_REPRO_MANAGERS (space-separated specs)
+# change what the repro step runs. Worlds that run at the same time must not share GPUs: FlashInfer's kernels spin on peer flags, and two
 # worlds time-sliced on one GPU slow each other down until plans time out (seen on 4x H200).
 # MNNVL_BACKEND=sim runs the same steps on the CPU sim (a dry run of this script). Time limits per step come from MNNVL_STEP_TIMEOUT_<STEP> (seconds), defaults below.
 set -uo pipefail
@@ -104,9 +105,10 @@ for step in "$@"; do
         --mnnvl-backend="$BACKEND" --mnnvl-world-sizes="$GPUS" --mnnvl-pp=1,2 \
         --mnnvl-report="$OUT/torchrun-$BACKEND.json" --junitxml="$OUT/torchrun-junit.xml" ;;
     repro)
-      for manager in mutant:first_call_wins reference; do
+      for manager in ${MNNVL_REPRO_MANAGERS:-mutant:first_call_wins reference}; do
         run_step "repro-${manager/:/_}" "$(step_limit repro 120)" "$PY" -m pytest_mnnvl repro \
-          examples/plans/deepseek-v3-r1-nvfp4-mtp.json --manager "$manager" --backend "$BACKEND" --ep 2
+          "${MNNVL_REPRO_PLAN:-examples/plans/deepseek-v3-r1-nvfp4-mtp.json}" --manager "$manager" \
+          --backend "$BACKEND" --ep 2
       done ;;
     smoke)
       run_step smoke "$(step_limit smoke 150)" "${PYTEST[@]}" -x -v --mnnvl-backend="$BACKEND" --mnnvl-strict \

@@ -256,6 +256,32 @@ def test_repro_passes_when_the_workspace_grows(manager: list[str]) -> None:
     assert "no failure: every layer initialized and round-tripped" in done.stdout
 
 
+#: vLLM 0.32's covers counterexample (found by the suite on the sim): each layer fits its own step, the first
+#: one no longer fits the handle the MTP head leaves behind.
+TOTAL_NEED_GAP = ROOT / "conformance" / "results" / "vllm" / "vllm-0.32.0-covers-counterexample.json"
+
+
+def test_repro_final_pass_catches_a_layer_the_last_handle_no_longer_fits() -> None:
+    done = cli("repro", TOTAL_NEED_GAP, "--manager", "mutant:total_need", "--ep", "2", "--json")
+    assert done.returncode == 1, done.stderr
+    failure = json.loads(done.stdout)["first_failure"]
+    where = (failure["phase"], failure["index"], failure["name"], failure["check"])
+    assert where == ("final_pass", 0, "s0l0", "combine")
+    assert failure["message"] == COMBINE_MESSAGE and failure["ranks"] == [0, 1]
+    assert "stage 0 layer 1 'mtp' (nvfp4): built 17,920 B/rank, max_num_tokens 16; round trip at T=16 ok" in done.stderr
+    assert "stage 0 final pass: layer 0 's0l0' again on the handle the stage ended with: FAILED in combine" in (
+        done.stderr
+    )
+
+
+def test_repro_final_pass_passes_when_the_handle_covers_every_layer() -> None:
+    done = cli("repro", TOTAL_NEED_GAP, "--manager", "reference", "--ep", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["first_failure"] is None and doc["stages"][0]["final_pass"] == [0]
+    assert "stage 0 final pass: layer(s) 0 again on the handle the stage ended with: ok" in done.stderr
+
+
 def test_explain_observes_a_manager_no_policy_models() -> None:
     """A mutant that leaves the scale bytes out (PR #44946's bug): its real workspace, read from the sim."""
     status, doc = cli_json("explain", FACTS_PLAN, "--manager", "mutant:scale_bytes_left_out")

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "repro",
         help="run the plan on a real rank world and show the first failure exactly as FlashInfer raises it",
         description="Spawns ep × pp ranks (sim: FlashInfer's Python on CPU; flashinfer: real GPUs), initializes "
-        "every layer in order on each stage and round-trips it at its full token count right after. "
+        "every layer in order on each stage and round-trips it at its full token count right after, then "
+        "round-trips every layer again on the handle its stage ended with (the next forward pass). "
         "Exit 0: no failure; 1: a failure reproduced; 2: bad input; 3: the world itself failed.",
     )
     _common(repro, stage=False)

@@ -97,8 +97,11 @@ class StageRecord:
     stage: int
     states: list[dict[str, Any]] = field(default_factory=list)
     round_trips: list[dict[str, Any] | None] = field(default_factory=list)
-    #: ``(index, phase, {rank: error})`` of the first failing step.
+    #: ``(index, phase, {rank: error})`` of the first failing step; phase ``final_pass`` when the layer
+    #: fit its own step but not the handle the stage ended with.
     failure: tuple[int, str, dict[int, dict[str, str]]] | None = None
+    #: Layers round-tripped again on the final handle (``None``: no final pass ran).
+    final_checked: list[int] | None = None
 
 
 def _builds(driver: Driver, layers: tuple[LayerSpec, ...], ep: int) -> list[tuple[int, int] | None]:
@@ -116,7 +119,10 @@ def _drive(
     round_trip: bool,
     every_layer: bool,
     on_step: Callable[[int, dict[int, list[dict[str, Any]]]], None],
+    on_final: Callable[[StageRecord], None] | None = None,
 ) -> dict[int, StageRecord]:
+    """Drive the plan one layer step at a time; with ``on_final``, then the final pass (every layer again on
+    the handle each stage ended with)."""
     from pytest_mnnvl.cli import repro_rank
 
     plan = loaded.plan
@@ -148,10 +154,38 @@ def _drive(
                 record.states.append(rows[0].get("state", {}))
                 record.round_trips.append(rows[0].get("round_trip"))
             on_step(index, by_stage)
+        if on_final is not None and round_trip:
+            _final_pass(world, stage_layers, records, on_final)
     finally:
         with contextlib.suppress(MnnvlError):
             world.call(repro_rank.close_session, timeout=min(world.timeout, 30.0))
     return records
+
+
+def _final_pass(
+    world: Any,
+    stage_layers: dict[int, tuple[LayerSpec, ...]],
+    records: dict[int, StageRecord],
+    on_final: Callable[[StageRecord], None],
+) -> None:
+    from pytest_mnnvl.cli import repro_rank
+
+    todo = {s: layers for s, layers in stage_layers.items() if records[s].failure is None and layers}
+    if not todo:
+        return
+    by_stage: dict[int, list[dict[str, Any]]] = {}
+    for result in world.call(repro_rank.final_pass, (todo,)):
+        if result is not None:
+            by_stage.setdefault(result["stage"], []).append(result)
+    for s, rows in sorted(by_stage.items()):
+        rows.sort(key=lambda r: r["ep_rank"])
+        record = records[s]
+        failed = [r for r in rows if "error" in r]
+        if failed:
+            index = min(r["index"] for r in failed)
+            record.failure = (index, "final_pass", {r["rank"]: r["error"] for r in failed if r["index"] == index})
+        record.final_checked = sorted(set().union(*(r["checked"] for r in rows)))
+        on_final(record)
 
 
 def _holdings(record: StageRecord, layers: tuple[LayerSpec, ...]) -> list[analysis.Holding]:
@@ -261,6 +295,31 @@ class _Progress:
                 what = f"round trip at T={layer.max_num_tokens} ok"
             print(f"  stage {stage} layer {index} {name!r} ({layer.quant.value}): {held}; {what}", file=self.out)
 
+    def final(self, record: StageRecord) -> None:
+        """The final pass of one stage: which layers ran again on the handle it ended with, and how."""
+        self._flush(record.stage)
+        checked = record.final_checked or []
+        if record.failure is not None and record.failure[1] == "final_pass":
+            index, _phase, errors = record.failure
+            rank = min(errors)
+            err = errors[rank]
+            name = analysis.layer_label(self.loaded, record.stage, index)
+            print(
+                f"  stage {record.stage} final pass: layer {index} {name!r} again on the handle the stage ended "
+                f"with: FAILED in {classify(err['type'], err['message'])} on rank(s) "
+                f"{', '.join(map(str, sorted(errors)))}",
+                file=self.out,
+            )
+        elif checked:
+            print(
+                f"  stage {record.stage} final pass: layer(s) {', '.join(map(str, checked))} again on the handle "
+                "the stage ended with: ok",
+                file=self.out,
+            )
+        else:
+            print(f"  stage {record.stage} final pass: every layer already round-tripped on the final handle",
+                  file=self.out)
+
     def finish(self) -> None:
         for stage in list(self.skipped):
             self._flush(stage)
@@ -270,7 +329,9 @@ def _first_failure(records: dict[int, StageRecord]) -> tuple[StageRecord, int, s
     failing = [r for r in records.values() if r.failure is not None]
     if not failing:
         return None
-    record = min(failing, key=lambda r: (r.failure[0] if r.failure else 0, r.stage))
+    # In time order: a failing step comes before any final pass.
+    record = min(failing, key=lambda r: (r.failure[1] == "final_pass" if r.failure else False,
+                                         r.failure[0] if r.failure else 0, r.stage))
     assert record.failure is not None
     index, phase, errors = record.failure
     rank = min(errors)
@@ -289,7 +350,7 @@ def run(loaded: LoadedPlan, args: argparse.Namespace) -> int:
     progress = _Progress(loaded, out)
     started = time.monotonic()
     try:
-        records = _drive(loaded, driver, world, ep, True, args.every_layer, progress)
+        records = _drive(loaded, driver, world, ep, True, args.every_layer, progress, progress.final)
     except MnnvlError as exc:
         print(f"repro: the rank world failed, no verdict: {exc}", file=sys.stderr)
         return EXIT_WORLD
@@ -322,15 +383,21 @@ def _print_verdict(
 ) -> None:
     print()
     if first is None:
-        print(f"no failure: every layer initialized and round-tripped at its full token count ({elapsed:.1f} s)")
+        print(
+            "no failure: every layer initialized and round-tripped at its full token count, and again on the "
+            f"handle its stage ended with ({elapsed:.1f} s)"
+        )
         return
     record, index, phase, rank, error = first
     label = analysis.layer_label(loaded, record.stage, index)
     errors = record.failure[2] if record.failure else {}
-    check = classify(error["type"], error["message"]) if phase == "round_trip" else "initialize"
+    check = classify(error["type"], error["message"]) if phase != "initialize" else "initialize"
+    when = ""
+    if phase == "final_pass":
+        when = " in the final pass (it fit its own step, not the handle its stage ended with)"
     print(
         f"FIRST FAILURE: stage {record.stage}, layer {index} {label!r} "
-        f"({loaded.origin(record.stage, index)}), rank {rank}, {check}:"
+        f"({loaded.origin(record.stage, index)}), rank {rank}, {check}{when}:"
     )
     print(f"{error['type']}: {error['message']}")
     same = [r for r, e in errors.items() if e["message"] == error["message"]]
@@ -366,7 +433,7 @@ def _document(
         layers = []
         for index, state in enumerate(record.states):
             rt = record.round_trips[index] if index < len(record.round_trips) else None
-            failed = record.failure is not None and record.failure[0] == index
+            failed = record.failure is not None and record.failure[0] == index and record.failure[1] != "final_pass"
             layers.append(
                 {
                     "index": index,
@@ -380,7 +447,9 @@ def _document(
                     "same_as": None if rt is None else rt.get("same_as"),
                 }
             )
-        stages.append({"stage": s, "layers": layers, "failed": record.failure is not None})
+        stages.append(
+            {"stage": s, "layers": layers, "failed": record.failure is not None, "final_pass": record.final_checked}
+        )
     failure = None
     if first is not None:
         record, index, phase, rank, error = first
@@ -392,7 +461,7 @@ def _document(
             "origin": loaded.origin(record.stage, index),
             "rank": rank,
             "phase": phase,
-            "check": classify(error["type"], error["message"]) if phase == "round_trip" else "initialize",
+            "check": classify(error["type"], error["message"]) if phase != "initialize" else "initialize",
             "type": error["type"],
             "message": error["message"],
             "ranks": sorted(record.failure[2]) if record.failure else [],

@@ -146,6 +146,35 @@ def step(
     return out
 
 
+def final_pass(ctx: Any, layers_by_stage: dict[int, tuple[LayerSpec, ...]]) -> dict[str, Any] | None:
+    """After the last ``initialize``: round-trip every layer of this rank's stage again on the handle the
+    manager ended with, as the next forward pass runs them (FlashInfer's combine region moves with the
+    handle's max tokens, so a layer that fit its own step can overflow a handle built later). Layers
+    already round-tripped on this same handle are not repeated. ``None`` when this stage has nothing to do
+    (not in ``layers_by_stage``, or an earlier step failed)."""
+    from pytest_mnnvl.roundtrip import round_trip as do_round_trip
+
+    s: _Session = ctx.scratch[SESSION_KEY]
+    if s.failed or ctx.pp_stage not in layers_by_stage:
+        return None
+    a2a = s.adapter.state().moe_alltoall if s.driver == "manager" else s.handle
+    out: dict[str, Any] = {"rank": ctx.rank, "stage": ctx.pp_stage, "ep_rank": ctx.ep_rank, "checked": []}
+    if a2a is None:
+        return out
+    for index, layer in enumerate(layers_by_stage[ctx.pp_stage]):
+        if layer in s.verified:
+            continue
+        try:
+            do_round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
+        except Exception as exc:
+            s.failed = True
+            out.update(index=index, phase="final_pass", error=_error(exc))
+            return out
+        s.verified[layer] = index
+        out["checked"].append(index)
+    return out
+
+
 def close_session(ctx: Any) -> None:
     """Release what the session holds (best effort: after a failure FlashInfer's state may be odd)."""
     s: _Session | None = ctx.scratch.pop(SESSION_KEY, None)
