@@ -127,7 +127,9 @@ def test_deepseek_explain_first_call_fails_at_the_mtp_head() -> None:
         "verdict": "combine",
         "error": {"type": "RuntimeError", "message": COMBINE_MESSAGE},
         "first_failing_tokens": 165,
+        "final_pass": False,
     }
+    assert doc["stages"][0]["final_pass"] == []  # one handle for every layer: nothing to judge again
     mtp = all_layers[58]
     assert mtp["mtp"] and mtp["origin"] == "mtp_head[0]"
     assert mtp["need"] == 14_758_272
@@ -268,6 +270,8 @@ def test_repro_final_pass_catches_a_layer_the_last_handle_no_longer_fits() -> No
     where = (failure["phase"], failure["index"], failure["name"], failure["check"])
     assert where == ("final_pass", 0, "s0l0", "combine")
     assert failure["message"] == COMBINE_MESSAGE and failure["ranks"] == [0, 1]
+    assert failure["predicted"]["error"]["message"] == COMBINE_MESSAGE  # explain's final pass agrees
+    assert failure["predicted"]["final_pass"] is True
     assert "stage 0 layer 1 'mtp' (nvfp4): built 17,920 B/rank, max_num_tokens 16; round trip at T=16 ok" in done.stderr
     assert "stage 0 final pass: layer 0 's0l0' again on the handle the stage ended with: FAILED in combine" in (
         done.stderr
@@ -280,6 +284,41 @@ def test_repro_final_pass_passes_when_the_handle_covers_every_layer() -> None:
     doc = json.loads(done.stdout)
     assert doc["first_failure"] is None and doc["stages"][0]["final_pass"] == [0]
     assert "stage 0 final pass: layer(s) 0 again on the handle the stage ended with: ok" in done.stderr
+
+
+def test_explain_final_pass_judges_earlier_layers_on_the_last_handle(capsys: pytest.CaptureFixture[str]) -> None:
+    """The arithmetic's twin of repro's final pass: the total-need rule leaves a handle the first layer overflows."""
+    status, doc = in_process(capsys, "explain", TOTAL_NEED_GAP, "--policy", "total", "--ep", "2")
+    assert status == 1 and not doc["fits"]
+    assert [layer["verdict"] for layer in layers(doc)] == ["ok", "ok"]  # each fits its own step
+    (again,) = doc["stages"][0]["final_pass"]
+    assert (again["index"], again["name"], again["verdict"], again["final_pass"]) == (0, "s0l0", "combine", True)
+    assert again["workspace"] == {
+        "rebuilt": False,
+        "built_by": 1,
+        "size_per_rank": 17_920,
+        "max_num_tokens": 16,
+        "eplb_stats_num_experts": 0,
+    }
+    assert again["arithmetic"]["combine_required_size"] == 19_200  # 6,912 + 2 x 8 x 768 > 17,920
+    assert doc["first_failure"]["final_pass"] is True and doc["first_failure"]["index"] == 0
+    assert again["error"]["message"] == COMBINE_MESSAGE
+    status, doc = in_process(capsys, "explain", TOTAL_NEED_GAP, "--policy", "per_dimension", "--ep", "2")
+    assert status == 0 and [o["verdict"] for o in doc["stages"][0]["final_pass"]] == ["ok"]
+
+
+def test_explain_final_pass_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_mnnvl.cli.main import main
+
+    assert main(["explain", str(TOTAL_NEED_GAP), "--policy", "total", "--ep", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "  final pass: 1 layer(s) again on the handle the stage ended with (17,920 B/rank, max T 16)" in out
+    assert "    layer 0 's0l0' at T=8: dispatch fits, combine does not fit" in out
+    assert "17,920 B per rank, max_num_tokens 16 (built at layer 1, the handle the stage ended with)" in out
+    assert out.rstrip().endswith(
+        "first: stage 0 layer 0 's0l0' (final pass: on the handle the stage ended with): "
+        "dispatch fits, combine does not fit"
+    )
 
 
 def test_explain_observes_a_manager_no_policy_models() -> None:

@@ -16,7 +16,7 @@ check and finally the combine region check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from pytest_mnnvl import sizing
@@ -62,6 +62,8 @@ class LayerOutcome:
     check: sizing.RoundTripCheck | None
     #: Smallest runtime token count in 1..layer.max_num_tokens that fails; None: never.
     first_failing_tokens: int | None
+    #: True for the final pass: the layer again on the handle its stage ended with (the next forward pass).
+    final_pass: bool = False
 
     @property
     def fits(self) -> bool:
@@ -77,10 +79,12 @@ class StageWalk:
     stage: int
     ep_ranks: tuple[int, ...]
     outcomes: tuple[LayerOutcome, ...]
+    #: Layers whose step fit but that meet a different handle at the end of the stage, judged on that handle.
+    final: tuple[LayerOutcome, ...] = ()
 
     @property
     def fits(self) -> bool:
-        return all(o.fits for o in self.outcomes)
+        return all(o.fits for o in self.outcomes) and all(o.fits for o in self.final)
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,9 @@ class PlanWalk:
 
     @property
     def failures(self) -> list[LayerOutcome]:
-        return [o for s in self.stages for o in s.outcomes if not o.fits]
+        """Failing steps first (in time order they come first), then failing final-pass layers."""
+        steps = [o for s in self.stages for o in s.outcomes if not o.fits]
+        return steps + [o for s in self.stages for o in s.final if not o.fits]
 
 
 def layer_label(loaded: LoadedPlan, stage: int, index: int) -> str:
@@ -232,7 +238,40 @@ def walk_stage(loaded: LoadedPlan, ep: int, stage: int, holdings: list[Holding])
             )
         )
     ranks = tuple(range(stage * ep, (stage + 1) * ep))
-    return StageWalk(stage, ranks, tuple(outcomes))
+    return StageWalk(stage, ranks, tuple(outcomes), _final_pass(outcomes, holdings, ep))
+
+
+def _final_pass(outcomes: list[LayerOutcome], holdings: list[Holding], ep: int) -> tuple[LayerOutcome, ...]:
+    """Every layer that fit its own step on an earlier handle, judged again on the handle the stage ended
+    with: the aux regions grow with the handle's max tokens, so it can overflow a handle built later."""
+    if not outcomes or any(h.init_error is not None for h in holdings):
+        return ()
+    last = holdings[-1]
+    geometry = sizing.WorkspaceGeometry(
+        ep, max(last.max_num_tokens, 1), last.size_per_rank, last.eplb_stats_num_experts
+    )
+    final: list[LayerOutcome] = []
+    seen: set[LayerSpec] = set()
+    for o, held in zip(outcomes, holdings, strict=True):
+        if held.built_by == last.built_by or not o.fits or o.layer in seen:
+            continue
+        seen.add(o.layer)
+        verdict, error_type, error, check = _full_size_outcome(o.layer, geometry, o.layer.max_num_tokens)
+        final.append(
+            replace(
+                o,
+                rebuilt=False,
+                built_by=last.built_by,
+                geometry=geometry,
+                verdict=verdict,
+                error_type=error_type,
+                error=error,
+                check=check,
+                first_failing_tokens=first_failing_tokens(o.layer, geometry),
+                final_pass=True,
+            )
+        )
+    return tuple(final)
 
 
 def walk(

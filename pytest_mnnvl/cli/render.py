@@ -160,7 +160,12 @@ def arithmetic_lines(o: LayerOutcome, ep: int, indent: str = "    ") -> list[str
         ),
         ("need(layer)", f"{n(o.need)} B per rank (FlashInfer's size at max_num_tokens {layer.max_num_tokens})"),
     ]
-    held = "built by this initialize" if o.rebuilt else f"built at layer {o.built_by}, kept by this initialize"
+    if o.final_pass:
+        held = f"built at layer {o.built_by}, the handle the stage ended with"
+    elif o.rebuilt:
+        held = "built by this initialize"
+    else:
+        held = f"built at layer {o.built_by}, kept by this initialize"
     rows.append(
         ("workspace", f"{n(o.geometry.size_per_rank)} B per rank, max_num_tokens {o.geometry.max_num_tokens} ({held})")
     )
@@ -242,19 +247,41 @@ def explain_text(walk: PlanWalk, verbose: bool = False) -> str:
         for o in shown:
             lines.append("")
             lines += arithmetic_lines(o, walk.ep, indent="    ")
+        lines += _final_pass_lines(stage, walk.ep, verbose)
     lines.append("")
     lines.append(_verdict_line(walk))
     return "\n".join(lines)
 
 
+def _final_pass_lines(stage: StageWalk, ep: int, verbose: bool) -> list[str]:
+    """The layers that fit their own step on an earlier handle, again on the handle the stage ended with."""
+    if not stage.final:
+        return []
+    lines = [
+        "",
+        f"  final pass: {len(stage.final)} layer(s) again on the handle the stage ended with "
+        f"({n(stage.final[0].geometry.size_per_rank)} B/rank, max T {stage.final[0].geometry.max_num_tokens}), "
+        "as the next forward pass runs them:",
+    ]
+    for o in stage.final:
+        verdict = "fits" if o.fits else VERDICT_TEXT[o.verdict]
+        lines.append(f"    layer {o.index} {o.label!r} at T={o.runtime_tokens}: {verdict}")
+        if verbose or not o.fits:
+            lines += arithmetic_lines(o, ep, indent="      ")
+    return lines
+
+
 def _verdict_line(walk: PlanWalk) -> str:
     failures = walk.failures
     if not failures:
-        return "verdict: every layer fits at its full runtime token count"
+        return (
+            "verdict: every layer fits at its full runtime token count, also on the handle its stage ends with"
+        )
     first = failures[0]
+    when = " (final pass: on the handle the stage ended with)" if first.final_pass else ""
     return (
         f"verdict: {len(failures)} layer(s) fail at their full runtime token count; first: stage {first.stage} "
-        f"layer {first.index} {first.label!r}: {VERDICT_TEXT[first.verdict]}"
+        f"layer {first.index} {first.label!r}{when}: {VERDICT_TEXT[first.verdict]}"
     )
 
 
@@ -295,7 +322,12 @@ def predict_text(walk: PlanWalk) -> str:
                 ]
             )
         lines += _table(PREDICT_HEADER, rows)
-    failing = [o for s in walk.stages for o in s.outcomes if o.first_failing_tokens is not None]
+        for o in stage.final:
+            lines.append(
+                f"  final pass, on the handle the stage ended with: layer {o.index} {o.label!r}: first failing T "
+                f"{_first_failing_text(o)}"
+            )
+    failing = [o for s in walk.stages for o in (*s.outcomes, *s.final) if o.first_failing_tokens is not None]
     refused = [o for s in walk.stages for o in s.outcomes if o.verdict == "refused"]
     lines.append("")
     if refused:
@@ -366,6 +398,7 @@ def outcome_json(o: LayerOutcome) -> dict[str, Any]:
         "fits": o.fits,
         "error": None if o.error is None else {"type": o.error_type, "message": o.error},
         "first_failing_tokens": o.first_failing_tokens,
+        "final_pass": o.final_pass,
     }
 
 
@@ -392,6 +425,7 @@ def walk_json(walk: PlanWalk, command: str) -> dict[str, Any]:
             "verdict": first.verdict,
             "error": {"type": first.error_type, "message": first.error},
             "first_failing_tokens": first.first_failing_tokens,
+            "final_pass": first.final_pass,
         },
         "stages": [
             {
@@ -399,6 +433,7 @@ def walk_json(walk: PlanWalk, command: str) -> dict[str, Any]:
                 "ep_ranks": list(s.ep_ranks),
                 "fits": s.fits,
                 "layers": [outcome_json(o) for o in s.outcomes],
+                "final_pass": [outcome_json(o) for o in s.final],
             }
             for s in walk.stages
         ],

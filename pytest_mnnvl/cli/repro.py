@@ -370,9 +370,16 @@ def run(loaded: LoadedPlan, args: argparse.Namespace) -> int:
     return EXIT_OK if first is None else EXIT_FAILS
 
 
-def _prediction_for(predicted: dict[int, analysis.StageWalk], stage: int, index: int) -> analysis.LayerOutcome | None:
+def _prediction_for(
+    predicted: dict[int, analysis.StageWalk], stage: int, index: int, final: bool = False
+) -> analysis.LayerOutcome | None:
+    """The arithmetic's outcome for a step (or, ``final``, for the final pass) on the handle the ranks held."""
     walk = predicted.get(stage)
-    return None if walk is None or index >= len(walk.outcomes) else walk.outcomes[index]
+    if walk is None:
+        return None
+    if final:
+        return next((o for o in walk.final if o.index == index), None)
+    return None if index >= len(walk.outcomes) else walk.outcomes[index]
 
 
 def _print_verdict(
@@ -408,8 +415,8 @@ def _print_verdict(
     )
     if check == "other":
         print(error.get("traceback", "").rstrip())
-    outcome = _prediction_for(predicted, record.stage, index)
-    if outcome is not None and outcome.check is not None and phase == "round_trip":
+    outcome = _prediction_for(predicted, record.stage, index, final=phase == "final_pass")
+    if outcome is not None and outcome.check is not None and phase != "initialize":
         agrees = outcome.error == error["message"]
         print(
             f"arithmetic on the workspace the ranks held: {analysis.VERDICT_TEXT[outcome.verdict]} "
@@ -453,7 +460,7 @@ def _document(
     failure = None
     if first is not None:
         record, index, phase, rank, error = first
-        outcome = _prediction_for(predicted, record.stage, index)
+        outcome = _prediction_for(predicted, record.stage, index, final=phase == "final_pass")
         failure = {
             "stage": record.stage,
             "index": index,
