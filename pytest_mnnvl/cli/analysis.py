@@ -247,9 +247,7 @@ def _final_pass(outcomes: list[LayerOutcome], holdings: list[Holding], ep: int) 
     if not outcomes or any(h.init_error is not None for h in holdings):
         return ()
     last = holdings[-1]
-    geometry = sizing.WorkspaceGeometry(
-        ep, max(last.max_num_tokens, 1), last.size_per_rank, last.eplb_stats_num_experts
-    )
+    geometry = outcomes[-1].geometry  # the handle the last initialize left
     final: list[LayerOutcome] = []
     seen: set[LayerSpec] = set()
     for o, held in zip(outcomes, holdings, strict=True):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_mnnvl import sizing
-from pytest_mnnvl.cli import analysis, render
+from pytest_mnnvl.cli import analysis, render, repro_rank
 from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_WORLD, LoadedPlan, UsageError
 from pytest_mnnvl.cli.policy import resolve_factory
 from pytest_mnnvl.errors import MnnvlError
@@ -103,6 +103,10 @@ class StageRecord:
     #: Layers round-tripped again on the final handle (``None``: no final pass ran).
     final_checked: list[int] | None = None
 
+    @property
+    def failed_in_final_pass(self) -> bool:
+        return self.failure is not None and self.failure[1] == repro_rank.FINAL_PASS
+
 
 def _builds(driver: Driver, layers: tuple[LayerSpec, ...], ep: int) -> list[tuple[int, int] | None]:
     if driver.policy is None:
@@ -123,8 +127,6 @@ def _drive(
 ) -> dict[int, StageRecord]:
     """Drive the plan one layer step at a time; with ``on_final``, then the final pass (every layer again on
     the handle each stage ended with)."""
-    from pytest_mnnvl.cli import repro_rank
-
     plan = loaded.plan
     world.call(repro_rank.open_session, (driver.rank_driver,), timeout=world.startup_timeout)
     stage_layers = {s: plan.layers_of_stage(s) for s in range(plan.pp)}
@@ -168,8 +170,6 @@ def _final_pass(
     records: dict[int, StageRecord],
     on_final: Callable[[StageRecord], None],
 ) -> None:
-    from pytest_mnnvl.cli import repro_rank
-
     todo = {s: layers for s, layers in stage_layers.items() if records[s].failure is None and layers}
     if not todo:
         return
@@ -183,7 +183,8 @@ def _final_pass(
         failed = [r for r in rows if "error" in r]
         if failed:
             index = min(r["index"] for r in failed)
-            record.failure = (index, "final_pass", {r["rank"]: r["error"] for r in failed if r["index"] == index})
+            errors = {r["rank"]: r["error"] for r in failed if r["index"] == index}
+            record.failure = (index, repro_rank.FINAL_PASS, errors)
         record.final_checked = sorted(set().union(*(r["checked"] for r in rows)))
         on_final(record)
 
@@ -299,7 +300,8 @@ class _Progress:
         """The final pass of one stage: which layers ran again on the handle it ended with, and how."""
         self._flush(record.stage)
         checked = record.final_checked or []
-        if record.failure is not None and record.failure[1] == "final_pass":
+        if record.failed_in_final_pass:
+            assert record.failure is not None
             index, _phase, errors = record.failure
             rank = min(errors)
             err = errors[rank]
@@ -317,8 +319,10 @@ class _Progress:
                 file=self.out,
             )
         else:
-            print(f"  stage {record.stage} final pass: every layer already round-tripped on the final handle",
-                  file=self.out)
+            print(
+                f"  stage {record.stage} final pass: every layer already round-tripped on the final handle",
+                file=self.out,
+            )
 
     def finish(self) -> None:
         for stage in list(self.skipped):
@@ -326,14 +330,13 @@ class _Progress:
 
 
 def _first_failure(records: dict[int, StageRecord]) -> tuple[StageRecord, int, str, int, dict[str, str]] | None:
-    failing = [r for r in records.values() if r.failure is not None]
+    failing = [(r, r.failure) for r in records.values() if r.failure is not None]
     if not failing:
         return None
     # In time order: a failing step comes before any final pass.
-    record = min(failing, key=lambda r: (r.failure[1] == "final_pass" if r.failure else False,
-                                         r.failure[0] if r.failure else 0, r.stage))
-    assert record.failure is not None
-    index, phase, errors = record.failure
+    record, (index, phase, errors) = min(
+        failing, key=lambda rf: (rf[0].failed_in_final_pass, rf[1][0], rf[0].stage)
+    )
     rank = min(errors)
     return record, index, phase, rank, errors[rank]
 
@@ -400,7 +403,7 @@ def _print_verdict(
     errors = record.failure[2] if record.failure else {}
     check = classify(error["type"], error["message"]) if phase != "initialize" else "initialize"
     when = ""
-    if phase == "final_pass":
+    if phase == repro_rank.FINAL_PASS:
         when = " in the final pass (it fit its own step, not the handle its stage ended with)"
     print(
         f"FIRST FAILURE: stage {record.stage}, layer {index} {label!r} "
@@ -415,7 +418,7 @@ def _print_verdict(
     )
     if check == "other":
         print(error.get("traceback", "").rstrip())
-    outcome = _prediction_for(predicted, record.stage, index, final=phase == "final_pass")
+    outcome = _prediction_for(predicted, record.stage, index, final=phase == repro_rank.FINAL_PASS)
     if outcome is not None and outcome.check is not None and phase != "initialize":
         agrees = outcome.error == error["message"]
         print(
@@ -440,7 +443,7 @@ def _document(
         layers = []
         for index, state in enumerate(record.states):
             rt = record.round_trips[index] if index < len(record.round_trips) else None
-            failed = record.failure is not None and record.failure[0] == index and record.failure[1] != "final_pass"
+            failed = record.failure is not None and record.failure[0] == index and not record.failed_in_final_pass
             layers.append(
                 {
                     "index": index,
@@ -460,7 +463,7 @@ def _document(
     failure = None
     if first is not None:
         record, index, phase, rank, error = first
-        outcome = _prediction_for(predicted, record.stage, index, final=phase == "final_pass")
+        outcome = _prediction_for(predicted, record.stage, index, final=phase == repro_rank.FINAL_PASS)
         failure = {
             "stage": record.stage,
             "index": index,

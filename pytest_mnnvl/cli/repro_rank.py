@@ -22,6 +22,8 @@ from typing import Any
 from pytest_mnnvl.layers import LayerSpec
 
 SESSION_KEY = "pytest_mnnvl.cli.repro"
+#: The phase of a failure in :func:`final_pass` (the others: ``initialize``, ``round_trip``).
+FINAL_PASS = "final_pass"
 
 
 @dataclass
@@ -168,7 +170,7 @@ def final_pass(ctx: Any, layers_by_stage: dict[int, tuple[LayerSpec, ...]]) -> d
             do_round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
         except Exception as exc:
             s.failed = True
-            out.update(index=index, phase="final_pass", error=_error(exc))
+            out.update(index=index, phase=FINAL_PASS, error=_error(exc))
             return out
         s.verified[layer] = index
         out["checked"].append(index)
