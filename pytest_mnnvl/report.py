@@ -22,6 +22,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+import pytest_mnnvl
 from pytest_mnnvl.invariants import INVARIANTS, SHOULD
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ def environment() -> dict[str, Any]:
         "torch": _version("torch"),
         "flashinfer": _version("flashinfer-python"),
         "hypothesis": _version("hypothesis"),
-        "pytest_mnnvl": _version("pytest-mnnvl"),
+        # The imported package's own version: a run from a source tree (the GPU suite) has no dist metadata.
+        "pytest_mnnvl": pytest_mnnvl.__version__,
     }
 
 
