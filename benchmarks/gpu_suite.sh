@@ -95,8 +95,12 @@ for step in "$@"; do
       MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_OUT="$OUT/matrix" run_step mutants "$(step_limit mutants 480)" \
         "${PYTEST[@]}" tests/test_conformance_mutants.py -n "${MNNVL_MATRIX_WORKERS:-2}" -v \
         ${MNNVL_MATRIX_SELECT:+-k "$MNNVL_MATRIX_SELECT"}
-      MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_MACHINE="${GPUS} GPUs: $(nvidia-smi --query-gpu=name \
-        --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)" PYTHONPATH="$PWD:${PYTHONPATH:-}" \
+      MNNVL_MATRIX_COMMAND="MNNVL_MATRIX_BACKEND=$BACKEND MNNVL_MATRIX_TOPOLOGIES=${MNNVL_MATRIX_TOPOLOGIES:-default} \
+MNNVL_MATRIX_OUT=DIR python -m pytest tests/test_conformance_mutants.py -n ${MNNVL_MATRIX_WORKERS:-2} -p no:randomly\
+${MNNVL_MATRIX_SELECT:+ -k '$MNNVL_MATRIX_SELECT'}" \
+      MNNVL_MATRIX_BACKEND="$BACKEND" MNNVL_MATRIX_MACHINE="$([ "${GPUS:-0}" -gt 0 ] && echo "${GPUS} GPUs: \
+$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)")" \
+        PYTHONPATH="$PWD:${PYTHONPATH:-}" \
         "$PY" conformance/results/render_matrix.py "$OUT/matrix" "$((SECONDS - t0))" "mutation_matrix-$BACKEND" "$OUT" ;;
     torchrun)
       run_step torchrun "$(step_limit torchrun 420)" "$PY" -m torch.distributed.run --standalone \

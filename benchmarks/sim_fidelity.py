@@ -105,9 +105,7 @@ def sizing_grid(eps: list[int]) -> list[dict[str, Any]]:
                                     "eplb": eplb,
                                     "dispatch_bytes": dispatch,
                                     "combine_bytes": 2 * hidden,
-                                    "predicted": sizing.workspace_size_per_rank(
-                                        ep, tokens, dispatch, 2 * hidden, eplb
-                                    ),
+                                    "predicted": sizing.workspace_size_per_rank(ep, tokens, dispatch, 2 * hidden, eplb),
                                 }
                             )
     return points
@@ -132,9 +130,7 @@ def random_cases(ep: int, count: int, seed: int, max_tokens_cap: int) -> list[di
             ep, max_tokens, sum(bytes_per_token(sized_for, hidden, top_k)), 2 * hidden, eplb
         )
         if rng.random() < 0.5:
-            ws = max(
-                sizing.aux_size(ep, max_tokens, eplb) + 128, int(ws * rng.uniform(0.25, 1.3)) // 128 * 128
-            )
+            ws = max(sizing.aux_size(ep, max_tokens, eplb) + 128, int(ws * rng.uniform(0.25, 1.3)) // 128 * 128)
         check = sizing.check_round_trip(
             ep,
             runtime,
@@ -280,11 +276,7 @@ def _rank_cases(ctx: Any, cases: list[dict[str, Any]], free: bool) -> list[dict[
             counts: list[Any] = [None] * ep
             dist.all_gather_object(
                 counts,
-                (owners == torch.arange(ep, device=owners.device)[:, None, None])
-                .any(dim=2)
-                .sum(dim=1)
-                .cpu()
-                .tolist(),
+                (owners == torch.arange(ep, device=owners.device)[:, None, None]).any(dim=2).sum(dim=1).cpu().tolist(),
                 group=ctx.cpu_group,
             )
             received = [int((recv[id_index][s, :, 0] >= 0).sum()) for s in range(ep)]
@@ -430,9 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="evict each case's workspace (_reset_workspace) and collect it; default keeps them cached",
     )
-    parser.add_argument(
-        "--timeout", type=float, default=1800.0, help="seconds per world (the JIT build included)"
-    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per world (the JIT build included)")
     args = parser.parse_args(argv)
 
     from pytest_mnnvl.backends import flashinfer as real_backend

@@ -132,10 +132,7 @@ def parse_visible_devices(value: str | None) -> VisibleDevices:
                 if not value.strip():
                     note = "CUDA_VISIBLE_DEVICES is empty: CUDA exposes no GPU"
                 else:
-                    note = (
-                        f"entry {entry!r} is not a device ordinal or UUID: CUDA ignores it and every "
-                        "entry after it"
-                    )
+                    note = f"entry {entry!r} is not a device ordinal or UUID: CUDA ignores it and every entry after it"
                 break
             token = int(match.group(1))
         if token in kept:
@@ -286,9 +283,7 @@ def inventory_from_procfs(root: str | os.PathLike[str], env: Mapping[str, str]) 
             info = (entry / "information").read_text(errors="replace")
         except OSError:
             continue
-        fields = dict(
-            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in info.splitlines()) if v
-        )
+        fields = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in info.splitlines()) if v)
         physical.append((fields.get("Model", "NVIDIA GPU"), fields.get("GPU UUID", entry.name)))
     return _assemble(physical, env, "procfs", f"{base}")
 
@@ -445,13 +440,9 @@ def link_report_from_nvml(nvml: Any, inventory: GpuInventory, indices: Sequence[
                 key_b = bus[b]
                 direct = counts[a].to_gpu.get(key_b, 0) if key_b is not None else 0
                 via_switch = min(counts[a].to_switch, counts[b].to_switch)
-                label = (
-                    f"NV{direct}" if direct else f"NV{via_switch} via NVSwitch" if via_switch else "no NVLink"
-                )
+                label = f"NV{direct}" if direct else f"NV{via_switch} via NVSwitch" if via_switch else "no NVLink"
                 try:
-                    status: int | None = int(
-                        nvml.nvmlDeviceGetP2PStatus(handles[a], handles[b], nvlink_index)
-                    )
+                    status: int | None = int(nvml.nvmlDeviceGetP2PStatus(handles[a], handles[b], nvlink_index))
                     status_err = ""
                 except Exception as exc:
                     status, status_err = None, _nvml_error(exc)
@@ -464,9 +455,7 @@ def link_report_from_nvml(nvml: Any, inventory: GpuInventory, indices: Sequence[
                     label += " (P2P status unavailable)"
                 else:
                     link_err = counts[a].error or counts[b].error
-                    unknown.append(
-                        f"{pair}: {status_err}" + (f"; link state: {link_err}" if link_err else "")
-                    )
+                    unknown.append(f"{pair}: {status_err}" + (f"; link state: {link_err}" if link_err else ""))
                     label = "?"
                 pairs.append((a, b, label))
     except Exception as exc:
@@ -486,8 +475,7 @@ def link_report_from_nvml(nvml: Any, inventory: GpuInventory, indices: Sequence[
     if unknown:
         return LinkReport(
             None,
-            f"NVML could not report NVLink P2P for {'; '.join(unknown)} (common inside VMs); "
-            "treated as unknown",
+            f"NVML could not report NVLink P2P for {'; '.join(unknown)} (common inside VMs); treated as unknown",
             tuple(pairs),
         )
     return LinkReport(True, f"NVLink P2P between every pair: {summary}", tuple(pairs))
@@ -588,10 +576,7 @@ def flashinfer_info_at(package_dir: str | os.PathLike[str] | None, version: str 
         how = "comm/fd_exchange.py present: fds pass over AF_UNIX SCM_RIGHTS, no ptrace needed"
     elif (comm / "mnnvl.py").is_file():
         mechanism = "pidfd_getfd"
-        how = (
-            "no comm/fd_exchange.py: fds are fetched with pidfd_getfd, which needs ptrace rights "
-            "over sibling ranks"
-        )
+        how = "no comm/fd_exchange.py: fds are fetched with pidfd_getfd, which needs ptrace rights over sibling ranks"
     else:
         mechanism = None
         how = "no comm/mnnvl.py: the fd exchange cannot be told"
@@ -629,11 +614,7 @@ def flashinfer_info() -> FlashInferInfo:
     location, why = _flashinfer_dir()
     if location is None:
         info = flashinfer_info_at(None, None)
-        return (
-            info
-            if not why
-            else FlashInferInfo(False, None, None, False, False, None, f"{why}; {info.reason}")
-        )
+        return info if not why else FlashInferInfo(False, None, None, False, False, None, f"{why}; {info.reason}")
     version = None
     from importlib import metadata
 
@@ -748,9 +729,7 @@ def handle_type() -> Probe[HandleType | None]:
             fabric = [FabricState(None, False, why) for _ in indices]
         else:
             physical = iter(fabric_states_from_nvml(nvml, [i for i in indices if i is not None]))
-            fabric = [
-                FabricState(None, False, "MIG instance") if i is None else next(physical) for i in indices
-            ]
+            fabric = [FabricState(None, False, "MIG instance") if i is None else next(physical) for i in indices]
     return choose_handle_type(info.fd_exchange, platform.machine(), fabric, os.path.isdir(IMEX_CHANNELS))
 
 
@@ -815,8 +794,7 @@ def static_ptrace_verdict(cap_eff: int | None, yama_text: str | None) -> Probe[b
     if scope == 1:
         return Probe(
             False,
-            f"{caps}; {yama} lets a process attach only to its descendants, and ranks are siblings: "
-            + FIX_PTRACE,
+            f"{caps}; {yama} lets a process attach only to its descendants, and ranks are siblings: " + FIX_PTRACE,
         )
     if scope == 2:
         return Probe(False, f"{caps}; {yama} requires CAP_SYS_PTRACE: {FIX_PTRACE}")

@@ -234,14 +234,10 @@ class LayerSpec:
         bytes (if any) as one uint8 tensor.
         """
         payloads = [
-            DispatchPayload(
-                "hidden_states", self.activation_bytes_per_token, self.quant.activation_element_size
-            )
+            DispatchPayload("hidden_states", self.activation_bytes_per_token, self.quant.activation_element_size)
         ]
         if self.quant.scale_element_size:
-            payloads.append(
-                DispatchPayload("scales", self.scale_bytes_per_token, self.quant.scale_element_size)
-            )
+            payloads.append(DispatchPayload("scales", self.scale_bytes_per_token, self.quant.scale_element_size))
         payloads.append(DispatchPayload("topk_ids", self.top_k * INT32_BYTES, INT32_BYTES))
         payloads.append(DispatchPayload("topk_weights", self.top_k * FP32_BYTES, FP32_BYTES))
         if self.extra_payload_bytes_per_token:
@@ -547,9 +543,7 @@ class ModelPlan:
         raw_stages = _expect_list("stages", data["stages"], "stages (arrays of layers)")
         if not raw_stages:
             raise PlanError("stages", [], "must hold at least one stage (pp >= 1)")
-        stages = tuple(
-            _layers_from_entries(f"stages[{s}]", stage, defaults) for s, stage in enumerate(raw_stages)
-        )
+        stages = tuple(_layers_from_entries(f"stages[{s}]", stage, defaults) for s, stage in enumerate(raw_stages))
         mtp_head = _layers_from_entries("mtp_head", data.get("mtp_head", []), defaults)
         return cls(stages, mtp_head, name, description)
 

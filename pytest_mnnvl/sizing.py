@@ -459,9 +459,7 @@ def dispatch_argument_error(
     return None
 
 
-def combine_argument_error(
-    ep_size: int, top_k: int, *, ep_rank: int = 0, local_num_tokens: int = 0
-) -> str | None:
+def combine_argument_error(ep_size: int, top_k: int, *, ep_rank: int = 0, local_num_tokens: int = 0) -> str | None:
     """The scalar argument checks ``moe_a2a_combine`` runs before the region check, first failure."""
     if not 0 < ep_size <= MAX_RANKS:
         return check_failed_message(
@@ -528,9 +526,7 @@ class WorkspaceGeometry:
     def payload_offset(self) -> int:
         return aux_size(self.ep_size, self.max_num_tokens, self.eplb_stats_num_experts)
 
-    def check_dispatch(
-        self, runtime_max_tokens_per_rank: int, payload_bytes_per_token: Sequence[int]
-    ) -> DispatchCheck:
+    def check_dispatch(self, runtime_max_tokens_per_rank: int, payload_bytes_per_token: Sequence[int]) -> DispatchCheck:
         return check_dispatch(
             self.ep_size,
             runtime_max_tokens_per_rank,

@@ -382,9 +382,7 @@ class SpmdSession:
             self._call = None
         if not late:
             self._publish(seq, f"{state.base}/{self.rank}", _dumps_status(("done", outcome)))
-        statuses = {
-            r: pickle.loads(raw) for r, raw in self._gather(state.base, state.deadline + LATE_GRACE_S).items()
-        }
+        statuses = {r: pickle.loads(raw) for r, raw in self._gather(state.base, state.deadline + LATE_GRACE_S).items()}
         return self._verdict(state, statuses, timeout)
 
     def _on_deadline(self, state: _Call, seq: int) -> None:

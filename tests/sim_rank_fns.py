@@ -64,9 +64,7 @@ def _error(fn: Callable[[], Any]) -> tuple[str, str, str] | None:
 
 def _routing(ctx: Any, n: int, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1000 + ctx.ep_rank)
-    return (
-        torch.argsort(torch.rand(n, num_experts, generator=g), dim=1)[:, :top_k].to(torch.int32).contiguous()
-    )
+    return torch.argsort(torch.rand(n, num_experts, generator=g), dim=1)[:, :top_k].to(torch.int32).contiguous()
 
 
 def nvfp4_payloads(ctx: Any, n: int, hidden: int, top_k: int, num_experts: int) -> list[torch.Tensor]:
@@ -182,9 +180,7 @@ def round_trip(ctx: Any, num_experts: int, top_k: int, hidden: int, max_tokens: 
         x = torch.randn(n, hidden, generator=g).to(torch.bfloat16)
         ids = torch.randint(0, num_experts, (n, top_k), generator=g, dtype=torch.int32)  # repeats allowed
         w = torch.rand(n, top_k, generator=g)
-        rx, rids, rw = a2a.dispatch(
-            ids, [x, ids, w], max_tokens, invalid_token_expert_id=-1, expert_id_payload_index=1
-        )
+        rx, rids, rw = a2a.dispatch(ids, [x, ids, w], max_tokens, invalid_token_expert_id=-1, expert_id_payload_index=1)
         gathered: list[Any] = [None] * ep
         dist.all_gather_object(gathered, (x, ids, w), group=ctx.cpu_group)
         delivered = True
@@ -199,17 +195,13 @@ def round_trip(ctx: Any, num_experts: int, top_k: int, hidden: int, max_tokens: 
                     strict=True,
                 )
             )
-            want = sorted(
-                zip(sx[mine].view(torch.int16).tolist(), sids[mine].tolist(), sw[mine].tolist(), strict=True)
-            )
+            want = sorted(zip(sx[mine].view(torch.int16).tolist(), sids[mine].tolist(), sw[mine].tolist(), strict=True))
             delivered &= got == want
             delivered &= bool((rids[source, count:] == -1).all())
         offsets = list(sizing.aux_offsets(ep, max_tokens))
         index = type(a2a)._METAINFO_INDEX
         target_off = offsets[index["TOPK_TARGET_RANKS_OFFSET_INDEX"]]
-        target_ranks = (
-            a2a.workspace[me, target_off : target_off + n * top_k * 4].view(torch.int32).view(n, top_k)
-        )
+        target_ranks = a2a.workspace[me, target_off : target_off + n * top_k * 4].view(torch.int32).view(n, top_k)
         owners = _owners(ids, num_experts, ep)
         first = torch.tensor([[owners[t, k] not in owners[t, :k] for k in range(top_k)] for t in range(n)])
         aux_ok = bool(torch.equal(target_ranks.long(), torch.where(first, owners, -1)))
@@ -267,9 +259,7 @@ def cache_lifetime(ctx: Any) -> dict[str, Any]:
     try:
         a = build(ctx, 3 << 20, 32, 2, 8)
         b = build(ctx, 3 << 20, 32, 2, 8)
-        out["same_key_shared"] = (
-            a._WORKSPACE is b._WORKSPACE and a.workspace.data_ptr() == b.workspace.data_ptr()
-        )
+        out["same_key_shared"] = a._WORKSPACE is b._WORKSPACE and a.workspace.data_ptr() == b.workspace.data_ptr()
         out["one"] = state()
         c = build(ctx, 5 << 20, 32, 2, 8)
         out["distinct"] = c.workspace.data_ptr() != a.workspace.data_ptr()
@@ -290,9 +280,7 @@ def cache_lifetime(ctx: Any) -> dict[str, Any]:
         drop_all_workspaces()
 
 
-def via_create_communication(
-    ctx: Any, hidden: int, top_k: int, num_experts: int, tokens: int
-) -> dict[str, Any]:
+def via_create_communication(ctx: Any, hidden: int, top_k: int, num_experts: int, tokens: int) -> dict[str, Any]:
     """vLLM 0.33's path: flashinfer.moe_ep.create_communication → NVLinkOneSidedAlltoAll → MoeAlltoAll."""
     from flashinfer.moe_ep import BootstrapConfig, MoEEpCommParams, NVLinkOneSidedConfig, create_communication
 
@@ -350,11 +338,8 @@ def signatures(ctx: Any) -> dict[str, Any]:
         return [(p.name, str(p.kind), p.default) for p in inspect.signature(fn).parameters.values()]
 
     return {
-        "size_fn": shape(sim.moe_a2a_get_workspace_size_per_rank)
-        == shape(fc.moe_a2a_get_workspace_size_per_rank),
-        "classes": sim.MoeAlltoAll is fc.MoeAlltoAll
-        and sim.Mapping is fc.Mapping
-        and sim.MnnvlConfig is MnnvlConfig,
+        "size_fn": shape(sim.moe_a2a_get_workspace_size_per_rank) == shape(fc.moe_a2a_get_workspace_size_per_rank),
+        "classes": sim.MoeAlltoAll is fc.MoeAlltoAll and sim.Mapping is fc.Mapping and sim.MnnvlConfig is MnnvlConfig,
         "fi_size": fc.moe_a2a_get_workspace_size_per_rank(ctx.ep_size, 256, 2320, 8192),
         "installed": sim.installed(),
     }

@@ -219,9 +219,7 @@ def test_inventory_nvml_failures() -> None:
 def test_inventory_mixed_gpus_warns_about_order() -> None:
     nvml = FakeNvml([("NVIDIA H100", UUIDS[0], BUSES[0]), ("NVIDIA A10", UUIDS[1], BUSES[1])])
     assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in cap.inventory_from_nvml(nvml, {}).reason
-    assert (
-        "CUDA_DEVICE_ORDER" not in cap.inventory_from_nvml(nvml, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}).reason
-    )
+    assert "CUDA_DEVICE_ORDER" not in cap.inventory_from_nvml(nvml, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}).reason
 
 
 def test_inventory_from_procfs(tmp_path: Path) -> None:
@@ -374,9 +372,7 @@ def test_choose_handle_type_fabric_rules() -> None:
 
 
 def test_fabric_states_from_nvml() -> None:
-    nvml = FakeNvml(
-        fake_gpus(3), fabric=[(3, b"\x01" + bytes(15)), (3, bytes(16)), FakeNVMLError("Not Supported")]
-    )
+    nvml = FakeNvml(fake_gpus(3), fabric=[(3, b"\x01" + bytes(15)), (3, bytes(16)), FakeNVMLError("Not Supported")])
     states = cap.fabric_states_from_nvml(nvml, [0, 1, 2])
     assert states == [FabricState(3, True), FabricState(3, False), FabricState(None, False, "Not Supported")]
     assert nvml.refcount == 0
@@ -416,9 +412,7 @@ def test_parse_cap_eff() -> None:
         (None, "1\n", None, ["CapEff not found"]),
     ],
 )
-def test_static_ptrace_verdict(
-    cap_eff: int | None, yama: str | None, value: bool | None, words: list[str]
-) -> None:
+def test_static_ptrace_verdict(cap_eff: int | None, yama: str | None, value: bool | None, words: list[str]) -> None:
     probe = cap.static_ptrace_verdict(cap_eff, yama)
     assert probe.value is value
     for word in words:
@@ -585,9 +579,7 @@ def test_header_with_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_import_is_light() -> None:
     code = "import pytest_mnnvl.capabilities"
-    out = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     assert "pytest_mnnvl.capabilities" in imported
     heavy = {m for m in imported if m.split(".")[0] in {"torch", "flashinfer", "pynvml", "hypothesis"}}

@@ -62,12 +62,9 @@ def test_activation_and_scale_bytes(
     ("quant", "payloads"),
     [
         ("bf16", [("hidden_states", 2 * H, 2), ("topk_ids", 32, 4), ("topk_weights", 32, 4)]),
-        ("nvfp4", [("hidden_states", H // 2, 1), ("scales", H // 16, 1), ("topk_ids", 32, 4),
-                   ("topk_weights", 32, 4)]),
-        ("mxfp8", [("hidden_states", H, 1), ("scales", H // 32, 1), ("topk_ids", 32, 4),
-                   ("topk_weights", 32, 4)]),
-        ("fp8_block", [("hidden_states", H, 1), ("scales", H // 32, 4), ("topk_ids", 32, 4),
-                       ("topk_weights", 32, 4)]),
+        ("nvfp4", [("hidden_states", H // 2, 1), ("scales", H // 16, 1), ("topk_ids", 32, 4), ("topk_weights", 32, 4)]),
+        ("mxfp8", [("hidden_states", H, 1), ("scales", H // 32, 1), ("topk_ids", 32, 4), ("topk_weights", 32, 4)]),
+        ("fp8_block", [("hidden_states", H, 1), ("scales", H // 32, 4), ("topk_ids", 32, 4), ("topk_weights", 32, 4)]),
     ],
 )
 def test_dispatch_payloads_in_vllm_order(quant: str, payloads: list[tuple[str, int, int]]) -> None:
@@ -151,8 +148,7 @@ def test_quant_accepts_json_string() -> None:
     ],
 )
 def test_layer_validation(kwargs: dict[str, Any], field: str, allowed: str) -> None:
-    args: dict[str, Any] = {"quant": "bf16", "hidden_size": H, "top_k": 8, "num_experts": 64,
-                            "max_num_tokens": 256}
+    args: dict[str, Any] = {"quant": "bf16", "hidden_size": H, "top_k": 8, "num_experts": 64, "max_num_tokens": 256}
     args.update(kwargs)
     with pytest.raises(LayerSpecError, match=f"^{field}=") as info:
         LayerSpec(**args)
@@ -272,10 +268,12 @@ def test_lists_become_tuples() -> None:
 
 
 def test_json_round_trip_compact() -> None:
-    other = layer("fp8_block", hidden_size=7168, num_experts=256, eplb_stats_num_experts=256,
-                  extra_payload_bytes_per_token=16)
-    plan = ModelPlan(((BASE,) * 30, (BASE,) * 28 + (other,)), mtp_head=(MTP,), name="dsr1",
-                     description="58 NVFP4 layers + MTP")
+    other = layer(
+        "fp8_block", hidden_size=7168, num_experts=256, eplb_stats_num_experts=256, extra_payload_bytes_per_token=16
+    )
+    plan = ModelPlan(
+        ((BASE,) * 30, (BASE,) * 28 + (other,)), mtp_head=(MTP,), name="dsr1", description="58 NVFP4 layers + MTP"
+    )
     data = plan.to_dict()
     assert data["schema_version"] == PLAN_SCHEMA_VERSION
     assert data["stages"][0] == [{**BASE.to_dict(), "repeat": 30}]
@@ -287,12 +285,14 @@ def test_json_round_trip_compact() -> None:
 
 
 def test_repeat_and_defaults_shorthand() -> None:
-    text = json.dumps({
-        "name": "x",
-        "defaults": {"hidden_size": 7168, "top_k": 8, "num_experts": 256, "max_num_tokens": 256},
-        "stages": [[{"quant": "nvfp4", "repeat": 58, "name": "moe"}]],
-        "mtp_head": [{"quant": "bf16", "name": "mtp"}],
-    })
+    text = json.dumps(
+        {
+            "name": "x",
+            "defaults": {"hidden_size": 7168, "top_k": 8, "num_experts": 256, "max_num_tokens": 256},
+            "stages": [[{"quant": "nvfp4", "repeat": 58, "name": "moe"}]],
+            "mtp_head": [{"quant": "bf16", "name": "mtp"}],
+        }
+    )
     plan = ModelPlan.from_json(text)
     assert len(plan.stages[0]) == 58 and set(plan.stages[0]) == {BASE}
     assert plan.mtp_head == (MTP,)
@@ -333,33 +333,42 @@ GOOD = {"quant": "bf16", "hidden_size": 64, "top_k": 2, "num_experts": 4, "max_n
         ({"stages": [[GOOD], 5]}, "stages[1]", 5, "JSON array"),
         ({"stages": [[GOOD, "x"]]}, "stages[0][1]", "x", "JSON object"),
         ({"stages": [[GOOD, {**GOOD, "quant": "int4"}]]}, "stages[0][1].quant", "int4", "'nvfp4'"),
-        ({"stages": [[], [GOOD, GOOD, GOOD, {**GOOD, "quant": "fp4"}]]}, "stages[1][3].quant", "fp4",
-         "'bf16'"),
+        ({"stages": [[], [GOOD, GOOD, GOOD, {**GOOD, "quant": "fp4"}]]}, "stages[1][3].quant", "fp4", "'bf16'"),
         ({"stages": [[{**GOOD, "top_k": 23}]]}, "stages[0][0].top_k", 23, "1..22"),
         ({"stages": [[{**GOOD, "top_k": 8}]]}, "stages[0][0].top_k", 8, "num_experts (4)"),
         ({"stages": [[{**GOOD, "hidden_size": "64"}]]}, "stages[0][0].hidden_size", "64", "integer"),
         ({"stages": [[{**GOOD, "max_num_tokens": 8.0}]]}, "stages[0][0].max_num_tokens", 8.0, "integer"),
         ({"stages": [[{**GOOD, "top_k": True}]]}, "stages[0][0].top_k", True, "integer"),
-        ({"stages": [[{**GOOD, "quant": "nvfp4", "hidden_size": 72}]]}, "stages[0][0].hidden_size", 72,
-         "multiple of 16"),
+        (
+            {"stages": [[{**GOOD, "quant": "nvfp4", "hidden_size": 72}]]},
+            "stages[0][0].hidden_size",
+            72,
+            "multiple of 16",
+        ),
         ({"stages": [[{**GOOD, "topk": 2}]]}, "stages[0][0].topk", "topk", "allowed keys: quant"),
-        ({"stages": [[{k: v for k, v in GOOD.items() if k != "top_k"}]]}, "stages[0][0].top_k", None,
-         "required"),
+        ({"stages": [[{k: v for k, v in GOOD.items() if k != "top_k"}]]}, "stages[0][0].top_k", None, "required"),
         ({"stages": [[{**GOOD, "repeat": 0}]]}, "stages[0][0].repeat", 0, ">= 1"),
         ({"stages": [[{**GOOD, "repeat": "2"}]]}, "stages[0][0].repeat", "2", ">= 1"),
         ({"stages": [[{**GOOD, "name": 7}]]}, "stages[0][0].name", 7, "string"),
-        ({"stages": [[GOOD]], "mtp_head": [{**GOOD, "num_experts": 0}]}, "mtp_head[0].num_experts", 0,
-         ">= 1"),
+        ({"stages": [[GOOD]], "mtp_head": [{**GOOD, "num_experts": 0}]}, "mtp_head[0].num_experts", 0, ">= 1"),
         ({"stages": [[GOOD]], "mtp_head": {}}, "mtp_head", {}, "JSON array"),
         ({"stages": [[GOOD]], "name": 1}, "name", 1, "string"),
         ({"stages": [[GOOD]], "description": None}, "description", None, "string"),
         ({"stages": [[GOOD]], "defaults": []}, "defaults", [], "JSON object"),
         ({"stages": [[GOOD]], "defaults": {"repeat": 2}}, "defaults.repeat", "repeat", "allowed keys"),
         ({"stages": [[GOOD]], "defaults": {"name": "a"}}, "defaults.name", "name", "allowed keys"),
-        ({"defaults": {**GOOD, "top_k": 0}, "stages": [[{"name": "a"}]]},
-         "defaults.top_k (used by stages[0][0])", 0, "1..22"),
-        ({"defaults": {**GOOD, "quant": "x"}, "stages": [[{"name": "a"}]]},
-         "defaults.quant (used by stages[0][0])", "x", "one of"),
+        (
+            {"defaults": {**GOOD, "top_k": 0}, "stages": [[{"name": "a"}]]},
+            "defaults.top_k (used by stages[0][0])",
+            0,
+            "1..22",
+        ),
+        (
+            {"defaults": {**GOOD, "quant": "x"}, "stages": [[{"name": "a"}]]},
+            "defaults.quant (used by stages[0][0])",
+            "x",
+            "one of",
+        ),
     ],
 )
 def test_plan_json_errors(doc: Any, path: str, value: Any, allowed: str) -> None:

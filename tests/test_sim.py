@@ -73,9 +73,7 @@ def test_dispatch_too_small(mnnvl_world: WorldFactory, ep: int) -> None:
 @WORLD_SIZES
 def test_unequal_allocation_sizes(mnnvl_world: WorldFactory, ep: int) -> None:
     """FlashInfer's own collective size check fires on every rank, before anything is allocated."""
-    for (kind, message, where), cached in mnnvl_world(world_size=ep, backend=SIM).run(
-        fns.unequal_sizes, 1 << 20
-    ):
+    for (kind, message, where), cached in mnnvl_world(world_size=ep, backend=SIM).run(fns.unequal_sizes, 1 << 20):
         assert (kind, message) == ("AssertionError", "Not all rank allocating same size.")
         assert where.endswith(os.path.join("flashinfer", "comm", "mnnvl.py"))
         assert cached == 0

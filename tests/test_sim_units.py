@@ -133,7 +133,5 @@ def test_importing_the_backends_imports_no_flashinfer() -> None:
     )
     import subprocess
 
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     assert out.stdout.strip() == "False"

@@ -57,10 +57,7 @@ def test_workspace_size_measured(ep: int, quant: str, expected: int) -> None:
     layer = LayerSpec(QuantFormat(quant), H, top_k=2, num_experts=8, max_num_tokens=256)
     assert layer.need(ep) == expected
     assert sizing.need(layer, ep) == expected
-    assert (
-        workspace_size_per_rank(ep, 256, layer.dispatch_bytes_per_token, layer.combine_bytes_per_token)
-        == expected
-    )
+    assert workspace_size_per_rank(ep, 256, layer.dispatch_bytes_per_token, layer.combine_bytes_per_token) == expected
 
 
 def test_the_bug_nvfp4_workspace_then_bf16_layer() -> None:
@@ -245,11 +242,13 @@ DISPATCH_ARG_CASES: list[tuple[dict[str, Any], str, list[int]]] = [
 
 
 @pytest.mark.parametrize(("overrides", "golden_fn", "golden_args"), DISPATCH_ARG_CASES)
-def test_dispatch_argument_messages(
-    overrides: dict[str, Any], golden_fn: str, golden_args: list[int]
-) -> None:
+def test_dispatch_argument_messages(overrides: dict[str, Any], golden_fn: str, golden_args: list[int]) -> None:
     args: dict[str, Any] = {
-        "ep_size": 2, "runtime_max_tokens_per_rank": 1, "top_k": 2, "num_experts": 8, "num_payloads": 4,
+        "ep_size": 2,
+        "runtime_max_tokens_per_rank": 1,
+        "top_k": 2,
+        "num_experts": 8,
+        "num_payloads": 4,
     }
     args.update(overrides)
     message = sizing.dispatch_argument_error(**args)
@@ -269,10 +268,17 @@ def test_dispatch_argument_ok_and_local_tokens() -> None:
     ("stats", "reserved", "expected"),
     [
         (0, 0, "Check failed: (eplbStatsNumExperts > 0) is false: eplb_local_stats must not be empty"),
-        (9, 9, "Check failed: (eplbStatsNumExperts <= numExperts) is false: "
-               "eplb_local_stats size must be <= num_experts"),
-        (8, 0, "Check failed: (gatheredEnd <= offsets[fi_throughput::PAYLOAD_DATA_OFFSET_INDEX]) is false: "
-               "eplb_local_stats size (8) exceeds the eplb_stats_num_experts reserved at initialize time"),
+        (
+            9,
+            9,
+            "Check failed: (eplbStatsNumExperts <= numExperts) is false: eplb_local_stats size must be <= num_experts",
+        ),
+        (
+            8,
+            0,
+            "Check failed: (gatheredEnd <= offsets[fi_throughput::PAYLOAD_DATA_OFFSET_INDEX]) is false: "
+            "eplb_local_stats size (8) exceeds the eplb_stats_num_experts reserved at initialize time",
+        ),
         (8, 8, None),
     ],
 )
@@ -292,15 +298,14 @@ def test_dispatch_eplb_needs_offsets() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({"ep_size": 0, "top_k": 2},
-         "Check failed: (epSize > 0 && epSize <= tl_throughput::kMaxRanks) is false: "
-         "epSize must be in the range (0, 64]"),
-        ({"ep_size": 2, "top_k": 2, "ep_rank": -1},
-         "Check failed: (epRank >= 0 && epRank < epSize) is false: "),
-        ({"ep_size": 2, "top_k": 0},
-         "Check failed: (topK > 0 && topK <= tl_throughput::kMaxTopK) is false: "),
-        ({"ep_size": 2, "top_k": 2, "local_num_tokens": -1},
-         "Check failed: (localNumTokens >= 0) is false: "),
+        (
+            {"ep_size": 0, "top_k": 2},
+            "Check failed: (epSize > 0 && epSize <= tl_throughput::kMaxRanks) is false: "
+            "epSize must be in the range (0, 64]",
+        ),
+        ({"ep_size": 2, "top_k": 2, "ep_rank": -1}, "Check failed: (epRank >= 0 && epRank < epSize) is false: "),
+        ({"ep_size": 2, "top_k": 0}, "Check failed: (topK > 0 && topK <= tl_throughput::kMaxTopK) is false: "),
+        ({"ep_size": 2, "top_k": 2, "local_num_tokens": -1}, "Check failed: (localNumTokens >= 0) is false: "),
         ({"ep_size": 2, "top_k": 2}, None),
     ],
 )
@@ -317,9 +322,12 @@ def test_misaligned_payload_message() -> None:
     assert message is not None and "Misaligned payload buffer 2 with element size 4" in message
     assert sizing.misaligned_payload_error(1, 4, *args) is None
     big = LayerSpec(QuantFormat.NVFP4, H, 8, 8, 256)
-    assert sizing.misaligned_payload_error(
-        2, 255, big.dispatch_payload_bytes_per_token, big.dispatch_payload_element_sizes
-    ) is None
+    assert (
+        sizing.misaligned_payload_error(
+            2, 255, big.dispatch_payload_bytes_per_token, big.dispatch_payload_element_sizes
+        )
+        is None
+    )
 
 
 def test_misaligned_payload_length_mismatch() -> None:
@@ -381,8 +389,12 @@ def test_aux_grid_self_consistent() -> None:
         (lambda: WorkspaceGeometry(2, 1, -1), "size_per_rank"),
         (lambda: WorkspaceGeometry(2, 1, 10, -1), "eplb_stats_num_experts"),
         (lambda: sizing.need(LayerSpec(QuantFormat.BF16, 8, 1, 1, 1), 0), "ep_size"),
-        (lambda: smallest_failing_runtime_tokens(
-            LayerSpec(QuantFormat.BF16, 8, 1, 1, 1), WorkspaceGeometry(1, 1, 10), up_to=-1), "up_to"),
+        (
+            lambda: smallest_failing_runtime_tokens(
+                LayerSpec(QuantFormat.BF16, 8, 1, 1, 1), WorkspaceGeometry(1, 1, 10), up_to=-1
+            ),
+            "up_to",
+        ),
     ],
 )
 def test_bad_input_names_field(call: Any, field: str) -> None:

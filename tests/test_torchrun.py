@@ -353,13 +353,9 @@ def test_deadlock_and_python_hang_are_reported_by_the_peers(inner: pytest.Pytest
 def test_rank_crash_stops_the_session_with_a_verdict(inner: pytest.Pytester) -> None:
     inner.makepyfile(test_crash=CRASH_TESTS)
     report, junit = inner.path / "report.json", inner.path / "junit.xml"
-    run = torchrun(
-        inner, "-p", "pytest_mnnvl.conformance_plugin", f"--mnnvl-report={report}", f"--junitxml={junit}"
-    )
+    run = torchrun(inner, "-p", "pytest_mnnvl.conformance_plugin", f"--mnnvl-report={report}", f"--junitxml={junit}")
     assert run.ret != 0
-    run.lines.fnmatch_lines(
-        ["*RankCrashed: rank 1 crashed (exit status: see torchrun's log) during rank_one_exits()*"]
-    )
+    run.lines.fnmatch_lines(["*RankCrashed: rank 1 crashed (exit status: see torchrun's log) during rank_one_exits()*"])
     for rank in (0, 2, 3):
         outcomes = [(nodeid.split("::")[1], outcome) for nodeid, _, outcome in run.outcomes(rank)]
         assert outcomes == [("test_before", "passed"), ("test_crash", "failed")], f"rank {rank}"

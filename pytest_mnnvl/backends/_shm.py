@@ -226,9 +226,7 @@ def _machine_fence() -> Callable[[], None] | None:
     Payloads may be copied with non-temporal stores (large ``memcpy``), which x86 does not order
     with a later plain store; the completion flag must not become visible before the payload.
     """
-    code = {"x86_64": bytes.fromhex("0faef0c3"), "aarch64": bytes.fromhex("bf3b03d5c0035fd6")}.get(
-        platform.machine()
-    )
+    code = {"x86_64": bytes.fromhex("0faef0c3"), "aarch64": bytes.fromhex("bf3b03d5c0035fd6")}.get(platform.machine())
     if code is None:
         return None
     try:

@@ -78,9 +78,7 @@ def _forbid_multicast() -> None:
         return
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(
-            "pytest-mnnvl: cuMulticastCreate is forbidden in test ranks (MoeAlltoAll never needs it)"
-        )
+        raise RuntimeError("pytest-mnnvl: cuMulticastCreate is forbidden in test ranks (MoeAlltoAll never needs it)")
 
     driver.cuMulticastCreate = refuse
 

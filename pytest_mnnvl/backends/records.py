@@ -114,9 +114,7 @@ def snapshot() -> MemorySnapshot:
                 ep_rank=int(entry.get("ep_rank", key_t[1] if len(key_t) > 1 else 0)),
                 ep_size=int(entry.get("ep_size", key_t[2] if len(key_t) > 2 else 1)),
                 max_num_tokens=int(entry.get("max_num_tokens", key_t[3] if len(key_t) > 3 else 0)),
-                eplb_stats_num_experts=int(
-                    entry.get("eplb_stats_num_experts", key_t[4] if len(key_t) > 4 else 0)
-                ),
+                eplb_stats_num_experts=int(entry.get("eplb_stats_num_experts", key_t[4] if len(key_t) > 4 else 0)),
                 backend=str(key_t[5]) if len(key_t) > 5 else "trtllm",
                 ptr=None if ptr is None else int(ptr),
                 aligned_size=None if alloc is None else int(_field(alloc, "aligned_size", 3)),

@@ -114,8 +114,7 @@ def _require(module: Any, name: str, version: str) -> Any:
     if not hasattr(module, name):
         raise RuntimeError(
             f"pytest-mnnvl sim backend: flashinfer {version} has no {module.__name__}.{name}, one of the "
-            "pieces the sim replaces; supported FlashInfer versions: "
-            + ", ".join(SUPPORTED_FLASHINFER_VERSIONS)
+            "pieces the sim replaces; supported FlashInfer versions: " + ", ".join(SUPPORTED_FLASHINFER_VERSIONS)
         )
     return getattr(module, name)
 

@@ -274,9 +274,7 @@ def _final_pass_lines(stage: StageWalk, ep: int, verbose: bool) -> list[str]:
 def _verdict_line(walk: PlanWalk) -> str:
     failures = walk.failures
     if not failures:
-        return (
-            "verdict: every layer fits at its full runtime token count, also on the handle its stage ends with"
-        )
+        return "verdict: every layer fits at its full runtime token count, also on the handle its stage ends with"
     first = failures[0]
     when = " (final pass: on the handle the stage ended with)" if first.final_pass else ""
     return (

@@ -334,9 +334,7 @@ def _first_failure(records: dict[int, StageRecord]) -> tuple[StageRecord, int, s
     if not failing:
         return None
     # In time order: a failing step comes before any final pass.
-    record, (index, phase, errors) = min(
-        failing, key=lambda rf: (rf[0].failed_in_final_pass, rf[1][0], rf[0].stage)
-    )
+    record, (index, phase, errors) = min(failing, key=lambda rf: (rf[0].failed_in_final_pass, rf[1][0], rf[0].stage))
     rank = min(errors)
     return record, index, phase, rank, errors[rank]
 
