@@ -111,21 +111,25 @@ def layer_label(loaded: LoadedPlan, stage: int, index: int) -> str:
 
 
 def _full_size_outcome(
-    layer: LayerSpec, geometry: sizing.WorkspaceGeometry, tokens: int
-) -> tuple[Verdict, str | None, str | None, sizing.RoundTripCheck | None]:
+    layer: LayerSpec, geometry: sizing.WorkspaceGeometry
+) -> tuple[Verdict, str | None, str | None, sizing.RoundTripCheck | None, int | None]:
+    """The round trip of ``layer`` at its full token count on ``geometry``: verdict, error type and text, the
+    host-check arithmetic, and the smallest failing runtime token count."""
+    tokens = layer.max_num_tokens
+    first = first_failing_tokens(layer, geometry)
     if tokens > geometry.max_num_tokens:
-        return "tokens", "AssertionError", sizing.RUNTIME_TOKENS_EXCEED_MAX, None
+        return "tokens", "AssertionError", sizing.RUNTIME_TOKENS_EXCEED_MAX, None, first
     check = sizing.layer_round_trip(layer, geometry, tokens)
     misaligned = sizing.misaligned_payload_error(
         geometry.ep_size, tokens, layer.dispatch_payload_bytes_per_token, layer.dispatch_payload_element_sizes
     )
     if misaligned is not None:
-        return "misaligned", "RuntimeError", misaligned, check
+        return "misaligned", "RuntimeError", misaligned, check, first
     if not check.dispatch.fits:
-        return "dispatch", "RuntimeError", check.dispatch.message, check
+        return "dispatch", "RuntimeError", check.dispatch.message, check, first
     if not check.combine.fits:
-        return "combine", "RuntimeError", check.combine.message, check
-    return "ok", None, None, check
+        return "combine", "RuntimeError", check.combine.message, check, first
+    return "ok", None, None, check, first
 
 
 @dataclass(frozen=True)
@@ -216,8 +220,7 @@ def walk_stage(loaded: LoadedPlan, ep: int, stage: int, holdings: list[Holding])
             error_type, error = held.init_error
             check, first = None, None
         else:
-            verdict, error_type, error, check = _full_size_outcome(layer, geometry, layer.max_num_tokens)
-            first = first_failing_tokens(layer, geometry)
+            verdict, error_type, error, check, first = _full_size_outcome(layer, geometry)
         outcomes.append(
             LayerOutcome(
                 stage=stage,
@@ -254,7 +257,7 @@ def _final_pass(outcomes: list[LayerOutcome], holdings: list[Holding], ep: int) 
         if held.built_by == last.built_by or not o.fits or o.layer in seen:
             continue
         seen.add(o.layer)
-        verdict, error_type, error, check = _full_size_outcome(o.layer, geometry, o.layer.max_num_tokens)
+        verdict, error_type, error, check, first = _full_size_outcome(o.layer, geometry)
         final.append(
             replace(
                 o,
@@ -265,7 +268,7 @@ def _final_pass(outcomes: list[LayerOutcome], holdings: list[Holding], ep: int) 
                 error_type=error_type,
                 error=error,
                 check=check,
-                first_failing_tokens=first_failing_tokens(o.layer, geometry),
+                first_failing_tokens=first,
                 final_pass=True,
             )
         )

@@ -48,6 +48,11 @@ def classify(error_type: str, message: str) -> str:
     return "other"
 
 
+def failed_check(phase: str, error: dict[str, str]) -> str:
+    """Which check a failing step is: ``initialize``, or the round trip's (step or final pass) by its error."""
+    return "initialize" if phase == "initialize" else classify(error["type"], error["message"])
+
+
 @dataclass(frozen=True)
 class Driver:
     """What the ranks run: the real manager (``factory``) or a policy standing in for one."""
@@ -288,7 +293,7 @@ class _Progress:
             )
             if failed:
                 err = failed[0]["error"]
-                where = classify(err["type"], err["message"]) if failed[0]["phase"] == "round_trip" else "initialize"
+                where = failed_check(failed[0]["phase"], err)
                 what = f"FAILED in {where} on rank(s) {', '.join(str(r['rank']) for r in failed)}"
             elif rt is None:
                 what = "initialized"
@@ -308,7 +313,7 @@ class _Progress:
             name = analysis.layer_label(self.loaded, record.stage, index)
             print(
                 f"  stage {record.stage} final pass: layer {index} {name!r} again on the handle the stage ended "
-                f"with: FAILED in {classify(err['type'], err['message'])} on rank(s) "
+                f"with: FAILED in {failed_check(repro_rank.FINAL_PASS, err)} on rank(s) "
                 f"{', '.join(map(str, sorted(errors)))}",
                 file=self.out,
             )
@@ -372,13 +377,13 @@ def run(loaded: LoadedPlan, args: argparse.Namespace) -> int:
 
 
 def _prediction_for(
-    predicted: dict[int, analysis.StageWalk], stage: int, index: int, final: bool = False
+    predicted: dict[int, analysis.StageWalk], stage: int, index: int, phase: str
 ) -> analysis.LayerOutcome | None:
-    """The arithmetic's outcome for a step (or, ``final``, for the final pass) on the handle the ranks held."""
+    """The arithmetic's outcome for the step (or the final pass) that failed, on the handle the ranks held."""
     walk = predicted.get(stage)
     if walk is None:
         return None
-    if final:
+    if phase == repro_rank.FINAL_PASS:
         return next((o for o in walk.final if o.index == index), None)
     return None if index >= len(walk.outcomes) else walk.outcomes[index]
 
@@ -399,7 +404,7 @@ def _print_verdict(
     record, index, phase, rank, error = first
     label = analysis.layer_label(loaded, record.stage, index)
     errors = record.failure[2] if record.failure else {}
-    check = classify(error["type"], error["message"]) if phase != "initialize" else "initialize"
+    check = failed_check(phase, error)
     when = ""
     if phase == repro_rank.FINAL_PASS:
         when = " in the final pass (it fit its own step, not the handle its stage ended with)"
@@ -416,7 +421,7 @@ def _print_verdict(
     )
     if check == "other":
         print(error.get("traceback", "").rstrip())
-    outcome = _prediction_for(predicted, record.stage, index, final=phase == repro_rank.FINAL_PASS)
+    outcome = _prediction_for(predicted, record.stage, index, phase)
     if outcome is not None and outcome.check is not None and phase != "initialize":
         agrees = outcome.error == error["message"]
         print(
@@ -461,7 +466,7 @@ def _document(
     failure = None
     if first is not None:
         record, index, phase, rank, error = first
-        outcome = _prediction_for(predicted, record.stage, index, final=phase == repro_rank.FINAL_PASS)
+        outcome = _prediction_for(predicted, record.stage, index, phase)
         failure = {
             "stage": record.stage,
             "index": index,
@@ -469,7 +474,7 @@ def _document(
             "origin": loaded.origin(record.stage, index),
             "rank": rank,
             "phase": phase,
-            "check": classify(error["type"], error["message"]) if phase != "initialize" else "initialize",
+            "check": failed_check(phase, error),
             "type": error["type"],
             "message": error["message"],
             "ranks": sorted(record.failure[2]) if record.failure else [],
