@@ -20,12 +20,27 @@ def build_moe_alltoall(ctx: Any, sized_for: LayerSpec) -> Any:
     )
 
 
-def first_layer_sizing(ctx: Any, base: LayerSpec, head: LayerSpec, tokens: int) -> dict[str, Any]:
-    """Size the workspace from the base layer (the pre-fix manager), then round-trip the head layer."""
+def ep_barrier(ctx: Any) -> None:
+    """What must separate round trips whose payload layouts differ: FlashInfer 0.7.2's combine region
+    starts after the current dispatch payloads, so without it a fast rank's next dispatch overwrites
+    the combine slots a slower peer is still reading (TensorRT-LLM #19312)."""
+    import torch
+    import torch.distributed as dist
+
+    if ctx.device != "cpu":
+        torch.cuda.synchronize()
+    dist.barrier(group=ctx.cpu_group)
+
+
+def first_layer_sizing(ctx: Any, base: LayerSpec, head: LayerSpec, tokens: int, barrier: bool = True) -> dict[str, Any]:
+    """Size the workspace from the base layer (the pre-fix manager), then round-trip the head layer
+    (``barrier=False`` leaves out the EP barrier between the two layouts: a race)."""
     from pytest_mnnvl.roundtrip import round_trip
 
     a2a = build_moe_alltoall(ctx, base)
     base_ok = round_trip(a2a, base, ctx.ep_rank, ctx.ep_size, base.max_num_tokens, ctx.device)
+    if barrier:
+        ep_barrier(ctx)
     try:
         round_trip(a2a, head, ctx.ep_rank, ctx.ep_size, tokens, ctx.device)
     except RuntimeError as error:
@@ -43,6 +58,7 @@ def union_sizing(ctx: Any, layers: list[LayerSpec]) -> list[int]:
     a2a = build_moe_alltoall(ctx, biggest)
     for layer in layers:
         round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
+        ep_barrier(ctx)
     size = int(a2a.workspace_size_per_rank)
     a2a._reset_workspace()
     return [size]

@@ -34,6 +34,16 @@ def test_first_layer_sizing_fails_in_combine(mnnvl_world, world_size: int) -> No
     assert [o["head_error"] for o in out] == [COMBINE_CHECK] * world_size
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_layout_change_without_a_barrier_is_a_race(mnnvl_world, world_size: int) -> None:
+    """Round trips of two layouts back to back: the head's dispatch may overwrite the base's combine
+    slots a slower peer is still reading. On a GPU that corrupts data only when the timing is
+    unlucky; the sim says so on every run, on the rank that writes and on its peers."""
+    out = mnnvl_world(world_size).run(rank_fns.first_layer_sizing, BASE, HEAD, 256, False)
+    for rank, o in enumerate(out):
+        assert "workspace race" in o["head_error"], (rank, o["head_error"])
+
+
 def test_a_small_batch_hides_the_bug(mnnvl_world) -> None:
     """The check uses the runtime token count: the smallest failing batch comes from the arithmetic."""
     geometry = sizing.WorkspaceGeometry(ep_size=2, max_num_tokens=256, size_per_rank=BASE.need(2))

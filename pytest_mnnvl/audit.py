@@ -57,6 +57,8 @@ class _Auditor:
         self.installed = False
         #: Called with the group before each collective: torchrun worlds bound its gloo timeout there.
         self.before: Callable[[Any], None] | None = None
+        #: Called with (name, group ranks) after each collective that returned: the sim's race detector.
+        self.after: list[Callable[[str, tuple[int, ...]], None]] = []
         self._fd: int | None = None
         self._fd_path: str | None = None
 
@@ -102,9 +104,12 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         if _AUDITOR.before is not None:
             _AUDITOR.before(group)
         try:
-            return original(*args, **kwargs)
+            result = original(*args, **kwargs)
         finally:
             _AUDITOR.set_status("")
+        for hook in _AUDITOR.after:
+            hook(call.name, call.group_ranks)
+        return result
 
     collective.__mnnvl_audit__ = True  # type: ignore[attr-defined]
     return collective
@@ -129,9 +134,21 @@ def install(status_path: str | None = None) -> None:
     _AUDITOR.installed = True
 
 
+def ensure_installed() -> None:
+    """Wrap the collectives if nothing has yet, keeping any status file already set."""
+    if not _AUDITOR.installed:
+        install(_AUDITOR.status_path)
+
+
 def set_before_collective(hook: Callable[[Any], None] | None) -> None:
     """Run ``hook(group)`` before every audited collective (``None`` removes it)."""
     _AUDITOR.before = hook
+
+
+def add_after_collective(hook: Callable[[str, tuple[int, ...]], None]) -> None:
+    """Run ``hook(name, group_ranks)`` after every audited collective that returned (once per hook)."""
+    if hook not in _AUDITOR.after:
+        _AUDITOR.after.append(hook)
 
 
 @contextmanager

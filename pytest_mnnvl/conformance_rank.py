@@ -14,8 +14,10 @@ data; the parent (:mod:`pytest_mnnvl.invariants`) judges it. What is observed:
 - FlashInfer's cached workspaces (superseded ones leak there), ``cleanup()`` and a re-``initialize``.
 
 Every decision that peers must take together (did anyone raise, did a round trip fail anywhere)
-is all-gathered over the EP group, which also serves as the barrier consecutive round trips with
-different layouts need (TensorRT-LLM #19312).
+is all-gathered over the EP group. Those gathers are the harness's bookkeeping, absent from a
+forward pass, so the sim's race detector does not count them as order (a manager whose
+``initialize`` writes a live workspace without its own EP synchronisation is caught); the EP
+barrier every round trip starts with is the one consecutive layouts need (TensorRT-LLM #19312).
 """
 
 from __future__ import annotations
@@ -38,9 +40,23 @@ def _first_line(exc: BaseException) -> str:
 def _gather(ctx: Any, value: Any) -> list[Any]:
     import torch.distributed as dist
 
+    from pytest_mnnvl.backends import _hazards
+
     out: list[Any] = [None] * ctx.ep_size
-    dist.all_gather_object(out, value, group=ctx.cpu_group)
+    with _hazards.harness_only():
+        dist.all_gather_object(out, value, group=ctx.cpu_group)
     return out
+
+
+def _ep_barrier(ctx: Any) -> None:
+    """This rank's kernels are done and so are every EP peer's: the order two round trips of
+    different payload layouts need on FlashInfer 0.7.2, whose combine region moves with them."""
+    import torch
+    import torch.distributed as dist
+
+    if ctx.device != "cpu":
+        torch.cuda.synchronize()
+    dist.barrier(group=ctx.cpu_group)
 
 
 def evict_workspaces() -> int:
@@ -74,6 +90,7 @@ def round_trip(ctx: Any, adapter: Any, layer: LayerSpec, tokens: int | None = No
     the EP group (``ok``, or the first line of this rank's error, or the peer's)."""
     from pytest_mnnvl.roundtrip import round_trip as verified_round_trip
 
+    _ep_barrier(ctx)
     a2a = adapter.moe_alltoall()
     outcome = OK
     if a2a is None:

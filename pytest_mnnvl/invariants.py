@@ -29,6 +29,7 @@ MUST = (
     "pp_deadlock_freedom",
     "shape_mismatch",
     "cleanup",
+    "workspace_race_free",
 )
 SHOULD = (
     "frees_superseded",
@@ -155,6 +156,10 @@ class CleanupViolation(InvariantViolation):
     invariant = "cleanup"
 
 
+class WorkspaceRaceViolation(InvariantViolation):
+    invariant = "workspace_race_free"
+
+
 class FreesSupersededViolation(InvariantViolation):
     invariant = "frees_superseded"
     level = "should"
@@ -191,6 +196,7 @@ VIOLATIONS: dict[str, type[InvariantViolation]] = {
         PpDeadlockViolation,
         ShapeMismatchViolation,
         CleanupViolation,
+        WorkspaceRaceViolation,
         FreesSupersededViolation,
         MismatchUnderOViolation,
         FailedRebuildViolation,
@@ -598,16 +604,78 @@ def check_minimal_rebuilds(judge: Judge, results: Results) -> None:
             )
 
 
+#: How the sim's race detector names its error (the first line of an outcome starts with it).
+RACE_ERROR = "WorkspaceRace"
+
+
+def _race_outcomes(r: dict[str, Any]) -> Iterable[tuple[str, int | None, Any]]:
+    """(where, layer, outcome) of every call of one rank's plan that may have met a race."""
+    for step in r["steps"]:
+        yield "initialize", step["layer"], step["raised"]
+        yield "round trip after initialize", step["layer"], step["round_trip"]
+        for i, outcome in sorted(step.get("earlier_round_trips", {}).items()):
+            yield "round trip of an earlier layer", i, outcome
+    for i, outcome in sorted(r["late_round_trips"].items()):
+        yield "round trip of an earlier layer after the last initialize", i, outcome
+    for i, outcome in sorted(r["probes"].items()):
+        yield "cross-product probe", i, outcome
+    for key in ("cleanup_raised", "reinit_raised", "reinit_round_trip", "second_cleanup_raised"):
+        yield key.replace("_", " "), None, r.get(key)
+
+
+def _races(results: Results) -> list[tuple[dict[str, Any], str, int | None, str]]:
+    found = []
+    for r in results:
+        for where, layer, outcome in _race_outcomes(r):
+            if isinstance(outcome, str) and RACE_ERROR in outcome:
+                found.append((r, where, layer, outcome))
+    return found
+
+
+def check_workspace_race_free(judge: Judge, results: Results) -> None:
+    """No call of the plan writes workspace bytes a peer's combine may still be reading: on a GPU that
+    corrupts the peer's result silently, whenever the timing is unlucky. The sim judges the order
+    (what synchronises the EP group between a combine and a later write), so the verdict does not
+    depend on timing; the harness's own bookkeeping collectives do not count as order."""
+    found = _races(results)
+    if not found:
+        return
+    # The rank that detected it names writer, reader and bytes; its peers only saw the poison.
+    r, where, layer, outcome = next((f for f in found if "poisoned" not in f[3]), found[0])
+    raise judge.fail(
+        WorkspaceRaceViolation,
+        f"{where} wrote workspace bytes a peer may still be reading",
+        stage=r["stage"],
+        layer=layer,
+        ranks=[f[0]["rank"] for f in found],
+        expected="every write into a live workspace ordered after the peers' combine reads",
+        observed=outcome,
+    )
+
+
+def _unless_raced(check: Callable[[Judge, Results], None]) -> Callable[[Judge, Results], None]:
+    """After a race every later observation may be the corruption's cascade: only its own check reports."""
+
+    def judged(judge: Judge, results: Results) -> None:
+        if not _races(results):
+            check(judge, results)
+
+    judged.__doc__ = check.__doc__
+    judged.__name__ = check.__name__
+    return judged
+
+
 PLAN_CHECKS: dict[str, Callable[[Judge, Results], None]] = {
-    "covers": check_covers,
-    "no_shrink": check_no_shrink,
-    "no_needless_rebuild": check_no_needless_rebuild,
-    "ep_symmetry": check_ep_symmetry,
-    "collective_scope": check_collective_scope,
-    "cleanup": check_cleanup,
-    "frees_superseded": check_frees_superseded,
-    "covers_cross_product": check_covers_cross_product,
-    "minimal_rebuilds": check_minimal_rebuilds,
+    "covers": _unless_raced(check_covers),
+    "no_shrink": _unless_raced(check_no_shrink),
+    "no_needless_rebuild": _unless_raced(check_no_needless_rebuild),
+    "ep_symmetry": _unless_raced(check_ep_symmetry),
+    "collective_scope": _unless_raced(check_collective_scope),
+    "cleanup": _unless_raced(check_cleanup),
+    "workspace_race_free": check_workspace_race_free,
+    "frees_superseded": _unless_raced(check_frees_superseded),
+    "covers_cross_product": _unless_raced(check_covers_cross_product),
+    "minimal_rebuilds": _unless_raced(check_minimal_rebuilds),
 }
 
 

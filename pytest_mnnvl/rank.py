@@ -74,6 +74,11 @@ def _resolve(module_name: str, module_file: str | None, qualname: str) -> Any:
 def _outcome(fn: Any, ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any]:
     from _pytest.outcomes import Skipped
 
+    # Every world starts a call only once all its ranks finished the previous one: an EP-wide order
+    # the sim's race detector must know of (nothing of the previous call can still be reading).
+    hazards = sys.modules.get("pytest_mnnvl.backends._hazards")
+    if hazards is not None:
+        hazards.synchronised()
     try:
         return "ok", fn(ctx, *args, **kwargs)
     except Skipped as skip:
@@ -102,6 +107,7 @@ def main() -> None:
 
     stack_file = open(boot["stack_path"], "w")  # noqa: SIM115 - kept open for faulthandler
     faulthandler.register(DUMP_SIGNAL, file=stack_file, all_threads=True, chain=False)
+    fatal_file = open(boot["fatal_path"], "w")  # noqa: SIM115 - kept open for faulthandler
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(boot["address"])
@@ -130,8 +136,18 @@ def main() -> None:
         except BaseException:
             _send(conn, ("error", "could not load the function for this rank:\n" + traceback.format_exc()))
             continue
+        _arm_fatal_dump(fatal_file)
         _send(conn, _outcome(fn, ctx, args, kwargs))
     _shutdown()
+
+
+def _arm_fatal_dump(fatal_file: Any) -> None:
+    """Write the Python stack to ``fatal_file`` on a fatal signal (SIGSEGV, SIGABRT, ...), for the pool's
+    crash report. Armed again before every call, on top of whatever crash handler a library installed
+    since (FlashInfer's FFI library installs one that prints only C frames and does not chain):
+    faulthandler writes first, then hands the signal to the handler it found."""
+    faulthandler.disable()
+    faulthandler.enable(file=fatal_file, all_threads=True)
 
 
 def _start_world(boot: dict[str, Any]) -> Any:

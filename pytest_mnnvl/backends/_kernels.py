@@ -47,6 +47,7 @@ from pytest_mnnvl.sizing import (
     dispatch_size_detail,
 )
 
+from . import _hazards
 from ._shm import memory_fence
 
 #: ``SWITCH_TOP_K``: the top-k values the kernels are instantiated for.
@@ -240,6 +241,7 @@ class _Rows:
             pending = [peer for peer in pending if int(mine[peer]) != flag]
             if not pending:
                 break
+            _hazards.raise_if_poisoned(self.ws, me)
             if time.monotonic() > deadline:
                 global _sticky_error
                 text = f"{phase}: ---Rank {me} timed out waiting for completion flag from rank {pending[0]}"
@@ -312,6 +314,7 @@ class SimMoeA2AModule:
             "workspace first dim must equal ep_size",
         )
         check(0 <= ep_rank < ep_size, "epRank >= 0 && epRank < epSize", "epRank out of range")
+        _hazards.on_initialize(workspace, ep_rank)
         workspace[ep_rank].zero_()
         check(
             eplb_stats_num_experts >= 0,
@@ -504,6 +507,18 @@ class SimMoeA2AModule:
         rows.i32(me, off.topk_send_indices, local * top_k).copy_(send_indices.flatten())
 
         raw = [_as_bytes(p) for p in payloads]
+        writes = [
+            _hazards.Write(
+                rank,
+                start + me * runtime_max * data.size(1),
+                start + (me * runtime_max + tokens_for[rank].numel()) * data.size(1),
+                f"payload {index} of the dispatch",
+            )
+            for rank in range(ep)
+            if active[rank] and tokens_for[rank].numel()
+            for index, (data, start) in enumerate(zip(raw, recv_offsets, strict=True))
+        ]
+        _hazards.check_writes(rows.ws, me, "dispatch", writes)
         for rank in range(ep):
             tokens = tokens_for[rank]
             if not active[rank] or tokens.numel() == 0:
@@ -523,6 +538,7 @@ class SimMoeA2AModule:
                 if active[rank]:
                     rows.i32(rank, off.eplb_gathered_stats, ep * n)[me * n : (me + 1) * n] = eplb_local_stats
         rows.signal_and_wait("dispatch", off.dispatch_completion_flags, me, active, flag)
+        _hazards.dispatched(rows.ws)
 
     def moe_a2a_combine(
         self,
@@ -780,22 +796,32 @@ class SimMoeA2AModule:
                 mine[source, :count, :hidden] = fp8
             elif not in_workspace:
                 mine[source, :count] = payload[source, :count].reshape(count, -1).view(torch.uint8)
-        rows.signal_and_wait("combine", off.combine_completion_flags, me, active, flag)
-        if local == 0:
-            return
         target_ranks = rows.i32(me, off.topk_target_ranks, local * top_k).view(local, top_k)
         send_indices = rows.i32(me, off.topk_send_indices, local * top_k).view(local, top_k)
-        read_dtype = torch.float8_e4m3fn if low_precision else payload.dtype
-        read_bytes = hidden * (1 if low_precision else elem)
-        acc = torch.zeros((local, hidden), dtype=torch.float32)
-        for rank in range(ep):
-            token, k = ((target_ranks == rank) & (send_indices >= 0)).nonzero(as_tuple=True)
-            if token.numel() == 0:
-                continue
-            slots = send_indices[token, k].to(torch.int64)
-            picked = region(rank)[me].index_select(0, slots)[:, :read_bytes].contiguous().view(read_dtype)
-            acc.index_add_(0, token, picked.float())
-        output.copy_(acc.to(output.dtype))
+        routed = [((target_ranks == rank) & (send_indices >= 0)).nonzero(as_tuple=True) for rank in range(ep)]
+        # What this rank will read of each row, published before its flags go up (the race detector).
+        first = combine_offset + me * runtime_max * stride
+        reads = []
+        for rank, (token, k) in enumerate(routed):
+            count = int(send_indices[token, k].max()) + 1 if token.numel() else 0
+            reads.append((rank, first, first + count * stride))
+        _hazards.lease(rows.ws, me, flag, reads)
+        rows.signal_and_wait("combine", off.combine_completion_flags, me, active, flag)
+        try:
+            if local == 0:
+                return
+            read_dtype = torch.float8_e4m3fn if low_precision else payload.dtype
+            read_bytes = hidden * (1 if low_precision else elem)
+            acc = torch.zeros((local, hidden), dtype=torch.float32)
+            for rank, (token, k) in enumerate(routed):
+                if token.numel() == 0:
+                    continue
+                slots = send_indices[token, k].to(torch.int64)
+                picked = region(rank)[me].index_select(0, slots)[:, :read_bytes].contiguous().view(read_dtype)
+                acc.index_add_(0, token, picked.float())
+            output.copy_(acc.to(output.dtype))
+        finally:
+            _hazards.combined(rows.ws, me, flag, combine_offset, active)
 
     def moe_a2a_sanitize_expert_ids(
         self,

@@ -18,6 +18,7 @@ import mmap
 import os
 import platform
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,9 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 GRANULARITY = 2 << 20
 #: Prefix of every memfd the sim creates (visible in ``/proc/<pid>/fd`` as ``memfd:<name>``).
 MEMFD_PREFIX = "pytest-mnnvl-sim"
+#: Bytes after each row's data in its memfd, never mapped into the workspace: the race detector's
+#: bookkeeping for that row (who reads which bytes of it), shared by every rank holding the row.
+SIDECAR_BYTES = 8192
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -64,8 +68,8 @@ def _os_error(call: str) -> OSError:
     return OSError(err, f"{call}: {os.strerror(err)}")
 
 
-def _mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1) -> int:
-    result = _libc.mmap(addr or None, length, prot, flags, fd, 0)
+def _mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    result = _libc.mmap(addr or None, length, prot, flags, fd, offset)
     if result is None or result == _MAP_FAILED:
         raise _os_error("mmap")
     return int(result)
@@ -88,9 +92,11 @@ class SimMemHandle:
     size: int
     owner_pid: int
     released: bool = False
+    #: Address of this process's mapping of the row's sidecar (see :data:`SIDECAR_BYTES`); 0 if none.
+    sidecar: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class VirtualMemory:
     """Reservations and mappings of one process, checked the way the driver checks them."""
 
@@ -105,11 +111,11 @@ class VirtualMemory:
             raise SimMemoryError(f"cuMemCreate: size {size} is not a positive multiple of {GRANULARITY}")
         fd = os.memfd_create(f"{MEMFD_PREFIX}-{name}", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, size + SIDECAR_BYTES)
+            handle = SimMemHandle(fd, size, os.getpid(), sidecar=_map_sidecar(fd, size))
         except BaseException:
             os.close(fd)
             raise
-        handle = SimMemHandle(fd, size, os.getpid())
         self.handles.add(id(handle))
         return handle
 
@@ -121,8 +127,8 @@ class VirtualMemory:
     def import_fd(self, fd: int) -> SimMemHandle:
         """Adopt a peer's row from a received fd; the caller keeps (and closes) ``fd`` itself."""
         own = os.dup(fd)
-        size = os.fstat(own).st_size
-        handle = SimMemHandle(own, size, os.getpid())
+        size = os.fstat(own).st_size - SIDECAR_BYTES
+        handle = SimMemHandle(own, size, os.getpid(), sidecar=_map_sidecar(own, size))
         self.handles.add(id(handle))
         return handle
 
@@ -183,7 +189,16 @@ class VirtualMemory:
         self._check_live(handle, "cuMemRelease")
         handle.released = True
         self.handles.discard(id(handle))
+        if handle.sidecar:
+            _munmap(handle.sidecar, SIDECAR_BYTES)
+            handle.sidecar = 0
         os.close(handle.fd)
+
+    def handle_at(self, ptr: int) -> SimMemHandle | None:
+        """The row mapped exactly at ``ptr`` in this process (a workspace row's first byte), if any."""
+        with self.lock:
+            entry = self.mappings.get(ptr)
+        return entry[1] if entry is not None else None
 
     def free(self, ptr: int, size: int) -> None:
         """Give a reservation back (``cuMemAddressFree``); every mapping in it must be gone."""
@@ -197,9 +212,29 @@ class VirtualMemory:
             _munmap(ptr, size)
             del self.reservations[ptr]
 
+    def __post_init__(self) -> None:
+        _LIVE_VMS.add(self)
+
     def _check_live(self, handle: Any, call: str) -> None:
         if not isinstance(handle, SimMemHandle) or handle.released or id(handle) not in self.handles:
             raise SimMemoryError(f"{call}: invalid or released allocation handle {handle!r}")
+
+
+_LIVE_VMS: weakref.WeakSet[VirtualMemory] = weakref.WeakSet()
+
+
+def _map_sidecar(fd: int, size: int) -> int:
+    # A raw mapping, not Python's mmap (which would hold a dup of the fd and change fd counts).
+    return _mmap(0, SIDECAR_BYTES, _PROT_READ | _PROT_WRITE, _MAP_SHARED, fd, size)
+
+
+def sidecar_at(ptr: int) -> int:
+    """Address of the sidecar of the row mapped at ``ptr`` in this process (0 outside sim memory)."""
+    for vm in list(_LIVE_VMS):
+        handle = vm.handle_at(ptr)
+        if handle is not None:
+            return handle.sidecar
+    return 0
 
 
 def strided_tensor(ptr: int, segment_size: int, segment_stride: int, num_segments: int, dtype: Any) -> Any:
@@ -277,8 +312,10 @@ def mapped_memfd_bytes(pid: int | None = None) -> int:
     try:
         with open(f"/proc/{pid or os.getpid()}/maps") as maps:
             for line in maps:
-                if f"/memfd:{MEMFD_PREFIX}" in line:
-                    lo, hi = line.split()[0].split("-")
+                fields = line.split()
+                # Rows are mapped from offset 0; a non-zero offset is a sidecar page, not workspace.
+                if f"/memfd:{MEMFD_PREFIX}" in line and int(fields[2], 16) == 0:
+                    lo, hi = fields[0].split("-")
                     total += int(hi, 16) - int(lo, 16)
     except OSError:
         return 0

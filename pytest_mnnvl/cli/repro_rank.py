@@ -114,6 +114,11 @@ def step(
     s: _Session = ctx.scratch[SESSION_KEY]
     if s.failed or ctx.pp_stage not in work:
         return None
+    from pytest_mnnvl.backends import _hazards
+
+    # The parent's step-by-step calls are the tool's bookkeeping: a forward pass runs the next
+    # initialize right after the last combine, so the race detector must not count them as order.
+    _hazards.undo_call_boundary()
     layer, build = work[ctx.pp_stage]
     out: dict[str, Any] = {"rank": ctx.rank, "stage": ctx.pp_stage, "ep_rank": ctx.ep_rank, "index": index}
     try:
@@ -138,6 +143,7 @@ def step(
         out["round_trip"] = {"ok": True, "same_as": same_as}
         return out
     try:
+        _ep_barrier(ctx)
         result = do_round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
     except Exception as exc:
         s.failed = True
@@ -146,6 +152,17 @@ def step(
     s.verified.setdefault(layer, index)
     out["round_trip"] = {"ok": True, "same_as": None, "combine_payload_offset": result.combine_payload_offset}
     return out
+
+
+def _ep_barrier(ctx: Any) -> None:
+    """Every EP peer is done with the previous round trip: the order consecutive payload layouts need
+    on FlashInfer 0.7.2 (TensorRT-LLM #19312), which the conformance suite also gives its round trips."""
+    import torch
+    import torch.distributed as dist
+
+    if ctx.device != "cpu":
+        torch.cuda.synchronize()
+    dist.barrier(group=ctx.cpu_group)
 
 
 def final_pass(ctx: Any, layers_by_stage: dict[int, tuple[LayerSpec, ...]]) -> dict[str, Any] | None:
@@ -163,14 +180,26 @@ def final_pass(ctx: Any, layers_by_stage: dict[int, tuple[LayerSpec, ...]]) -> d
     out: dict[str, Any] = {"rank": ctx.rank, "stage": ctx.pp_stage, "ep_rank": ctx.ep_rank, "checked": []}
     if a2a is None:
         return out
+    import torch.distributed as dist
+
     for index, layer in enumerate(layers_by_stage[ctx.pp_stage]):
         if layer in s.verified:
             continue
+        error = None
         try:
             do_round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
         except Exception as exc:
+            error = _error(exc)
+        # Agreeing on the outcome is also the EP barrier consecutive layouts need (TensorRT-LLM #19312):
+        # without it a fast rank's next dispatch can overwrite combine slots a peer is still reading.
+        everyone: list[Any] = [None] * ctx.ep_size
+        dist.all_gather_object(everyone, error is None, group=ctx.cpu_group)
+        if error is not None:
             s.failed = True
-            out.update(index=index, phase=FINAL_PASS, error=_error(exc))
+            out.update(index=index, phase=FINAL_PASS, error=error)
+            return out
+        if not all(everyone):
+            s.failed = True
             return out
         s.verified[layer] = index
         out["checked"].append(index)

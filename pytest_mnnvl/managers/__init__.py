@@ -41,6 +41,7 @@ MUTANT_NAMES = (
     "assert_only_mismatch",
     "cleanup_keeps_handle",
     "cleanup_stays_initialized",
+    "reinitializes_live_workspace",
     "leaks_superseded",
     "half_updated_on_failure",
     "total_need",

@@ -14,25 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from pytest_mnnvl.invariants import INVARIANTS
+from pytest_mnnvl.invariants import SHOULD as SHOULD_INVARIANTS
 from pytest_mnnvl.managers.reference import Capacity, EpComm, ReferenceManager
 
-#: The conformance invariants (DESIGN.md): MUSTs first, then SHOULDs.
-INVARIANTS = (
-    "covers",
-    "no_shrink",
-    "no_needless_rebuild",
-    "ep_symmetry",
-    "collective_scope",
-    "pp_deadlock_freedom",
-    "shape_mismatch",
-    "cleanup",
-    "frees_superseded",
-    "mismatch_survives_O",
-    "failed_rebuild_consistent",
-    "covers_cross_product",
-    "minimal_rebuilds",
-)
-SHOULD_INVARIANTS = INVARIANTS[8:]
+#: Re-exported: the conformance invariants every mutant names one of.
+__all__ = ["INVARIANTS", "MUTANTS", "SHOULD_INVARIANTS", "Mutant", "catalog"]
 
 
 class Mutant(ReferenceManager):
@@ -280,6 +267,26 @@ class CleanupStaysInitialized(Mutant):
         self.moe_alltoall = None
 
 
+class ReinitializesLiveWorkspace(Mutant):
+    """When a layer fits the live handle, re-runs FlashInfer's ``moe_a2a_initialize`` on it to start the
+    layer from clean counters, with no EP barrier first: it zeroes this rank's row while a slower peer
+    may still be reading its combine slots there (silent corruption on GPUs, only when the timing is
+    unlucky). Caught by workspace_race_free (the sim judges the order, not the timing)."""
+
+    mnnvl_mutant = "reinitializes_live_workspace"
+    mnnvl_invariant = "workspace_race_free"
+
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        handle = self.moe_alltoall
+        super().initialize(*args, **kwargs)
+        if handle is not None and handle is self.moe_alltoall:
+            from flashinfer.comm.trtllm_moe_alltoall import moe_a2a_initialize
+
+            handle.metainfo = moe_a2a_initialize(
+                handle.workspace, handle.ep_rank, handle.ep_size, handle.max_num_tokens
+            )
+
+
 class LeaksSuperseded(Mutant):
     """Drops superseded handles without evicting their workspaces from FlashInfer's cache (what vLLM
     does): one workspace leaks per rebuild. Caught by **frees_superseded**."""
@@ -350,6 +357,7 @@ MUTANTS: dict[str, type[Mutant]] = {
         AssertOnlyMismatch,
         CleanupKeepsHandle,
         CleanupStaysInitialized,
+        ReinitializesLiveWorkspace,
         LeaksSuperseded,
         HalfUpdatedOnFailure,
         TotalNeed,
