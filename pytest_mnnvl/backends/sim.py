@@ -40,6 +40,11 @@ need a GPU, each at the lowest level where it can be swapped cleanly:
    enclosing piece) so a CPU ``output`` goes to ``moe_a2a_combine_into`` after FlashInfer's
    contiguity check. Without ``output`` FlashInfer's function runs as is.
 
+A race detector (:mod:`pytest_mnnvl.backends._hazards`) judges every dispatch write and every
+``initialize`` against the combine reads of peers that nothing has yet ordered before it, and raises
+``WorkspaceRace`` (on every rank) where a GPU would silently corrupt a slower peer's combine: the
+verdict depends on the program's synchronisation, never on timing.
+
 The ranks synchronise the way the kernels do, through completion flags in the shared rows, with a
 bounded spin (``PYTEST_MNNVL_SIM_KERNEL_TIMEOUT``, default 60 s): a rank that skips a call makes
 its peers fail with the kernel's timeout text instead of hanging forever.
@@ -131,7 +136,9 @@ def install(ctx: Any) -> None:
     import flashinfer.comm.mnnvl as mnnvl
     import flashinfer.comm.trtllm_moe_alltoall as a2a
 
-    from . import _driver, _kernels, _shm
+    from pytest_mnnvl import audit
+
+    from . import _driver, _hazards, _kernels, _shm
 
     version = str(getattr(flashinfer, "__version__", "unknown"))
     if version not in SUPPORTED_FLASHINFER_VERSIONS:
@@ -168,6 +175,10 @@ def install(ctx: Any) -> None:
     if getattr(flashinfer.comm, "moe_a2a_combine", None) is a2a.moe_a2a_combine:
         flashinfer.comm.moe_a2a_combine = wrapped
     a2a.moe_a2a_combine = wrapped
+    # 6. the race detector learns of every completed collective (see _hazards)
+    _hazards.set_global_rank(rank)
+    audit.ensure_installed()
+    audit.add_after_collective(_hazards.on_collective)
     _installed_pid = os.getpid()
 
 
