@@ -87,21 +87,25 @@ def layout_race(
     offsets: set[int] = set()
     t0 = time.perf_counter()
     outputs = []
-    for _ in range(iterations):
-        a2a.dispatch(experts_a, payloads_a, tokens)
-        offsets.add(int(a2a._state.combine_payload_offset))
-        combined = a2a.combine(ones, tokens)
-        # Keep the result alive on the device; compare after the next round so no host sync sits between.
-        outputs.append(combined)
-        if barrier:
-            if ctx.device != "cpu":
-                torch.cuda.synchronize()
-            dist.barrier(group=ctx.cpu_group)
-        a2a.dispatch(experts_b, payloads_b, tokens)
-        offsets.add(int(a2a._state.combine_payload_offset))
-        a2a.combine(zeros_b, tokens)
-    if ctx.device != "cpu":
-        torch.cuda.synchronize()
+    # This experiment measures the corruption itself: the sim's race detector would stop it first.
+    from pytest_mnnvl.backends import _hazards
+
+    with _hazards.allowed():
+        for _ in range(iterations):
+            a2a.dispatch(experts_a, payloads_a, tokens)
+            offsets.add(int(a2a._state.combine_payload_offset))
+            combined = a2a.combine(ones, tokens)
+            # Keep the result alive on the device; compare after the next round so no host sync sits between.
+            outputs.append(combined)
+            if barrier:
+                if ctx.device != "cpu":
+                    torch.cuda.synchronize()
+                dist.barrier(group=ctx.cpu_group)
+            a2a.dispatch(experts_b, payloads_b, tokens)
+            offsets.add(int(a2a._state.combine_payload_offset))
+            a2a.combine(zeros_b, tokens)
+        if ctx.device != "cpu":
+            torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     for combined in outputs:
         got = combined.float().cpu()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 warnings.filterwarnings("ignore", "MoeAlltoAll is deprecated", DeprecationWarning)
 
@@ -99,6 +100,8 @@ def nvfp4_then_bf16(ctx: Any, workspace_size: int) -> dict[str, Any]:
     try:
         a2a = build(ctx, workspace_size, t, k, e)
         result["nvfp4_round"] = _error(lambda: _round(a2a, nvfp4_payloads(ctx, t, h, k, e), t, h))
+        # Another payload layout next: every peer must be done reading its combine (TensorRT-LLM #19312).
+        dist.barrier(group=ctx.cpu_group)
         bf16 = bf16_payloads(ctx, t, h, k, e)
         box: dict[str, Any] = {}
 
