@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import select
 import shutil
 import signal
@@ -35,6 +36,7 @@ from typing import Any, NoReturn
 
 from pytest_mnnvl.errors import (
     MnnvlUsageError,
+    PythonFrame,
     RankCrashed,
     RankError,
     WorldDeadlock,
@@ -91,6 +93,7 @@ class _Rank:
     process: subprocess.Popen[bytes]
     stack_path: str
     status_path: str
+    fatal_path: str
     conn: Connection | None = None
     output: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=OUTPUT_TAIL_LINES))
     reader: threading.Thread | None = None
@@ -253,6 +256,7 @@ class World(RankWorld):
                 "address": address,
                 "store_path": os.path.join(self._dir, "store"),
                 "stack_path": os.path.join(self._dir, f"stack-{rank}.txt"),
+                "fatal_path": os.path.join(self._dir, f"fatal-{rank}.txt"),
                 "status_path": os.path.join(self._dir, f"status-{rank}.txt"),
                 "sys_path": sys_path,
             }
@@ -264,7 +268,7 @@ class World(RankWorld):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            r = _Rank(rank, process, str(boot["stack_path"]), str(boot["status_path"]))
+            r = _Rank(rank, process, str(boot["stack_path"]), str(boot["status_path"]), str(boot["fatal_path"]))
             r.reader = threading.Thread(target=_forward_output, args=(r,), daemon=True)
             r.reader.start()
             self._ranks.append(r)
@@ -371,9 +375,10 @@ class World(RankWorld):
             code = crashed.process.wait(timeout=TERM_GRACE_S)
         except subprocess.TimeoutExpired:
             code = crashed.process.poll() or 0
+        stack = _fatal_stack(crashed.fatal_path) if code < 0 else ()
         tails = self._output_tails(only=crashed.rank)
         self._teardown()
-        error = RankCrashed(crashed.rank, code, f"{name}()")
+        error = RankCrashed(crashed.rank, code, f"{name}()", stack)
         if tails:
             error.args = (error.args[0] + tails,)
         raise error
@@ -444,13 +449,20 @@ def _receive(r: _Rank) -> tuple[str, Any] | None:
 
 
 def _forward_output(r: _Rank) -> None:
-    """Keep each rank's output (for crash reports) and pass it on, prefixed, to our stderr."""
+    """Keep each rank's output (for crash reports) and pass it on, prefixed, to our stderr; long native
+    backtraces cut short (:class:`_NativeTrimmer`)."""
     assert r.process.stdout is not None
+    trimmer = _NativeTrimmer()
+
+    def emit(lines: list[str]) -> None:
+        for line in lines:
+            r.output.append(line)
+            with contextlib.suppress(OSError):
+                os.write(2, f"[rank {r.rank}] {line}".encode())
+
     for raw in iter(r.process.stdout.readline, b""):
-        line = raw.decode(errors="replace")
-        r.output.append(line)
-        with contextlib.suppress(OSError):
-            os.write(2, f"[rank {r.rank}] {line}".encode())
+        emit(trimmer.feed(raw.decode(errors="replace")))
+    emit(trimmer.close())
     r.process.stdout.close()
 
 
@@ -464,6 +476,67 @@ def _wait_all(ranks: list[_Rank], grace: float) -> None:
     for r in ranks:
         with contextlib.suppress(subprocess.TimeoutExpired):
             r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+
+#: ``  File "x.py", line 12 in f``: a frame of faulthandler's dump (no comma before ``in``).
+_FAULTHANDLER_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<function>.+)$')
+#: ``  File "ceval.c", line 4769, in _PyEval_EvalFrameDefault``: a frame line without a source line after it,
+#: as crash handlers print native frames (FlashInfer's FFI library prints ~40 on a segfault).
+_NATIVE_FRAME = re.compile(r'^\s+File ".*", line \d+, in ')
+#: A run of more such lines than this is cut to its first :data:`NATIVE_FRAMES_KEPT`: the pool reads the
+#: Python stack from faulthandler instead, and forty C frames only push the rank's real output out of view.
+#: A Python traceback alternates frame and source lines, so its runs stay short.
+NATIVE_RUN_MAX = 8
+NATIVE_FRAMES_KEPT = 3
+
+
+def _fatal_stack(path: str) -> tuple[PythonFrame, ...]:
+    """The crashed thread's frames from a rank's faulthandler dump, most recent call first; () without one."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return ()
+    frames: list[PythonFrame] = []
+    current = False
+    for line in text.splitlines():
+        if line.startswith("Current thread ") or line.startswith("Stack (most recent call first)"):
+            current = True
+            continue
+        match = _FAULTHANDLER_FRAME.match(line)
+        if current and match:
+            frames.append(PythonFrame(match["file"], int(match["line"]), match["function"]))
+        elif current and frames:
+            break  # the blank line after the crashed thread's frames
+    return tuple(frames)
+
+
+class _NativeTrimmer:
+    """Passes a rank's output lines through, cutting each run of more than :data:`NATIVE_RUN_MAX` native
+    frame lines to its first :data:`NATIVE_FRAMES_KEPT` and a count; holds back at most that many lines."""
+
+    def __init__(self) -> None:
+        self.run = 0
+        self.held: list[str] = []
+
+    def feed(self, line: str) -> list[str]:
+        if not _NATIVE_FRAME.match(line):
+            return [*self.close(), line]
+        self.run += 1
+        if self.run <= NATIVE_FRAMES_KEPT:
+            return [line]
+        if self.run <= NATIVE_RUN_MAX:
+            self.held.append(line)
+        else:
+            self.held.clear()
+        return []
+
+    def close(self) -> list[str]:
+        """The end of a run (or of the output): what was held back, or the count of what was cut."""
+        cut = self.run - NATIVE_FRAMES_KEPT
+        out = [f"  ... ({cut} more native frames trimmed)\n"] if self.run > NATIVE_RUN_MAX else self.held
+        self.run, self.held = 0, []
+        return out
 
 
 def _read_stacks(ranks: list[_Rank], wait_s: float) -> dict[int, str]:
