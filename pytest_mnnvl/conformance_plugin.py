@@ -5,6 +5,11 @@ Hypothesis. It owns: the Hypothesis profile (``ci`` unless ``--hypothesis-profil
 test ordering (by topology, so each world starts once; the ``-O`` world last), the ``conformance``
 fixture (runs plans on warm worlds, caches observations, turns hangs into verdicts) and the report
 (``--mnnvl-report``: JSON + Markdown, written at session end).
+
+A failed test blames one of three things (:class:`pytest_mnnvl.errors.FailureKind`): an invariant (its
+violation, plan and counterexample file), the manager (it raised or crashed outside any check: no plan, no
+invariant) or the infrastructure (a rank killed from outside, a world that would not start, the harness).
+The last two are pytest errors, not failures: ``E`` in the terminal, ``<error>`` in JUnit XML.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
+from pytest_mnnvl.errors import FailureKind, MnnvlError, MnnvlUsageError, failure_kind
 from pytest_mnnvl.invariants import INVARIANTS, SHOULD, InvariantViolation, Judge
 from pytest_mnnvl.plugin import MANAGER_KEY, SETTINGS_KEY, Topology, resolve_backend
 
@@ -31,6 +37,101 @@ RECORDER_KEY = pytest.StashKey["Recorder"]()
 DEADLOCK_TIMEOUT_S = 10.0
 #: Seconds one Hypothesis plan may take on a world (plans are small; a hang must not cost minutes).
 PLAN_TIMEOUT_S = 20.0
+#: Characters of a failure's detail (tracebacks, stacks, output) kept in the report.
+DETAIL_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failure that no invariant's check found: whom it blames, one line, and the evidence."""
+
+    kind: FailureKind
+    summary: str
+    detail: str = ""
+
+    @classmethod
+    def of(cls, error: MnnvlError) -> Failure:
+        """The failure a world's error stands for (:func:`pytest_mnnvl.errors.failure_kind` decides whom)."""
+        from pytest_mnnvl.errors import RankCrashed, RankError
+
+        text = str(error)
+        head, _, rest = text.partition("\n")
+        if isinstance(error, RankError) and error.tracebacks:
+            rank, tb = next(iter(error.tracebacks.items()))
+            last = [line.strip() for line in tb.splitlines() if line.strip()]
+            if last:
+                head += f"; rank {rank}: {last[-1]}"
+        kind = failure_kind(error)
+        detail = rest.strip("\n")
+        if kind is FailureKind.INFRASTRUCTURE and isinstance(error, RankCrashed) and error.returncode is not None:
+            hint = (
+                "SIGKILL and SIGTERM come from outside the rank's code: the kernel's OOM killer (see dmesg), a job "
+                "scheduler or a person. The harness sends them only to stop a world after its verdict."
+            )
+            detail = hint + (f"\n\n{detail}" if detail else "")
+        return cls(kind, head, detail)
+
+    @property
+    def blame(self) -> str:
+        if self.kind is FailureKind.MANAGER_ERROR:
+            return "no invariant checked"
+        return "not the manager's"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "summary": self.summary, "detail": self.detail[-DETAIL_CHARS:]}
+
+
+class AttributedError(Exception):
+    """Raised for a :class:`Failure`: the test errs with it, no invariant is blamed, no plan is saved."""
+
+    def __init__(self, failure: Failure) -> None:
+        self.failure = failure
+        text = f"{failure.kind.label} ({failure.blame}): {failure.summary}"
+        super().__init__(text + (f"\n\n{failure.detail}" if failure.detail else ""))
+
+
+def _hide_for_attributed(excinfo: pytest.ExceptionInfo[BaseException]) -> bool:
+    """``__tracebackhide__`` of the frames that raise an :class:`AttributedError`: its message is the
+    report; the plugin's source around the ``raise`` is not."""
+    return excinfo.errisinstance(AttributedError)
+
+
+class ManagerError(AttributedError):
+    """The manager raised or crashed outside any invariant's check."""
+
+
+class InfrastructureError(AttributedError):
+    """The machine or the harness failed: a rank killed from outside (SIGKILL/SIGTERM), a world that did not start."""
+
+
+def attributed(failure: Failure) -> AttributedError:
+    return (ManagerError if failure.kind is FailureKind.MANAGER_ERROR else InfrastructureError)(failure)
+
+
+@dataclass
+class Halt:
+    """The failure after which the rest of a topology's tests are skipped (each would replay the same plans:
+    a hang costs its timeout again, a crash crashes again); ``skipped`` lists them."""
+
+    nodeid: str
+    topology: str
+    kind: FailureKind
+    summary: str
+    skipped: list[str] = field(default_factory=list)
+
+    def skip_reason(self) -> str:
+        what = {
+            FailureKind.VIOLATION: "a deadlock",
+            FailureKind.MANAGER_ERROR: "a manager error",
+            FailureKind.INFRASTRUCTURE: "an infrastructure failure",
+        }[self.kind]
+        return (
+            f"not run: {self.nodeid.rpartition('::')[2]} ended in {what} on {self.topology} ({self.summary}); "
+            "the rest of this topology is skipped"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"test": self.nodeid, "failure_kind": self.kind.value, "error": self.summary, "skipped": self.skipped}
 
 
 @dataclass
@@ -47,7 +148,12 @@ class Recorder:
     initialize_calls: int = 0
     rebuilds: int = 0
     max_size_per_rank: int = 0
-    broken: dict[tuple[int, int], str] = field(default_factory=dict)
+    #: Per topology, the failure that ended it for this session (:class:`Halt`).
+    broken: dict[tuple[int, int], Halt] = field(default_factory=dict)
+    #: Tests skipped because of an earlier failure (a halt, the manager not loading): the kind of that failure.
+    skipped_after: dict[str, FailureKind] = field(default_factory=dict)
+    #: Tests that failed without a violation, by node id (the report's ``failure``).
+    failures: dict[str, Failure] = field(default_factory=dict)
     loaded: set[tuple[tuple[int, ...], str]] = field(default_factory=set)
     #: The first failure to import the manager in the ranks (test id, error): every later test skips
     #: on it instead of importing again (a failed vLLM import can take minutes and may not be re-entrant).
@@ -56,6 +162,11 @@ class Recorder:
 
     def test(self, nodeid: str) -> dict[str, Any]:
         return self.tests.setdefault(nodeid, {"nodeid": nodeid})
+
+    def halt(self, topology: tuple[int, int], nodeid: str, kind: FailureKind, summary: str) -> None:
+        """End ``topology`` for the rest of the session on this failure (the first one stays)."""
+        ws, pp = topology
+        self.broken.setdefault(topology, Halt(nodeid, f"ws{ws}-pp{pp}", kind, summary))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -69,6 +180,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.getoption("hypothesis_profile", None), config.getoption("hypothesis_seed", None)
     )
     config.stash[RECORDER_KEY] = recorder
+    if config.getoption("xmlpath", None):
+        config.pluginmanager.register(JunitErrors(config), "mnnvl-junit-errors")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -125,7 +238,7 @@ def _save_dir(config: pytest.Config) -> str:
 
 
 class _Hang(Exception):
-    """The world could not finish a plan (deadlock, crash, unexpected error): a verdict by itself."""
+    """The world did not finish a plan in time (a deadlock): a verdict by itself."""
 
     def __init__(self, error: Exception, plan: ModelPlan, seconds: float) -> None:
         super().__init__(str(error))
@@ -154,12 +267,17 @@ class Conformance:
 
     def world(self, topology: Topology, **kwargs: Any) -> World:
         self.entry["topology"] = f"ws{topology.world_size}-pp{topology.pp}"
+        nodeid = self.request.node.nodeid
         if self.recorder.load_error is not None:
-            nodeid, error = self.recorder.load_error
-            pytest.skip(f"the manager could not be loaded in the ranks ({error}; traceback in {nodeid})")
-        broken = self.recorder.broken.get((topology.world_size, topology.pp))
-        if broken and not kwargs.get("env"):
-            pytest.skip(f"this topology already failed to finish a plan in this session ({broken})")
+            load_nodeid, error = self.recorder.load_error
+            self.recorder.skipped_after[nodeid] = FailureKind.MANAGER_ERROR
+            pytest.skip(f"the manager could not be loaded in the ranks ({error}; traceback in {load_nodeid})")
+        halt = self.recorder.broken.get((topology.world_size, topology.pp))
+        if halt and halt.nodeid != nodeid and not kwargs.get("env"):
+            if nodeid not in halt.skipped:
+                halt.skipped.append(nodeid)
+            self.recorder.skipped_after[nodeid] = halt.kind
+            raise pytest.skip.Exception(halt.skip_reason(), _use_item_location=True)
         world: World = self.worlds(topology.world_size, topology.pp, **kwargs)
         self._load_manager(world)
         return world
@@ -167,27 +285,33 @@ class Conformance:
     def _load_manager(self, world: World) -> None:
         """Import the manager in every rank of ``world`` once, before any timed call: the deadlock timeout
         must measure plans, not start-up (vLLM's import takes 10-15 s)."""
+        __tracebackhide__ = _hide_for_attributed
         from pytest_mnnvl.conformance_rank import load_manager
-        from pytest_mnnvl.errors import MnnvlError
 
         warm = (tuple(world.pids), self.manager.spec)
         if warm in self.recorder.loaded:
             return
         try:
             world.call(load_manager, (self.manager,), {}, timeout=world.startup_timeout)
+        except MnnvlUsageError:
+            raise
         except MnnvlError as exc:
             lines = [line for line in str(exc).splitlines() if line.strip()]
             self.recorder.load_error = (self.request.node.nodeid, lines[-1].strip() if lines else type(exc).__name__)
-            raise
+            raise attributed(Failure.of(exc)) from None
         self.recorder.loaded.add(warm)
+
+    def _halt(self, topology: Topology, kind: FailureKind, summary: str) -> None:
+        self.recorder.halt((topology.world_size, topology.pp), self.request.node.nodeid, kind, summary)
 
     def judge(self, plan: ModelPlan, topology: Topology) -> Judge:
         return Judge(plan, topology.world_size, topology.pp, _save_dir(self.config), self.manager.policy)
 
     def observe(self, topology: Topology, plan: ModelPlan, timeout: float | None = None) -> list[dict[str, Any]]:
         """Run ``plan`` on every rank (cached per manager, topology and plan)."""
+        __tracebackhide__ = _hide_for_attributed
         from pytest_mnnvl.conformance_rank import run_plan
-        from pytest_mnnvl.errors import MnnvlError, MnnvlUsageError
+        from pytest_mnnvl.errors import WorldDeadlock
 
         text = plan.to_json(indent=None)
         key = (self.manager, topology, text)
@@ -200,9 +324,15 @@ class Conformance:
             results = world.call(run_plan, (self.manager, text), {}, timeout=timeout)
         except MnnvlUsageError:
             raise
-        except MnnvlError as exc:
-            self.recorder.broken[(topology.world_size, topology.pp)] = type(exc).__name__
+        except WorldDeadlock as exc:
+            self._halt(topology, FailureKind.VIOLATION, str(exc).partition("\n")[0])
             raise _Hang(exc, plan, time.monotonic() - t0) from exc
+        except MnnvlError as exc:
+            # A crash, or an exception outside the manager calls the invariants judge: not a verdict on the
+            # plan, so no plan is saved (Hypothesis never sees it: explore() stops drawing and raises it).
+            failure = Failure.of(exc)
+            self._halt(topology, failure.kind, failure.summary)
+            raise attributed(failure) from None
         self.recorder.plan_runs += 1
         self.recorder.plan_seconds += time.monotonic() - t0
         for r in results:
@@ -222,11 +352,13 @@ class Conformance:
         """Hypothesis draws plans for ``topology``; each runs on the warm world and ``check`` judges
         it. Every invariant test draws the same derandomized sequence (one inner function, one
         digest), so observations are shared through the cache."""
+        __tracebackhide__ = _hide_for_attributed
         from hypothesis import example, given
 
         from pytest_mnnvl import strategies
 
         hung: list[_Hang] = []
+        stopped: list[AttributedError] = []
         failed: list[str] = []
         pinned = strategies.known_failures(topology.pp)
         explicit = {plan.to_json(indent=None) for _why, plan in pinned}
@@ -236,8 +368,9 @@ class Conformance:
         self.world(topology)
 
         def conformance_example(plan: ModelPlan) -> None:
+            __tracebackhide__ = _hide_for_attributed
             text = plan.to_json(indent=None)
-            if hung or (failed and text in explicit and text not in failed):
+            if hung or stopped or (failed and text in explicit and text not in failed):
                 # The world is gone (the hang is the verdict, reported below), or a pinned example
                 # already failed: Hypothesis runs every explicit example, the rest cost only time.
                 return
@@ -248,6 +381,9 @@ class Conformance:
                 results = self.observe(topology, plan, timeout=timeout)
             except _Hang as exc:
                 hung.append(exc)
+                return
+            except AttributedError as exc:
+                stopped.append(exc)
                 return
             try:
                 check(self.judge(plan, topology), results)
@@ -266,6 +402,8 @@ class Conformance:
             if violation is None:
                 raise
             self.verdict(violation, exc)
+        if stopped:
+            raise stopped[0]
         if hung:
             self.hang(topology, hung[0])
 
@@ -376,7 +514,87 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             entry["waived"] = report.wasxfail
             if "violation" not in entry and report.longrepr is not None:
                 entry["error"] = str(report.longrepr)[-2000:]
+        if report.failed or entry.get("waived") or "violation" in entry:
+            kind = _attribute(recorder, item, entry, call)
+            entry["failure_kind"] = kind.value
+            if report.failed:
+                report.mnnvl_failure_kind = kind.value  # plain data: reports travel from xdist workers as JSON
     return report
+
+
+def _attribute(
+    recorder: Recorder, item: pytest.Item, entry: dict[str, Any], call: pytest.CallInfo[None]
+) -> FailureKind:
+    """Whom this failed (or waived) test blames; a failure no check found goes into ``entry["failure"]``."""
+    if "violation" in entry:
+        return FailureKind.VIOLATION
+    error = call.excinfo.value if call.excinfo is not None else None
+    failure: Failure | None = None
+    if isinstance(error, AttributedError):
+        failure = error.failure
+    elif isinstance(error, MnnvlError) and not isinstance(error, MnnvlUsageError):
+        # A world's error outside observe() (a test calling world.run itself): the same rule, and the
+        # same halt, as for a plan.
+        failure = Failure.of(error)
+        callspec = getattr(item, "callspec", None)
+        topology = (callspec.params if callspec is not None else {}).get("mnnvl_topology")
+        if isinstance(topology, Topology):
+            recorder.halt((topology.world_size, topology.pp), item.nodeid, failure.kind, failure.summary)
+    if failure is not None:
+        recorder.failures[item.nodeid] = failure
+        entry["failure"] = failure.to_dict()
+        return failure.kind
+    if error is not None and _violation_in(error) is not None:
+        return FailureKind.VIOLATION
+    # A skip that --mnnvl-strict failed inherits the kind of the failure it was skipped for; anything else
+    # (the suite's own assertion, a Hypothesis health check, a bug in a check) is the harness's.
+    return recorder.skipped_after.get(item.nodeid, FailureKind.INFRASTRUCTURE)
+
+
+#: The kinds that are pytest errors (``E``, ``<error>``), not failures: no invariant was found violated.
+ERROR_KINDS = (FailureKind.MANAGER_ERROR.value, FailureKind.INFRASTRUCTURE.value)
+
+
+def _is_error(report: pytest.TestReport) -> bool:
+    return report.when == "call" and report.failed and getattr(report, "mnnvl_failure_kind", None) in ERROR_KINDS
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> tuple[str, str, str] | None:
+    """A manager error or an infrastructure failure is an ERROR, as a failing fixture is: the test's own
+    check never ran (pytest's ``ERROR at call of ...`` header, ``1 error`` in the summary line)."""
+    if _is_error(report):
+        return "error", "E", "ERROR"
+    return None
+
+
+class JunitErrors:
+    """Under ``--junitxml``: a manager error or an infrastructure failure is an ``<error>``, not a ``<failure>``.
+
+    pytest's junitxml writes ``<error>`` only for setup and teardown and has no option to choose, so after it
+    logged the call, the element it added is renamed and its counts moved (a test checks this still works)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> Any:
+        result = yield
+        if not _is_error(report):
+            return result
+        from _pytest.junitxml import xml_key
+
+        xml = self.config.stash.get(xml_key, None)
+        if xml is None:
+            return result
+        nodes = xml.node_reporter(report).nodes
+        for node in reversed(nodes):
+            if node.tag == "failure":
+                node.tag = "error"
+                xml.stats["failure"] -= 1
+                xml.stats["error"] += 1
+                break
+        return result
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -416,6 +634,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"plans run: {recorder.plan_runs} ({recorder.plan_seconds:.1f} s), examples: {recorder.examples}, "
         f"cache hits: {recorder.cache_hits}, hypothesis profile: {recorder.profile}, backend: {resolve_backend(config)}"
     )
+    for line in report.errors(recorder):
+        terminalreporter.write_line(line, red=True)
     if recorder.load_error is not None:
         terminalreporter.write_line(
             f"the manager could not be loaded in the ranks: {recorder.load_error[1]} (traceback in "

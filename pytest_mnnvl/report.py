@@ -2,13 +2,19 @@
 
 JSON schema (version 1): ``manager`` (spec, description, shape, policy), ``backend``, ``environment``
 (python, platform, torch, flashinfer, hostname, CPUs), ``topologies``, ``hypothesis`` (profile,
-seed), ``strict``, ``exit_status``, ``invariants`` (name → level, status pass|fail|waived|skip|not_run,
-gating, tests with outcome and duration, ``counterexample``: the violation with its minimal plan),
+seed), ``strict``, ``exit_status``, ``invariants`` (name → level, status
+pass|fail|manager_error|infrastructure|waived|skip|not_run, ``failure_kind``, gating, tests with outcome,
+duration and — when one failed — ``failure_kind`` violation|manager_error|infrastructure and, for the last
+two, ``failure`` (kind, summary, detail), ``counterexample``: the violation with its minimal plan),
+``failure_kinds`` (how many tests failed of each kind), ``broken_topologies`` (the failure that ended a
+topology: test, failure_kind, error, the tests skipped after it),
 ``examples_run``, ``rebuilds`` (plan runs, initialize calls, rebuilds, largest bytes per rank),
 ``timings`` and ``waivers`` (``--mnnvl-waivers``; null without it: file, counts, and per entry its
 status applied|stale|expired|unused and the tests it matched with their outcome). ``waived`` and
 ``waivers`` were added to version 1 without a bump: readers that ignore them see the same verdicts,
-except that a waived invariant is no longer ``fail``.
+except that a waived invariant is no longer ``fail``; so were the failure kinds: an invariant whose test
+ended in a manager or infrastructure error is no longer ``fail`` (no invariant was found violated), and
+``broken_topologies`` values became objects (they were the error's type name).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest_mnnvl
+from pytest_mnnvl.errors import FailureKind
 from pytest_mnnvl.invariants import INVARIANTS, SHOULD
 
 if TYPE_CHECKING:
@@ -54,17 +61,30 @@ def environment() -> dict[str, Any]:
     }
 
 
+#: An invariant's status when its tests failed, by the kind that decides it (the first kind present wins:
+#: a violation found by one test outweighs another test's crash).
+FAILED_STATUS = {
+    FailureKind.VIOLATION: "fail",
+    FailureKind.MANAGER_ERROR: "manager_error",
+    FailureKind.INFRASTRUCTURE: "infrastructure",
+}
+
+
 def verdicts(recorder: Recorder) -> dict[str, dict[str, Any]]:
-    """Per invariant: fail if any of its tests found a violation (or failed) that no waiver covers,
-    else waived if a waiver covered one, else pass if any passed, else skip (or not_run when no test
-    of it ran). A waived test keeps its violation (``counterexample``)."""
+    """Per invariant: fail if any of its tests found a violation that no waiver covers, else
+    manager_error or infrastructure if one failed without a violation (the manager raised or crashed
+    outside any check; a rank killed from outside, the harness), else waived if a waiver covered a
+    failure, else pass if any passed, else skip (or not_run when no test of it ran). A waived test keeps
+    its violation (``counterexample``)."""
     out: dict[str, dict[str, Any]] = {}
     for name in INVARIANTS:
         tests = [t for t in recorder.tests.values() if t.get("invariant") == name and "outcome" in t]
         violations = [t["violation"] for t in tests if "violation" in t]
         failed = [t for t in tests if not t.get("waived") and ("violation" in t or t["outcome"] == "failed")]
-        if failed:
-            status = "fail"
+        kinds = {FailureKind(t.get("failure_kind", FailureKind.VIOLATION.value)) for t in failed}
+        kind = next((k for k in FAILED_STATUS if k in kinds), None)
+        if kind is not None:
+            status = FAILED_STATUS[kind]
         elif any(t.get("waived") for t in tests):
             status = "waived"
         elif any(t["outcome"] == "passed" for t in tests):
@@ -76,6 +96,7 @@ def verdicts(recorder: Recorder) -> dict[str, dict[str, Any]]:
         out[name] = {
             "level": "should" if name in SHOULD else "must",
             "status": status,
+            "failure_kind": kind.value if kind is not None else None,
             "tests": tests,
             "counterexample": violations[0] if violations else None,
             "violated": sorted({v["invariant"] for v in violations}),
@@ -113,13 +134,37 @@ def build(config: pytest.Config, recorder: Recorder, exit_status: int) -> dict[s
             "max_size_per_rank": recorder.max_size_per_rank,
         },
         "timings": {"session_s": round(time.time() - recorder.started, 2), "plans_s": round(recorder.plan_seconds, 2)},
-        "broken_topologies": {f"ws{ws}-pp{pp}": why for (ws, pp), why in recorder.broken.items()},
+        "failure_kinds": failure_kinds(recorder),
+        "broken_topologies": {halt.topology: halt.to_dict() for halt in recorder.broken.values()},
         "manager_load_error": (
             {"test": recorder.load_error[0], "error": recorder.load_error[1]} if recorder.load_error else None
         ),
         "launcher": launcher(config),
         "waivers": waivers(config),
     }
+
+
+def failure_kinds(recorder: Recorder) -> dict[str, int]:
+    """How many tests failed (no waiver covering them) of each kind."""
+    counts = {kind.value: 0 for kind in FailureKind}
+    for t in recorder.tests.values():
+        if t.get("outcome") == "failed" and "failure_kind" in t:
+            counts[t["failure_kind"]] += 1
+    return counts
+
+
+def errors(recorder: Recorder) -> list[str]:
+    """One line per test that failed without a violation: whom it blames, why, and what it stopped."""
+    halts = {halt.nodeid: halt for halt in recorder.broken.values()}
+    lines = []
+    for nodeid, failure in recorder.failures.items():
+        line = f"{failure.kind.label} in {nodeid}: {failure.summary} (no invariant blamed, no plan saved)"
+        halt = halts.get(nodeid)
+        if halt is not None and halt.kind is failure.kind and halt.skipped:
+            n = len(halt.skipped)
+            line += f"; {n} later test{'' if n == 1 else 's'} of {halt.topology} skipped"
+        lines.append(line)
+    return lines
 
 
 def waivers(config: pytest.Config) -> dict[str, Any] | None:
@@ -146,6 +191,14 @@ def launcher(config: pytest.Config) -> dict[str, Any]:
     }
 
 
+def _outcome(test: dict[str, Any]) -> str:
+    """``passed``, ``failed``, or ``error (manager_error)`` for a test that failed without a violation."""
+    kind = test.get("failure_kind")
+    if test["outcome"] == "failed" and kind in (FailureKind.MANAGER_ERROR.value, FailureKind.INFRASTRUCTURE.value):
+        return f"error ({kind})"
+    return str(test["outcome"])
+
+
 def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"# MoE all-to-all conformance: `{data['manager']['spec']}`",
@@ -166,8 +219,16 @@ def markdown(data: dict[str, Any]) -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, v in data["invariants"].items():
-        outcomes = ", ".join(f"{t['outcome']}" for t in v["tests"]) or "-"
+        outcomes = ", ".join(_outcome(t) for t in v["tests"]) or "-"
         lines.append(f"| {v['level'].upper()} | {name} | **{v['status']}** | {outcomes} |")
+    errored = [t for v in data["invariants"].values() for t in v["tests"] if t.get("failure")]
+    if errored:
+        lines += ["", "## Errors (no invariant blamed, no plan saved)"]
+    for t in errored:
+        f = t["failure"]
+        lines += ["", f"### {t['nodeid']}: {f['kind']}", "", f"- {f['summary']}"]
+        if f["detail"]:
+            lines += ["", "```", f["detail"], "```"]
     failures = [(n, v["counterexample"]) for n, v in data["invariants"].items() if v["counterexample"]]
     if failures:
         lines += ["", "## Counterexamples"]
