@@ -84,6 +84,8 @@ def run_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, manage
         "pytest_mnnvl",
         "-p",
         "no:cacheprovider",
+        "-p",
+        "no:randomly",
         "-rs",
         *[f"{SUITE}::{test}" for test in tests or ("test_covers",)],
         f"--mnnvl-manager={manager}",
