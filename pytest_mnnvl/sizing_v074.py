@@ -526,18 +526,22 @@ RUNTIME_TOKENS_CONDITION = "runtimeMaxTokensPerRank <= offsets[MAX_NUM_TOKENS_IN
 RUNTIME_TOKENS_DETAIL = "runtimeMaxTokensPerRank exceeds the allocation-time token capacity"
 
 
+def dispatch_capacity_detail(need: int, capacity: int) -> str:
+    """FlashInfer's words after the dispatch capacity check's ``Check failed`` prefix."""
+    return f"Dispatch payload exceeds its workspace capacity: need {need} bytes, capacity {capacity}"
+
+
 def dispatch_capacity_message(need: int, capacity: int) -> str:
-    return check_failed_message(
-        DISPATCH_CAPACITY_CONDITION,
-        f"Dispatch payload exceeds its workspace capacity: need {need} bytes, capacity {capacity}",
-    )
+    return check_failed_message(DISPATCH_CAPACITY_CONDITION, dispatch_capacity_detail(need, capacity))
+
+
+def combine_capacity_detail(need: int, capacity: int) -> str:
+    """FlashInfer's words after the combine region check's ``Check failed`` prefix."""
+    return f"Combine payload exceeds its fixed workspace region: need {need} bytes, capacity {capacity}"
 
 
 def combine_capacity_message(need: int, capacity: int) -> str:
-    return check_failed_message(
-        COMBINE_CAPACITY_CONDITION,
-        f"Combine payload exceeds its fixed workspace region: need {need} bytes, capacity {capacity}",
-    )
+    return check_failed_message(COMBINE_CAPACITY_CONDITION, combine_capacity_detail(need, capacity))
 
 
 def runtime_tokens_message() -> str:
@@ -580,6 +584,10 @@ class DispatchCapacity:
         return self.need <= self.capacity
 
     @property
+    def detail(self) -> str:
+        return dispatch_capacity_detail(self.need, self.capacity)
+
+    @property
     def message(self) -> str:
         return dispatch_capacity_message(self.need, self.capacity)
 
@@ -607,6 +615,10 @@ class CombineCapacity:
     @property
     def fits(self) -> bool:
         return self.need <= self.capacity
+
+    @property
+    def detail(self) -> str:
+        return combine_capacity_detail(self.need, self.capacity)
 
     @property
     def message(self) -> str:
