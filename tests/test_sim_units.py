@@ -135,3 +135,32 @@ def test_importing_the_backends_imports_no_flashinfer() -> None:
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     assert out.stdout.strip() == "False"
+
+
+def test_an_unsupported_flashinfer_release_gets_one_clear_error() -> None:
+    """Named: the installed version, the supported ones, and which of their pieces it lacks (a subprocess:
+    finding the pieces imports FlashInfer)."""
+    import subprocess
+    from importlib import metadata
+
+    code = "from pytest_mnnvl.backends import sim; sim.release_for('0.7.3')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert out.returncode == 1
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "RuntimeError: pytest-mnnvl sim backend: flashinfer-python 0.7.3 is installed, but the sim supports only "
+        "0.7.2.post1, 0.7.4; pieces it lacks per supported release: "
+    )
+    assert line.endswith(". Install a supported one (pip install --no-deps flashinfer-python==0.7.4)")
+    gaps = {
+        "0.7.2.post1": "0.7.2.post1: nothing missing, but this version was not checked; 0.7.4: "
+        "flashinfer.jit.comm.gen_nvlink_one_sided_alltoall_module, ",
+        "0.7.4": "0.7.2.post1: flashinfer.comm.trtllm_moe_alltoall; 0.7.4: nothing missing, but this version "
+        "was not checked.",
+    }
+    assert gaps[metadata.version("flashinfer-python")] in line
+    assert sim.SUPPORTED_FLASHINFER_VERSIONS == ("0.7.2.post1", "0.7.4")
+    assert [sim.release_for(v).__name__.rsplit(".", 1)[1] for v in sim.SUPPORTED_FLASHINFER_VERSIONS] == [
+        "_sim_v072",
+        "_sim_v074",
+    ]

@@ -237,12 +237,15 @@ def sidecar_at(ptr: int) -> int:
     return 0
 
 
-def strided_tensor(ptr: int, segment_size: int, segment_stride: int, num_segments: int, dtype: Any) -> Any:
+def strided_tensor(
+    ptr: int, segment_size: int, segment_stride: int, num_segments: int, dtype: Any, *, owner: Any = None
+) -> Any:
     """A CPU ``[num_segments, segment_size / itemsize]`` view of mapped rows ``segment_stride`` apart.
 
     FlashInfer builds the same view over device memory with a CUDA DLPack capsule; a CPU tensor
     cannot come from that, so it is built over a raw buffer instead. Nothing is touched here:
-    the gaps between rows stay inaccessible.
+    the gaps between rows stay inaccessible. ``owner`` (the allocation) lives as long as the
+    view or any view of it, as the capsule's owner does: the mapping cannot go away under it.
     """
     import torch
 
@@ -251,6 +254,8 @@ def strided_tensor(ptr: int, segment_size: int, segment_stride: int, num_segment
         raise ValueError(f"segment size/stride must be multiples of the {dtype} item size {itemsize}")
     span = (num_segments - 1) * segment_stride + segment_size if num_segments else 0
     raw = (ctypes.c_char * max(span, itemsize)).from_address(ptr)
+    if owner is not None:
+        raw._owner = owner  # type: ignore[attr-defined]  # the tensor's storage holds ``raw``
     flat = torch.frombuffer(raw, dtype=dtype)
     return flat.as_strided((num_segments, segment_size // itemsize), (segment_stride // itemsize, 1))
 

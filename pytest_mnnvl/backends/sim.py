@@ -1,22 +1,18 @@
 """``sim``: FlashInfer's own one-sided MoE all-to-all, running on CPU ranks.
 
-Everything FlashInfer implements in Python runs unmodified inside each rank: ``MoeAlltoAll``
-with its process-wide ``_WORKSPACE_CACHE`` and phase asserts, ``MnnvlMemory`` (allocation
-bookkeeping, the fabric vote, the bump allocator, the SCM_RIGHTS fd exchange, teardown),
+Everything FlashInfer implements in Python runs unmodified inside each rank: 0.7.2.post1's
+``MoeAlltoAll`` with its process-wide ``_WORKSPACE_CACHE`` and phase asserts, 0.7.4's
+``NVLinkOneSidedAlltoAll`` with its refcounted ``_WORKSPACES``, ``MnnvlMemory`` (allocation
+bookkeeping, the handle-type vote, the bump allocator, the SCM_RIGHTS fd exchange, teardown),
 ``Mapping``, ``MnnvlConfig``, ``TorchDistBackend`` and ``flashinfer.moe_ep``
 (``create_communication``, ``NVLinkOneSidedAlltoAll``). A manager under test, vLLM's included,
 therefore meets FlashInfer's real sizing, caching, collectives and error messages, and API drift
 between FlashInfer releases shows up here first. :func:`install` replaces only the leaves that
-need a GPU, each at the lowest level where it can be swapped cleanly:
+need a GPU, each at the lowest level where it can be swapped cleanly. Each supported release has
+one module with its own leaves (:data:`RELEASES`: the compiled op module above all); these are
+common to all:
 
-1. **The compiled op module.** ``flashinfer.comm.trtllm_moe_alltoall.gen_moe_alltoall_module``
-   (the JIT spec factory) returns a spec whose ``build_and_load()`` gives
-   :class:`~pytest_mnnvl.backends._kernels.SimMoeA2AModule`: ``moe_a2a_initialize``, ``…_dispatch``,
-   ``…_combine``, ``…_combine_into``, ``…_sanitize_expert_ids``, ``…_get_aux_data_size``,
-   ``…_get_metainfo_index_pairs``. FlashInfer's own ``_get_moe_alltoall_module_for_target``
-   wrappers still sit on top (its cache is cleared once). Nothing is compiled. Only
-   ``backend="trtllm"`` exists (``"cake"`` is Blackwell-only anyway).
-2. **The CUDA driver under ``MnnvlMemory``.** The module global ``cuda`` of
+1. **The CUDA driver under ``MnnvlMemory``.** The module global ``cuda`` of
    ``flashinfer.comm.mnnvl`` becomes a :class:`~pytest_mnnvl.backends._driver.SimDriver`:
    ``cuMemCreate`` → a memfd row, ``cuMemExportToShareableHandle``/``…Import…`` → fd dup,
    ``cuMemAddressReserve`` → a ``PROT_NONE`` reservation, ``cuMemMap`` → ``MAP_FIXED|MAP_SHARED``
@@ -24,50 +20,64 @@ need a GPU, each at the lowest level where it can be swapped cleanly:
    ``cuMemRelease`` / ``cuMemAddressFree`` → unmap/close/munmap, ``cuCtxGetDevice`` → device 0,
    ``cuDeviceGetAttribute`` → a single-node H100 without IMEX (no FABRIC, so FlashInfer takes its
    POSIX-fd path), ``cuMemGetAllocationGranularity`` → 2 MiB. Other driver calls raise.
-3. **``pack_strided_memory`` in ``flashinfer.comm.mnnvl``**, which wraps the rows in a CUDA DLPack
+2. **``pack_strided_memory`` in ``flashinfer.comm.mnnvl``**, which wraps the rows in a CUDA DLPack
    capsule (device type hard-coded to CUDA), builds the same ``[ep_size, size]`` strided uint8
-   view as a CPU tensor over the mapped range instead.
-4. **Device queries.** ``MnnvlMemory.initialized`` is preset (its ``initialize()`` only creates a
+   view as a CPU tensor over the mapped range instead; an ``owner=`` (0.7.4 passes the
+   ``MnnvlMemory``) is kept alive by every view, as the capsule keeps it.
+3. **Device queries.** ``MnnvlMemory.initialized`` is preset (its ``initialize()`` only creates a
    CUDA context and starts NVML); ``MnnvlMemory.support_nvlink`` (an NVML scan of NVLink states)
    answers "all links up"; ``nvlink_platform_supported`` in ``moe_ep``'s ``nvlink_common`` and
    ``nvlink_one_sided.communication`` (``torch.cuda.is_available()`` + NVML) is replaced by one
    that asks ``MnnvlMemory.supports_mnnvl()``; ``torch.cuda.synchronize``/``current_device`` and
    ``torch.accelerator.current_device_index``/``synchronize``/``empty_cache`` (FlashInfer calls
-   the first in ``_reset_workspace``; vLLM calls the others) become host no-ops. JIT, streams,
-   events and PDL are not on the path (``device_support_pdl`` is False for CPU tensors).
-5. **``moe_a2a_combine``'s ``output.is_cuda`` test.** The functional combine refuses a CPU
-   ``output=`` tensor before reaching the op module; the sim wraps that function (the smallest
-   enclosing piece) so a CPU ``output`` goes to ``moe_a2a_combine_into`` after FlashInfer's
-   contiguity check. Without ``output`` FlashInfer's function runs as is.
+   the first in ``_reset_workspace`` and 0.7.4's ``destroy()``; vLLM calls the others) become
+   host no-ops. JIT and streams are not on the path.
 
 A race detector (:mod:`pytest_mnnvl.backends._hazards`) judges every dispatch write and every
 ``initialize`` against the combine reads of peers that nothing has yet ordered before it, and raises
 ``WorkspaceRace`` (on every rank) where a GPU would silently corrupt a slower peer's combine: the
-verdict depends on the program's synchronisation, never on timing.
+verdict depends on the program's synchronisation, never on timing. Only 0.7.2.post1's op module
+reports to it so far; 0.7.4's routes every shared-row access through ``_write_rows``/``_read_rows``
+(:mod:`pytest_mnnvl.backends._kernels_v074`), the place to hook it in.
 
 The ranks synchronise the way the kernels do, through completion flags in the shared rows, with a
 bounded spin (``PYTEST_MNNVL_SIM_KERNEL_TIMEOUT``, default 60 s): a rank that skips a call makes
 its peers fail with the kernel's timeout text instead of hanging forever.
 
-Supported FlashInfer: 0.7.2.post1 (checked in full here). :func:`install` verifies every piece it
-replaces exists and names the missing one otherwise.
+Supported FlashInfer: 0.7.2.post1 (checked in full against GPUs) and 0.7.4 (checked against its
+sources, CPU only). :func:`install` refuses any other installed release with one error naming it,
+the supported ones and which of their pieces it lacks, and verifies that every piece it replaces
+exists.
 
-After :func:`install`, this module exposes FlashInfer's ``MoeAlltoAll``, ``Mapping``,
-``MnnvlConfig`` and ``moe_a2a_get_workspace_size_per_rank``; the last also works outside ranks,
-without install or FlashInfer (pure arithmetic from :mod:`pytest_mnnvl.sizing`).
+After :func:`install`, this module exposes FlashInfer's ``MoeAlltoAll`` (0.7.2.post1 only),
+``Mapping``, ``MnnvlConfig`` and ``moe_a2a_get_workspace_size_per_rank``; the last is 0.7.2.post1's
+arithmetic and also works outside ranks, without install or FlashInfer (:mod:`pytest_mnnvl.sizing`;
+0.7.4's is :mod:`pytest_mnnvl.sizing_v074`).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import importlib
 import os
+from types import ModuleType
 from typing import Any
 
 from pytest_mnnvl import sizing
 
-#: FlashInfer releases the sim was checked against, piece by piece.
-SUPPORTED_FLASHINFER_VERSIONS = ("0.7.2.post1",)
+from . import _sim_v072, _sim_v074
+
+#: One module per FlashInfer release the sim was checked against, piece by piece: its ``PIECES``
+#: (what must exist) and ``install_leaves()`` (the leaves only that release has).
+RELEASES: dict[str, ModuleType] = {"0.7.2.post1": _sim_v072, "0.7.4": _sim_v074}
+SUPPORTED_FLASHINFER_VERSIONS = tuple(RELEASES)
+#: What every release must have for the common leaves: (module, attribute path).
+_COMMON_PIECES: tuple[tuple[str, str], ...] = (
+    ("flashinfer.comm.mnnvl", "cuda"),
+    ("flashinfer.comm.mnnvl", "pack_strided_memory"),
+    ("flashinfer.comm.mnnvl", "MnnvlMemory.support_nvlink"),
+    ("flashinfer.comm.mnnvl", "MnnvlMemory.initialized"),
+    ("flashinfer.comm.mnnvl", "MnnvlMemory.allocated_map"),
+)
 _FLASHINFER_NAMES = {
     "MoeAlltoAll": "flashinfer.comm.trtllm_moe_alltoall",
     "Mapping": "flashinfer.comm.mapping",
@@ -115,13 +125,41 @@ def installed() -> bool:
     return _installed_pid == os.getpid()
 
 
-def _require(module: Any, name: str, version: str) -> Any:
-    if not hasattr(module, name):
-        raise RuntimeError(
-            f"pytest-mnnvl sim backend: flashinfer {version} has no {module.__name__}.{name}, one of the "
-            "pieces the sim replaces; supported FlashInfer versions: " + ", ".join(SUPPORTED_FLASHINFER_VERSIONS)
+def missing_pieces(pieces: tuple[tuple[str, str], ...]) -> list[str]:
+    """The ``module.attribute`` paths of ``pieces`` the installed FlashInfer lacks (imports them)."""
+    missing: list[str] = []
+    for module_name, path in pieces:
+        try:
+            target: Any = importlib.import_module(module_name)
+        except Exception as exc:  # a module of another release may fail in any way on import
+            gone = module_name if isinstance(exc, ModuleNotFoundError) else f"{module_name} ({type(exc).__name__})"
+            if gone not in missing:
+                missing.append(gone)
+            continue
+        for name in path.split("."):
+            if not hasattr(target, name):
+                missing.append(f"{module_name}.{path}")
+                break
+            target = getattr(target, name)
+    return missing
+
+
+def release_for(version: str) -> ModuleType:
+    """The sim's module for FlashInfer ``version``, or one error naming what to install instead."""
+    release = RELEASES.get(version)
+    if release is not None:
+        return release
+    gaps = []
+    for supported, module in RELEASES.items():
+        missing = missing_pieces(_COMMON_PIECES + module.PIECES)
+        gaps.append(
+            f"{supported}: {', '.join(missing) if missing else 'nothing missing, but this version was not checked'}"
         )
-    return getattr(module, name)
+    raise RuntimeError(
+        f"pytest-mnnvl sim backend: flashinfer-python {version} is installed, but the sim supports only "
+        f"{', '.join(RELEASES)}; pieces it lacks per supported release: {'; '.join(gaps)}. Install a "
+        f"supported one (pip install --no-deps flashinfer-python=={SUPPORTED_FLASHINFER_VERSIONS[-1]})"
+    )
 
 
 def install(ctx: Any) -> None:
@@ -129,53 +167,35 @@ def install(ctx: Any) -> None:
     global _installed_pid
     if installed():
         return
-    import warnings
-
     import flashinfer
-    import flashinfer.comm
+
+    version = str(getattr(flashinfer, "__version__", "unknown"))
+    release = release_for(version)
+    missing = missing_pieces(_COMMON_PIECES + release.PIECES)
+    if missing:
+        raise RuntimeError(
+            f"pytest-mnnvl sim backend: flashinfer {version} has no {', '.join(missing)}, pieces the sim "
+            "replaces; supported FlashInfer versions: " + ", ".join(SUPPORTED_FLASHINFER_VERSIONS)
+        )
     import flashinfer.comm.mnnvl as mnnvl
-    import flashinfer.comm.trtllm_moe_alltoall as a2a
 
     from pytest_mnnvl import audit
 
     from . import _driver, _hazards, _kernels, _shm
 
-    version = str(getattr(flashinfer, "__version__", "unknown"))
-    if version not in SUPPORTED_FLASHINFER_VERSIONS:
-        warnings.warn(
-            f"pytest-mnnvl sim backend: flashinfer {version} is untested (tested: "
-            f"{', '.join(SUPPORTED_FLASHINFER_VERSIONS)})",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    for name in ("gen_moe_alltoall_module", "get_moe_alltoall_module", "moe_a2a_combine", "MoeAlltoAll"):
-        _require(a2a, name, version)
-    for name in ("cuda", "pack_strided_memory", "MnnvlMemory"):
-        _require(mnnvl, name, version)
-    memory = mnnvl.MnnvlMemory
-    for name in ("support_nvlink", "initialized", "allocated_map"):
-        _require(memory, name, version)
-
-    # 1. the compiled module
-    a2a.gen_moe_alltoall_module = _kernels.SimJitSpec  # type: ignore[assignment]
-    clear = getattr(a2a.get_moe_alltoall_module, "cache_clear", None)
-    if clear is not None:
-        clear()
-    # 2. + 3. the driver under MnnvlMemory, and the strided view over the rows
+    # the release's own leaves (the compiled module above all)
+    release.install_leaves()
+    # 1. + 2. the driver under MnnvlMemory, and the strided view over the rows
     rank = int(getattr(ctx, "rank", 0))
     mnnvl.cuda = _driver.SimDriver(mnnvl.cuda, 0, _driver.process_label(rank))
     mnnvl.pack_strided_memory = _pack_strided_memory(_shm.strided_tensor)
-    # 4. device queries
+    # 3. device queries
+    memory = mnnvl.MnnvlMemory
     memory.initialized = True
     memory.support_nvlink = staticmethod(_all_nvlinks_up)  # type: ignore[method-assign]
     _install_platform_probe(memory)
     _install_torch_device_stubs(_kernels.raise_if_sticky)
-    # 5. CPU output= for the functional combine
-    wrapped = _combine_accepting_cpu_output(a2a.moe_a2a_combine, a2a)
-    if getattr(flashinfer.comm, "moe_a2a_combine", None) is a2a.moe_a2a_combine:
-        flashinfer.comm.moe_a2a_combine = wrapped
-    a2a.moe_a2a_combine = wrapped
-    # 6. the race detector learns of every completed collective (see _hazards)
+    # the race detector learns of every completed collective (see _hazards)
     _hazards.set_global_rank(rank)
     audit.ensure_installed()
     audit.add_after_collective(_hazards.on_collective)
@@ -184,9 +204,16 @@ def install(ctx: Any) -> None:
 
 def _pack_strided_memory(build: Any) -> Any:
     def pack_strided_memory(
-        ptr: int, segment_size: int, segment_stride: int, num_segments: int, dtype: Any, dev_id: int
+        ptr: int,
+        segment_size: int,
+        segment_stride: int,
+        num_segments: int,
+        dtype: Any,
+        dev_id: int,
+        *,
+        owner: Any = None,
     ) -> Any:
-        return build(ptr, segment_size, segment_stride, num_segments, dtype)
+        return build(ptr, segment_size, segment_stride, num_segments, dtype, owner=owner)
 
     return pack_strided_memory
 
@@ -233,44 +260,3 @@ def _install_torch_device_stubs(raise_if_sticky: Any) -> None:
         accelerator.current_device_index = current_device_index
         accelerator.synchronize = synchronize
         accelerator.empty_cache = empty_cache
-
-
-def _combine_accepting_cpu_output(original: Any, a2a: Any) -> Any:
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def moe_a2a_combine(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        call = dict(bound.arguments)
-        output = call["output"]
-        if output is None or output.is_cuda:
-            return original(*args, **kwargs)
-        if not output.is_contiguous():
-            raise ValueError(f"output must be contiguous, got stride={output.stride()}")
-        module = a2a.get_moe_alltoall_module(call["backend"])
-        module.moe_a2a_combine_into(
-            call["payload"],
-            call["local_num_tokens"],
-            call["workspace"],
-            call["metainfo"],
-            call["runtime_max_tokens_per_rank"],
-            call["ep_rank"],
-            call["ep_size"],
-            call["top_k"],
-            call["combine_payload_offset"],
-            call["payload_in_workspace"],
-            call["output_dtype"],
-            call["output_scales"],
-            call["output_scalar_scale"],
-            call["sf_layout"],
-            call["use_low_precision"],
-            bool(call["enable_pdl"]),
-            call["enable_rank_mask"],
-            call["active_rank_mask"],
-            output,
-        )
-        return output
-
-    moe_a2a_combine.__signature__ = signature  # type: ignore[attr-defined]
-    return moe_a2a_combine
