@@ -25,9 +25,10 @@ import pytest
 
 from pytest_mnnvl.errors import FailureKind, MnnvlError, MnnvlUsageError, failure_kind
 from pytest_mnnvl.invariants import INVARIANTS, SHOULD, InvariantViolation, Judge
-from pytest_mnnvl.plugin import MANAGER_KEY, SETTINGS_KEY, Topology, resolve_backend
+from pytest_mnnvl.plugin import GUARD_KEY, MANAGER_KEY, SETTINGS_KEY, Topology, resolve_backend
 
 if TYPE_CHECKING:
+    from pytest_mnnvl.interrupts import Interruption
     from pytest_mnnvl.layers import ModelPlan
     from pytest_mnnvl.managers import ManagerFactory
     from pytest_mnnvl.pool import World
@@ -609,14 +610,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not writes_reports(config):
         return  # under torchrun one rank writes (0, or the lowest survivor)
 
-    # session.exitstatus, not the argument: a stale waiver under --mnnvl-strict changes it first.
-    data = report.build(config, recorder, int(session.exitstatus))
+    # session.exitstatus, not the argument: a stale waiver under --mnnvl-strict changes it first, and an
+    # interrupt pytest could not record (a signal during its own handling of the first) is made non-zero.
+    data = report.build(config, recorder, int(session.exitstatus), _interruption(config))
     report.write(path, data)
+
+
+def _interruption(config: pytest.Config) -> Interruption | None:
+    guard = config.stash.get(GUARD_KEY, None)
+    return guard.interruption() if guard is not None else None
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     recorder = config.stash.get(RECORDER_KEY, None)
-    if recorder is None or not recorder.tests:
+    interruption = _interruption(config)
+    if recorder is None or not (recorder.tests or interruption):
         return
     from pytest_mnnvl import report
     from pytest_mnnvl.spmd_plugin import writes_reports
@@ -640,5 +648,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             f"the manager could not be loaded in the ranks: {recorder.load_error[1]} (traceback in "
             f"{recorder.load_error[0]}); every later test was skipped",
+            red=True,
+        )
+    if interruption is not None:
+        terminalreporter.write_line(
+            f"{interruption.describe()}: the verdicts cover only the tests that finished; the report says interrupted",
             red=True,
         )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import pytest
 
+from pytest_mnnvl import interrupts
 from pytest_mnnvl import settings as _settings
 from pytest_mnnvl import waivers as _waivers
 from pytest_mnnvl.errors import MnnvlUsageError
@@ -21,12 +22,19 @@ from pytest_mnnvl.markers import CAPABILITY_MARKERS, MARKER_LINES
 if TYPE_CHECKING:
     from pytest_mnnvl.managers import ManagerFactory
     from pytest_mnnvl.pool import Pool, World
+    from pytest_mnnvl.report import ReportLock
     from pytest_mnnvl.spmd import SpmdPool, SpmdWorld
 
 SETTINGS_KEY = pytest.StashKey["_settings.Settings"]()
 BACKEND_KEY = pytest.StashKey[str]()
 POOL_KEY = pytest.StashKey["Pool | SpmdPool"]()
 MANAGER_KEY: pytest.StashKey[ManagerFactory] = pytest.StashKey()
+GUARD_KEY = pytest.StashKey[interrupts.Guard]()
+#: The conformance suite's plugin, as ``conformance/conftest.py`` registers it (``pytest_plugins``).
+CONFORMANCE_PLUGIN = "pytest_mnnvl.conformance_plugin"
+REPORT_LOCK_KEY: pytest.StashKey[ReportLock] = pytest.StashKey()
+#: A header line for the session that found ``--mnnvl-report`` in use by another one.
+REPORT_SHARED_KEY = pytest.StashKey[str]()
 
 
 class Topology(NamedTuple):
@@ -88,12 +96,22 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[MANAGER_KEY] = resolve(settings.manager)
         if settings.waivers:
             _waivers.install(config, settings.waivers, settings.manager, settings.strict)
+        if settings.report and not hasattr(config, "workerinput"):
+            from pytest_mnnvl import report
+
+            report.check_path(settings.report)
     except MnnvlUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     if settings.launcher == "torchrun":
         from pytest_mnnvl import spmd_plugin
 
         spmd_plugin.install(config, settings.timeout)
+    config.stash[GUARD_KEY] = interrupts.Guard()
+    config.pluginmanager.register(SessionEnd(config), "mnnvl-session-end")
+    if settings.report and not hasattr(config, "workerinput"):
+        _lock_report(config, settings.report)
+    if settings.report or config.pluginmanager.hasplugin(CONFORMANCE_PLUGIN):
+        take_signals(config)
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "mnnvl_backend" in workerinput:
         config.stash[BACKEND_KEY] = workerinput["mnnvl_backend"]
@@ -106,6 +124,67 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if pool is not None:
         pool.close()
         del config.stash[POOL_KEY]
+    lock = config.stash.get(REPORT_LOCK_KEY, None)
+    if lock is not None:
+        lock.release()
+        del config.stash[REPORT_LOCK_KEY]
+    guard = config.stash.get(GUARD_KEY, None)
+    if guard is not None:
+        guard.restore()
+
+
+def take_signals(config: pytest.Config) -> None:
+    """From now on SIGINT and SIGTERM stop this session cleanly (:mod:`pytest_mnnvl.interrupts`): from
+    configure when there is a report to write, else from the first rank world. Not under torchrun, whose
+    agent stops its workers with SIGTERM and owns that signal (:mod:`pytest_mnnvl.spmd`)."""
+    guard = config.stash.get(GUARD_KEY, None)
+    if guard is not None and config.stash[SETTINGS_KEY].launcher != "torchrun":
+        guard.install()
+
+
+def _lock_report(config: pytest.Config, path: str) -> None:
+    """Hold ``path``'s advisory lock for the session; warn now when another session holds it."""
+    from pytest_mnnvl.report import ReportLock
+    from pytest_mnnvl.spmd_plugin import session_of
+
+    spmd = session_of(config)
+    if spmd is not None and spmd.rank != 0:
+        return  # one lock per torchrun session (its ranks share the path), taken by rank 0
+    lock = ReportLock(path)
+    holder = lock.acquire()
+    if holder is None:
+        config.stash[REPORT_LOCK_KEY] = lock
+        return
+    text = (
+        f"--mnnvl-report={path!r} is in use by another session ({holder}): whichever finishes last "
+        "overwrites the other's report; give each session its own path"
+    )
+    config.stash[REPORT_SHARED_KEY] = text
+    config.issue_config_time_warning(pytest.PytestConfigWarning(text), stacklevel=2)
+
+
+class SessionEnd:
+    """Tells the interrupt guard when the session starts to end, and what ended it, so that neither a
+    second signal nor a late first one can cut the end short or leave a report claiming success."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.guard = config.stash[GUARD_KEY]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        self.guard.finishing()
+        # Type and message only: Hypothesis adds the example it was running as a note, many lines long.
+        message = str(excinfo.value).strip()
+        self.guard.stopped(f"{excinfo.typename}: {message}" if message else excinfo.typename)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> Generator[None, None, None]:
+        # Before every other sessionfinish (the report, the terminal summary): a session a signal reached
+        # did not finish, even where the signal came too late for pytest to record it (status still 0).
+        self.guard.finishing()
+        if self.guard.signals and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
+        return (yield)
 
 
 def resolve_backend(config: pytest.Config) -> str:
@@ -140,6 +219,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         + f", manager={s.manager}, strict={'on' if s.strict else 'off'}",
         *capabilities.header_lines(),
         f"mnnvl: hypothesis profile={profile}, seed={seed if seed is not None else 'random (printed on failure)'}",
+        *([f"mnnvl: WARNING: {config.stash[REPORT_SHARED_KEY]}"] if REPORT_SHARED_KEY in config.stash else []),
     ]
 
 
@@ -214,6 +294,7 @@ def _pool(config: pytest.Config) -> Pool | SpmdPool:
             config.stash[POOL_KEY] = SpmdPool(spmd, s.timeout, s.startup_timeout)
             return config.stash[POOL_KEY]
         config.stash[POOL_KEY] = Pool(timeout=s.timeout, max_warm=s.warm_worlds, startup_timeout=s.startup_timeout)
+        take_signals(config)
     return config.stash[POOL_KEY]
 
 

@@ -10,6 +10,11 @@ The pool never waits without a deadline: every receive is bounded by the call ti
 rank is seen through its socket closing (at once), and a timeout dumps every rank's Python stack
 (``faulthandler`` on a signal, which works while the main thread is stuck in C) plus the collective
 each rank entered (from :mod:`pytest_mnnvl.audit`) before killing the world.
+
+Each world keeps its socket and files in a ``mnnvl-world-*`` directory that names its owner process
+(:class:`WorldOwner`). A teardown removes it, and a first SIGINT/SIGTERM cannot cut a teardown short
+(:mod:`pytest_mnnvl.interrupts`); what a SIGKILLed owner leaves behind is removed by the next world
+started with the same temporary directory (:func:`reap_dead_worlds`), never a live owner's.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
 
+from pytest_mnnvl import interrupts
 from pytest_mnnvl.errors import (
     MnnvlUsageError,
     PythonFrame,
@@ -63,6 +69,9 @@ DEFAULT_STARTUP_TIMEOUT_S = {"flashinfer": 900.0}
 DEFAULT_STARTUP_TIMEOUT_OTHER_S = 120.0
 #: Lines of each rank's output kept for crash reports.
 OUTPUT_TAIL_LINES = 40
+#: A world's directory: this prefix in the temporary directory, and in it the file naming its owner.
+WORLD_DIR_PREFIX = "mnnvl-world-"
+OWNER_FILE = "owner.json"
 
 
 @dataclass(frozen=True)
@@ -240,7 +249,10 @@ class World(RankWorld):
 
     def _start(self) -> None:
         self.starts += 1
-        self._dir = tempfile.mkdtemp(prefix="mnnvl-world-", dir=self._tmp_root)
+        reap_dead_worlds(self._tmp_root)
+        with interrupts.deferred():  # no directory without its owner record
+            self._dir = tempfile.mkdtemp(prefix=WORLD_DIR_PREFIX, dir=self._tmp_root)
+            WorldOwner.of(os.getpid()).write(self._dir)
         address = os.path.join(self._dir, "ctl.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address)
@@ -400,17 +412,24 @@ class World(RankWorld):
 
     # -- teardown -----------------------------------------------------------------------------
     def _teardown(self, polite: bool = False) -> None:
-        """Make sure every rank process (and anything it started) is gone; never raises."""
+        """Make sure every rank process (and anything it started) is gone; never raises, except a first
+        interrupt that came meanwhile, once everything is gone (a second one skips the grace periods)."""
+        with interrupts.deferred():
+            self._stop_ranks(polite)
+
+    def _stop_ranks(self, polite: bool) -> None:
         ranks, self._ranks = self._ranks, []
         if polite:
-            _wait_all(ranks, TERM_GRACE_S)
+            _wait_all(ranks, TERM_GRACE_S, interruptible=True)
         for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
             alive = [r for r in ranks if r.process.poll() is None]
             if not alive:
                 break
+            if sig == signal.SIGTERM and interrupts.hurry():
+                continue
             for r in alive:
                 _signal_group(r.pid, sig)
-            _wait_all(alive, grace)
+            _wait_all(alive, grace, interruptible=sig == signal.SIGTERM)
         for r in ranks:
             # The session's own group is separate: kill leftovers of the rank's group too.
             _signal_group(r.pid, signal.SIGKILL)
@@ -471,11 +490,111 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def _wait_all(ranks: list[_Rank], grace: float) -> None:
+def _wait_all(ranks: list[_Rank], grace: float, interruptible: bool = False) -> None:
+    """Wait up to ``grace`` for the ranks to end; ``interruptible``: stop waiting when :func:`interrupts.hurry`."""
     deadline = time.monotonic() + grace
     for r in ranks:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        while r.process.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or (interruptible and interrupts.hurry()):
+                return
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.process.wait(timeout=min(left, 0.05))
+
+
+@dataclass(frozen=True)
+class WorldOwner:
+    """The process a world's directory belongs to. A pid alone may be reused by the time anyone looks, so
+    its start time is kept too (``/proc``), and the host and pid namespace: elsewhere the pid means nothing."""
+
+    pid: int
+    #: Clock ticks after boot (``/proc/PID/stat`` field 22); None where there is no ``/proc``.
+    started: int | None
+    host: str
+    pid_namespace: str | None
+
+    @classmethod
+    def of(cls, pid: int) -> WorldOwner:
+        return cls(pid, _process_start(pid), socket.gethostname(), _pid_namespace())
+
+    def write(self, directory: str) -> None:
+        """Written whole or not at all (a reaper reading it half-written would keep the directory anyway)."""
+        path = os.path.join(directory, OWNER_FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(
+                {"pid": self.pid, "started": self.started, "host": self.host, "pid_namespace": self.pid_namespace}, f
+            )
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def read(cls, directory: str) -> WorldOwner | None:
+        try:
+            with open(os.path.join(directory, OWNER_FILE), encoding="utf-8") as f:
+                data = json.load(f)
+            return cls(int(data["pid"]), data["started"], str(data["host"]), data["pid_namespace"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def is_dead(self) -> bool:
+        """True only when provably gone: same host and pid namespace, and no live process with that pid
+        and start time. Anything it cannot tell counts as alive."""
+        if self.host != socket.gethostname() or self.pid_namespace != _pid_namespace():
+            return False
+        if os.path.isdir("/proc/self"):
+            started = _process_start(self.pid)
+            return started is None or (self.started is not None and started != self.started)
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+
+
+def _process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot), or None if there is no such live process (a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is field 3 (the state); the start time is field 22.
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def reap_dead_worlds(root: str | None = None) -> list[str]:
+    """Remove the world directories under ``root`` (default: the temporary directory) whose owner is dead: a
+    SIGKILLed session could not remove its own. Only this user's, only with an owner record (one without may
+    be a world being started this instant); returns the directories removed."""
+    root = root or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(WORLD_DIR_PREFIX):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        owner = WorldOwner.read(entry.path)
+        if owner is None or owner.pid == os.getpid() or not owner.is_dead():
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.exists(entry.path):
+            removed.append(entry.path)
+    return removed
 
 
 #: ``  File "x.py", line 12 in f``: a frame of faulthandler's dump (no comma before ``in``).

@@ -14,17 +14,28 @@ status applied|stale|expired|unused and the tests it matched with their outcome)
 ``waivers`` were added to version 1 without a bump: readers that ignore them see the same verdicts,
 except that a waived invariant is no longer ``fail``; so were the failure kinds: an invariant whose test
 ended in a manager or infrastructure error is no longer ``fail`` (no invariant was found violated), and
-``broken_topologies`` values became objects (they were the error's type name).
+``broken_topologies`` values became objects (they were the error's type name); and ``interrupted``
+(true when the session ended before its tests did: a signal, Ctrl-C, ``pytest.exit``; ``exit_status`` is then
+never 0) with ``interruption`` (``signals``: SIGINT/SIGTERM in the order received, ``reason``: what pytest saw
+stop the run; null when not interrupted).
+
+The files are written whole or not at all (a temporary file, then ``os.replace``). The path is checked at
+configure time (:func:`check_path`), and a session holds ``PATH.lock`` (:class:`ReportLock`) so that a second
+session given the same path is told whose report it would overwrite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import importlib.metadata
 import json
 import os
 import platform
 import socket
+import stat
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +47,7 @@ if TYPE_CHECKING:
     import pytest
 
     from pytest_mnnvl.conformance_plugin import Recorder
+    from pytest_mnnvl.interrupts import Interruption
 
 SCHEMA_VERSION = 1
 
@@ -104,7 +116,9 @@ def verdicts(recorder: Recorder) -> dict[str, dict[str, Any]]:
     return out
 
 
-def build(config: pytest.Config, recorder: Recorder, exit_status: int) -> dict[str, Any]:
+def build(
+    config: pytest.Config, recorder: Recorder, exit_status: int, interruption: Interruption | None = None
+) -> dict[str, Any]:
     from pytest_mnnvl.plugin import MANAGER_KEY, SETTINGS_KEY, resolve_backend
 
     settings = config.stash[SETTINGS_KEY]
@@ -124,6 +138,8 @@ def build(config: pytest.Config, recorder: Recorder, exit_status: int) -> dict[s
         "hypothesis": {"profile": recorder.profile, "seed": config.getoption("hypothesis_seed", None)},
         "strict": settings.strict,
         "exit_status": exit_status,
+        "interrupted": interruption is not None,
+        "interruption": interruption.to_dict() if interruption is not None else None,
         "invariants": verdicts(recorder),
         "examples_run": recorder.examples,
         "rebuilds": {
@@ -210,6 +226,10 @@ def markdown(data: dict[str, Any]) -> str:
         "- environment: " + ", ".join(f"{k} {v}" for k, v in data["environment"].items()),
         f"- date: {data['date']}; session {data['timings']['session_s']} s; exit status {data['exit_status']}",
     ]
+    if data.get("interrupted"):
+        i = data["interruption"]
+        by = f"by {', '.join(i['signals'])} " if i["signals"] else ""
+        lines += [f"- **interrupted** {by}({i['reason']}): the verdicts cover only the tests that finished"]
     if data.get("manager_load_error"):
         e = data["manager_load_error"]
         lines += [f"- **the manager could not be loaded in the ranks**: `{e['error']}` (traceback in `{e['test']}`)"]
@@ -262,12 +282,125 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_path(path: str) -> str:
+    """The Markdown twin of a report path: ``r.json`` -> ``r.md``; any other name gets ``.md`` appended."""
+    return (path[:-5] if path.endswith(".json") else path) + ".md"
+
+
 def write(path: str, data: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
+    """Both files, each whole or not at all: an interrupt, a full disk or a crash in the middle leaves the
+    previous file (or none), never half a report; both are rendered before either is replaced."""
+    texts = [(path, json.dumps(data, indent=2, default=repr) + "\n"), (markdown_path(path), markdown(data))]
+    for name, text in texts:
+        _write_whole(name, text)
+
+
+def _write_whole(path: str, text: str) -> None:
+    target = os.path.realpath(path)  # a symlinked report path keeps its link
+    directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=repr)
-        fh.write("\n")
-    base = path[:-5] if path.endswith(".json") else path
-    with open(base + ".md", "w", encoding="utf-8") as fh:
-        fh.write(markdown(data))
+    try:
+        mode: int | None = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):  # /dev/null, a FIFO: there is no file to replace
+        with open(target, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(temporary, stat.S_IMODE(mode) if mode is not None else 0o666 & ~_umask())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_path(path: str) -> None:
+    """A usage error now rather than a traceback after the whole run: the report and its Markdown twin must
+    be files this session can create (missing directories are created at the end)."""
+    from pytest_mnnvl.errors import MnnvlUsageError
+
+    option = f"--mnnvl-report={path!r}"
+    allowed = f"allowed: a file path (the JSON report; the Markdown one goes next to it as {markdown_path(path)})"
+    if not path.strip() or path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
+        raise MnnvlUsageError(f"{option} is not valid: it names no file; {allowed}")
+    for name in (path, markdown_path(path)):
+        if os.path.isdir(name):
+            raise MnnvlUsageError(f"{option}: {os.path.abspath(name)} is a directory; {allowed}")
+    directory = os.path.dirname(os.path.realpath(path))
+    existing = directory
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise MnnvlUsageError(f"{option}: {existing} is not a directory; {allowed}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".mnnvl-report-probe-")
+    except OSError as exc:
+        why = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+        where = existing if existing == directory else f"{existing} (to create {directory})"
+        raise MnnvlUsageError(f"{option}: cannot create a file in {where}: {why}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+class ReportLock:
+    """``PATH.lock``, held (``flock``) for the session: a second session given the same report path finds it
+    held and is told by whom. Advisory: it only warns; the last session to finish writes the report."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.realpath(path) + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """None when this session now holds the lock (or locks cannot be taken there); else who holds it."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "its pid not written yet"
+                os.close(fd)
+                return holder
+            except OSError:  # no locks on this filesystem (ENOLCK): nothing to warn with
+                os.close(fd)
+                return None
+            try:
+                current = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except OSError:
+                current = False
+            if not current:  # its holder released and removed it after we opened it: lock the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            since = datetime.datetime.now().isoformat(timespec="seconds")
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+            self._fd = fd
+            return None
+        return None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still holding it: whoever opens the path next gets a new file
+        os.close(self._fd)
+        self._fd = None

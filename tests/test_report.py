@@ -35,3 +35,63 @@ def test_environment_names_the_harness_version_from_a_source_tree(tmp_path: Path
     env = json.loads(run.stdout)
     assert env["hypothesis"] is None  # no dist metadata was visible
     assert env["pytest_mnnvl"] == pytest_mnnvl.__version__
+
+
+def _data(**changes: object) -> dict[str, object]:
+    """The smallest report :func:`report.markdown` renders (what ``report.build`` writes, fewer fields)."""
+    data: dict[str, object] = {
+        "manager": {"spec": "reference", "description": "the reference"},
+        "backend": "sim",
+        "topologies": ["ws2-pp1"],
+        "strict": False,
+        "hypothesis": {"profile": "ci", "seed": None},
+        "examples_run": 0,
+        "environment": {},
+        "date": "2026-12-01T00:00:00+00:00",
+        "timings": {"session_s": 1.0},
+        "exit_status": 2,
+        "interrupted": True,
+        "interruption": {"signals": ["SIGTERM"], "reason": "KeyboardInterrupt: SIGTERM"},
+        "invariants": {},
+        "rebuilds": {"plan_runs": 0, "cache_hits": 0, "initialize_calls": 0, "rebuilds": 0, "max_size_per_rank": 0},
+    }
+    data.update(changes)
+    return data
+
+
+def test_write_replaces_the_files_whole_through_a_symlinked_path(tmp_path: Path) -> None:
+    """Written through a temporary file and os.replace: the link itself stays a link, the file it points at
+    gets the report, its mode is kept, and no temporary file is left."""
+    from pytest_mnnvl import report
+
+    real = tmp_path / "results" / "r.json"
+    real.parent.mkdir()
+    real.write_text("old")
+    real.chmod(0o640)
+    link = tmp_path / "r.json"
+    link.symlink_to(real)
+    report.write(str(link), _data())
+    assert link.is_symlink() and json.loads(real.read_text())["interrupted"] is True
+    assert oct(real.stat().st_mode & 0o777) == "0o640"
+    assert "**interrupted** by SIGTERM" in (tmp_path / "r.md").read_text()
+    assert sorted(p.name for p in real.parent.iterdir()) == ["r.json"]
+
+
+def test_a_report_that_cannot_be_rendered_leaves_the_previous_one_whole(tmp_path: Path) -> None:
+    """Both files are rendered before either is replaced: a failure in between leaves the old pair as it was
+    (the old write truncated the JSON first, then failed on the Markdown)."""
+    from pytest_mnnvl import report
+
+    path = tmp_path / "r.json"
+    report.write(str(path), _data())
+    before = (path.read_text(), (tmp_path / "r.md").read_text())
+    broken = _data(exit_status=0, interrupted=False)
+    del broken["rebuilds"]  # the Markdown needs it
+    try:
+        report.write(str(path), broken)
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("the broken report rendered")
+    assert (path.read_text(), (tmp_path / "r.md").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]

@@ -2,7 +2,8 @@
 
 Exit status: 0 every layer fits (``repro``: no failure reproduced), 1 some layer fails (``repro``: a
 failure reproduced), 2 bad input (one line on stderr naming the field and what is allowed), 3 the
-rank world could not run the plan (``repro`` only: a crash, a deadlock, an unexpected error).
+rank world could not run the plan (``repro`` only: a crash, a deadlock, an unexpected error), 130 or 143
+interrupted by Ctrl-C or SIGTERM (after the rank world was stopped).
 """
 
 from __future__ import annotations
@@ -174,15 +175,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> int:
-    """``main`` for ``python -m``: a closed pipe (``| head``) or Ctrl-C ends quietly, never in a traceback."""
-    try:
-        status = main()
-        sys.stdout.flush()
-        return status
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit
-        return EXIT_OK
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    """``main`` for ``python -m``: a closed pipe (``| head``), Ctrl-C or SIGTERM ends quietly, never in a
+    traceback; a signal stops the rank world first (:mod:`pytest_mnnvl.interrupts`) and the status is
+    128 + its number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal ended."""
+    from pytest_mnnvl import interrupts
+
+    with interrupts.guarded() as guard:
+        try:
+            status = main()
+            sys.stdout.flush()
+            return status
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit
+            return EXIT_OK
+        except KeyboardInterrupt:
+            guard.finishing()
+            by = f" by {guard.signals[0]}" if guard.signals else ""
+            print(f"{PROG}: interrupted{by}", file=sys.stderr)
+            return guard.exit_status()
