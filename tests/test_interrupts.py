@@ -136,6 +136,20 @@ def project(pytester: pytest.Pytester) -> Path:
     return pytester.path
 
 
+#: Every process :func:`start` started in the current test: one a failing test left running is killed after it.
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers() -> Iterator[None]:
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A private TMPDIR with a short path: a world's control socket path must fit AF_UNIX's 108 bytes."""
@@ -168,6 +182,7 @@ def start(project: Path, tmp: Path, *args: str, name: str = "s", cli: bool = Fal
         process = subprocess.Popen(
             [*command, *args], cwd=project, env=env, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe
         )
+    _STARTED.append(process)
     return Session(process, private, markers, out, err)
 
 
