@@ -71,6 +71,8 @@ DEFAULT_STARTUP_TIMEOUT_OTHER_S = 120.0
 OUTPUT_TAIL_LINES = 40
 #: A world's directory: this prefix in the temporary directory, and in it the file naming its owner.
 WORLD_DIR_PREFIX = "mnnvl-world-"
+#: Longest AF_UNIX path ``bind`` takes (``sun_path`` is 108 bytes with its terminating NUL).
+MAX_SOCKET_PATH = 107
 OWNER_FILE = "owner.json"
 
 
@@ -254,6 +256,10 @@ class World(RankWorld):
             self._dir = tempfile.mkdtemp(prefix=WORLD_DIR_PREFIX, dir=self._tmp_root)
             WorldOwner.of(os.getpid()).write(self._dir)
         address = os.path.join(self._dir, "ctl.sock")
+        if len(os.fsencode(address)) > MAX_SOCKET_PATH:
+            # A deep temporary directory (pytester's, a CI workspace) would not fit sun_path: use an
+            # abstract socket instead (Linux; no file, gone with the listener), named after the world dir.
+            address = "\0" + os.path.basename(self._dir)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address)
         listener.listen(self.world_size)

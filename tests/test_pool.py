@@ -255,3 +255,23 @@ def test_rank_output_and_unpicklable_result(rank_tester: pytest.Pytester) -> Non
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*[[]rank 0[]]", "*could not be pickled*"])
     result.stdout.fnmatch_lines(["*[[]rank 1[]] hello from 1*"])
+
+
+def test_a_deep_temporary_directory_still_starts_a_world(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sun_path holds 107 bytes: a world under a deeper TMPDIR must start anyway (an abstract socket)."""
+    deep = pytester.path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    pytester.makepyfile(
+        """
+        def where(ctx):
+            return ctx.rank
+
+        def test_world(mnnvl_world):
+            assert mnnvl_world(world_size=2, backend="plain").run(where) == [0, 1]
+        """
+    )
+    monkeypatch.setenv("TMPDIR", str(deep))
+    result = pytester.runpytest_subprocess("-p", "pytest_mnnvl", "-q")
+    result.assert_outcomes(passed=1)
