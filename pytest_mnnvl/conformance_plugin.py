@@ -15,6 +15,7 @@ The last two are pytest errors, not failures: ``E`` in the terminal, ``<error>``
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -238,6 +239,30 @@ def _save_dir(config: pytest.Config) -> str:
     return os.path.join(tempfile.gettempdir(), "pytest-mnnvl-counterexamples")
 
 
+#: Topology parameters: already in a saved plan's name as ``ws2-pp1``.
+_TOPOLOGY_PARAMS = ("mnnvl_topology", "pp_topology")
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_-")
+
+
+def _save_tag(request: pytest.FixtureRequest, manager: ManagerFactory, started: float) -> str:
+    """What ends this test's saved plans' names: its other parameters (``top_k``), the manager's short name
+    (``mutant-first_call_wins``, ``MyManager``) and the session's run id (its start time and pid), so two
+    sessions, two managers or two tests never write, or print a command for, the same file."""
+    callspec = getattr(request.node, "callspec", None)
+    params = [str(v) for k, v in sorted(callspec.params.items()) if k not in _TOPOLOGY_PARAMS] if callspec else []
+    if manager.kind == "mutant":
+        short = f"mutant-{manager.spec.partition(':')[2]}"
+    elif manager.kind == "custom":
+        short = manager.qualname.rpartition(".")[2]
+    else:
+        short = manager.spec
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}-{os.getpid()}"
+    return "-".join(_name_part(part) for part in (*params, short, run_id) if _name_part(part))
+
+
 class _Hang(Exception):
     """The world did not finish a plan in time (a deadlock): a verdict by itself."""
 
@@ -306,7 +331,15 @@ class Conformance:
         self.recorder.halt((topology.world_size, topology.pp), self.request.node.nodeid, kind, summary)
 
     def judge(self, plan: ModelPlan, topology: Topology) -> Judge:
-        return Judge(plan, topology.world_size, topology.pp, _save_dir(self.config), self.manager.policy)
+        return Judge(
+            plan,
+            topology.world_size,
+            topology.pp,
+            _save_dir(self.config),
+            self.manager.policy,
+            save_tag=_save_tag(self.request, self.manager, self.recorder.started),
+            manager=self.manager.spec,
+        )
 
     def observe(self, topology: Topology, plan: ModelPlan, timeout: float | None = None) -> list[dict[str, Any]]:
         """Run ``plan`` on every rank (cached per manager, topology and plan)."""
@@ -399,6 +432,9 @@ class Conformance:
         try:
             test()
         except BaseException as exc:
+            interrupt = _interrupt_in(exc)
+            if interrupt is not None:
+                raise interrupt from None
             violation = _violation_in(exc)
             if violation is None:
                 raise
@@ -467,6 +503,21 @@ class Conformance:
         if raised is violation:
             raise violation
         raise violation from (raised if raised is not violation else None)
+
+
+def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """A Ctrl-C anywhere in what Hypothesis raised, stripped of the notes Hypothesis attached to it: it reports
+    the plan it was running ("Failing explicit example: ...", "Falsifying example: ..."), but an interrupt is
+    not a failure of that plan."""
+    if isinstance(exc, KeyboardInterrupt):
+        if hasattr(exc, "__notes__"):
+            del exc.__notes__
+        return exc
+    for inner in getattr(exc, "exceptions", ()) or ():
+        found = _interrupt_in(inner)
+        if found is not None:
+            return found
+    return None
 
 
 def _violation_in(exc: BaseException) -> InvariantViolation | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -60,6 +61,7 @@ class InvariantViolation(AssertionError):
         plan: ModelPlan | None = None,
         plan_path: str | None = None,
         topology: str = "",
+        command: str = "",
     ) -> None:
         self.detail = detail
         self.stage = stage
@@ -71,6 +73,8 @@ class InvariantViolation(AssertionError):
         self.plan = plan
         self.plan_path = plan_path
         self.topology = topology
+        #: The explain|repro command for the saved plan (its path, manager and EP size).
+        self.command = command or (f"python -m pytest_mnnvl explain|repro {plan_path}" if plan_path else "")
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -88,13 +92,7 @@ class InvariantViolation(AssertionError):
         lines.append(f"  observed: {self.observed}")
         if self.plan is not None:
             lines.append(
-                "  minimal plan"
-                + (
-                    f" (saved to {self.plan_path}; `python -m pytest_mnnvl explain|repro {self.plan_path}`)"
-                    if self.plan_path
-                    else ""
-                )
-                + ":"
+                "  minimal plan" + (f" (saved to {self.plan_path}; `{self.command}`)" if self.plan_path else "") + ":"
             )
             lines.append(self.plan.to_json(indent=None))
         return "\n".join(lines)
@@ -113,6 +111,7 @@ class InvariantViolation(AssertionError):
             "observed": _plain(self.observed),
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "plan_path": self.plan_path,
+            "command": self.command or None,
         }
 
 
@@ -219,6 +218,12 @@ class Judge:
     save_dir: str | None = None
     policy: str | None = None
     saved: list[str] = field(default_factory=list)
+    #: Ends every saved plan's name, ``<invariant>-<topology>-<save_tag>.json``: the conformance suite puts the
+    #: test's other parameters, the manager and its session's run id there, so that no other test, session
+    #: or manager writes the same file (and a printed command always names the plan of its own failure).
+    save_tag: str = ""
+    #: The ``--mnnvl-manager`` spec, for the printed explain|repro command (empty: the CLI's default).
+    manager: str = ""
 
     @property
     def ep_size(self) -> int:
@@ -236,10 +241,18 @@ class Judge:
         if not self.save_dir:
             return None
         os.makedirs(self.save_dir, exist_ok=True)
-        path = os.path.join(self.save_dir, f"{invariant}-{self.topology}.json")
+        name = "-".join(part for part in (invariant, self.topology, self.save_tag) if part)
+        path = os.path.join(self.save_dir, f"{name}.json")
         self.plan.save(path)
         self.saved.append(path)
         return path
+
+    def command(self, path: str | None) -> str:
+        """``python -m pytest_mnnvl explain|repro PATH --manager SPEC --ep N``: the plan on this topology's EP size."""
+        if path is None:
+            return ""
+        manager = f" --manager {shlex.quote(self.manager)}" if self.manager else ""
+        return f"python -m pytest_mnnvl explain|repro {shlex.quote(path)}{manager} --ep {self.ep_size}"
 
     def fail(self, cls: type[InvariantViolation], detail: str, **kwargs: Any) -> InvariantViolation:
         stage, layer = kwargs.get("stage"), kwargs.get("layer")
@@ -247,7 +260,8 @@ class Judge:
             layers = self.layers(stage)
             if 0 <= layer < len(layers):
                 kwargs["layer_name"] = layers[layer].name or layers[layer].quant.value
-        return cls(detail, plan=self.plan, plan_path=self.save(cls.invariant), topology=self.topology, **kwargs)
+        path = self.save(cls.invariant)
+        return cls(detail, plan=self.plan, plan_path=path, topology=self.topology, command=self.command(path), **kwargs)
 
 
 Results = Sequence[dict[str, Any]]

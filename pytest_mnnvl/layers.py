@@ -33,7 +33,8 @@ A ``LAYER`` entry is an object with the keys
     ``mx_alignment``          int >= 0, 0 or a multiple of 32, mxfp8 only (default 0)
     ``repeat``                int >= 1 (default 1): the entry stands for that many identical layers
 
-Required keys may come from ``defaults`` instead. Unknown keys anywhere are errors. Every error is a
+Required keys may come from ``defaults`` instead. A plan holds at most :data:`MAX_PLAN_LAYERS` (10,000) layers
+in all: every stage and the MTP head, each ``repeat`` counted. Unknown keys anywhere are errors. Every error is a
 :class:`PlanError` naming the JSON path (``stages[1][3].quant``), the bad value and what is allowed.
 ``ModelPlan.to_dict`` writes the compact form back: runs of equal layers become one entry with
 ``repeat`` and optional keys at their default are left out (``defaults`` is never written).
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -51,6 +53,10 @@ from typing import Any, NamedTuple
 from pytest_mnnvl import sizing
 
 PLAN_SCHEMA_VERSION = 1
+#: The most layers a plan may hold in all (every stage and the MTP head, each ``repeat`` counted). Real
+#: models have at most a few hundred MoE layers; the bound is checked before any layer is built, so a
+#: hostile plan (``repeat`` 10**7) fails at once instead of filling memory.
+MAX_PLAN_LAYERS = 10_000
 
 #: ``top_k`` values FlashInfer's dispatch kernel is instantiated for (``SWITCH_TOP_K`` in
 #: moeAlltoAllKernels.cu); any other value in 1..22 passes the host checks and then fails at
@@ -332,6 +338,13 @@ _DEFAULTS_KEYS = tuple(k for k in _LAYER_FIELDS if k != "name")
 _PLAN_KEYS = ("schema_version", "name", "description", "defaults", "stages", "mtp_head")
 
 
+#: How a bad value is shown: short and never recursing deeply (a value nested 900 levels deep, or
+#: megabytes of it, must still give a one-line error).
+_VALUE_REPR = reprlib.Repr()
+_VALUE_REPR.maxlevel, _VALUE_REPR.maxlist, _VALUE_REPR.maxdict = 6, 8, 8
+_VALUE_REPR.maxstring = _VALUE_REPR.maxother = _VALUE_REPR.maxlong = 80
+
+
 class PlanError(ValueError):
     """A plan (or its JSON) that cannot be used; ``path`` is where in the JSON it went wrong."""
 
@@ -341,7 +354,7 @@ class PlanError(ValueError):
         self.allowed = allowed
         self.source = source
         prefix = f"{source}: " if source else ""
-        super().__init__(f"{prefix}{path or '<plan>'}: {value!r} is not allowed: {allowed}")
+        super().__init__(f"{prefix}{path or '<plan>'}: {_VALUE_REPR.repr(value)} is not allowed: {allowed}")
 
 
 def _keys_text(keys: Iterable[str]) -> str:
@@ -367,20 +380,34 @@ def _expect_str(path: str, value: object) -> str:
     return value
 
 
-def _layers_from_entries(path: str, entries: object, defaults: Mapping[str, Any]) -> tuple[LayerSpec, ...]:
+def _too_many_layers(total: int) -> str:
+    return (
+        f"a plan holds at most {MAX_PLAN_LAYERS} layers in all (every stage and the MTP head, each repeat "
+        f"counted); this entry brings it to {total}"
+    )
+
+
+def _layers_from_entries(
+    path: str, entries: object, defaults: Mapping[str, Any], before: int = 0
+) -> tuple[LayerSpec, ...]:
+    """The layers of one stage (or the MTP head); ``before`` layers came earlier in the plan (for the bound)."""
     out: list[LayerSpec] = []
     for i, entry in enumerate(_expect_list(path, entries, "layer objects")):
-        out.extend(_layers_from_entry(f"{path}[{i}]", entry, defaults))
+        out.extend(_layers_from_entry(f"{path}[{i}]", entry, defaults, before + len(out)))
     return tuple(out)
 
 
-def _layers_from_entry(path: str, entry: object, defaults: Mapping[str, Any]) -> list[LayerSpec]:
+def _layers_from_entry(path: str, entry: object, defaults: Mapping[str, Any], before: int = 0) -> list[LayerSpec]:
     if not isinstance(entry, dict):
         raise PlanError(path, entry, "must be a JSON object describing a layer")
     _check_keys(path, entry, _LAYER_KEYS)
     repeat = entry.get("repeat", 1)
     if not _is_int(repeat) or repeat < 1:
         raise PlanError(f"{path}.repeat", repeat, "must be an integer >= 1")
+    if before + repeat > MAX_PLAN_LAYERS:
+        # Checked before the layers are built: ``[layer] * repeat`` is what ran out of memory.
+        where, value = (f"{path}.repeat", repeat) if "repeat" in entry else (path, before + repeat)
+        raise PlanError(where, value, _too_many_layers(before + repeat))
     merged = {**defaults, **{k: v for k, v in entry.items() if k != "repeat"}}
 
     def origin(key: str) -> str:
@@ -453,6 +480,11 @@ class ModelPlan:
             raise PlanError("stages", [], "must hold at least one stage (pp >= 1)")
         object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "mtp_head", tuple(_layer_seq("mtp_head", self.mtp_head)))
+        total = sum(map(len, stages)) + len(self.mtp_head)
+        if total > MAX_PLAN_LAYERS:
+            raise PlanError(
+                "stages", total, f"a plan holds at most {MAX_PLAN_LAYERS} layers in all (MTP head included)"
+            )
         _expect_str("name", self.name)
         _expect_str("description", self.description)
 
@@ -543,9 +575,11 @@ class ModelPlan:
         raw_stages = _expect_list("stages", data["stages"], "stages (arrays of layers)")
         if not raw_stages:
             raise PlanError("stages", [], "must hold at least one stage (pp >= 1)")
-        stages = tuple(_layers_from_entries(f"stages[{s}]", stage, defaults) for s, stage in enumerate(raw_stages))
-        mtp_head = _layers_from_entries("mtp_head", data.get("mtp_head", []), defaults)
-        return cls(stages, mtp_head, name, description)
+        stages: list[tuple[LayerSpec, ...]] = []
+        for s, stage in enumerate(raw_stages):
+            stages.append(_layers_from_entries(f"stages[{s}]", stage, defaults, sum(map(len, stages))))
+        mtp_head = _layers_from_entries("mtp_head", data.get("mtp_head", []), defaults, sum(map(len, stages)))
+        return cls(tuple(stages), mtp_head, name, description)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

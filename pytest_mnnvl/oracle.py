@@ -26,7 +26,7 @@ explain/predict tools walk plans with it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pytest_mnnvl import sizing
 from pytest_mnnvl.layers import LayerSpec
@@ -56,7 +56,14 @@ class Step:
     layer_index: int
     rebuilt: bool
     capacity: Capacity
-    served: tuple[int, ...] = field(default=())  # layers the live handle has served, this one included
+    #: Index of the layer whose ``initialize`` built the live handle. An index, not the list of layers served:
+    #: a tuple per step grew with the plan, and memory with the square of its layer count.
+    built_by: int = 0
+
+    @property
+    def served(self) -> tuple[int, ...]:
+        """The layers the live handle has served, this one included (they are consecutive)."""
+        return tuple(range(self.built_by, self.layer_index + 1))
 
 
 def need(layer: LayerSpec, ep_size: int) -> int:
@@ -140,15 +147,13 @@ def trajectory(policy: str, layers: Sequence[LayerSpec], ep_size: int) -> list[S
     step_fn = _STEPS[policy]
     steps: list[Step] = []
     capacity: Capacity | None = None
-    served: tuple[int, ...] = ()
+    built_by = 0
     for index, layer in enumerate(layers):
         grown = step_fn(capacity, layer, ep_size)
         if grown is not None:
-            capacity, served = grown, (index,)
-        else:
-            served = (*served, index)
+            capacity, built_by = grown, index
         assert capacity is not None
-        steps.append(Step(index, grown is not None, capacity, served))
+        steps.append(Step(index, grown is not None, capacity, built_by))
     return steps
 
 

@@ -102,6 +102,9 @@ def pytest_configure(config: pytest.Config) -> None:
             report.check_path(settings.report)
     except MnnvlUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if not hasattr(config, "workerinput"):
+        for notice in settings.notices:
+            config.issue_config_time_warning(pytest.PytestConfigWarning(notice), stacklevel=2)
     if settings.launcher == "torchrun":
         from pytest_mnnvl import spmd_plugin
 
@@ -211,16 +214,29 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     s = config.stash[SETTINGS_KEY]
     backend = resolve_backend(config)
     how = f"auto -> {backend}" if s.backend == "auto" else backend
-    profile = config.getoption("hypothesis_profile", None) or "default"
-    seed = config.getoption("hypothesis_seed", None)
+    profile, seed = _hypothesis_in_effect(config)
     return [
         f"mnnvl: backend={how}, timeout={s.timeout:g}s, topologies="
         + " ".join(f"ws{ws}-pp{pp}" for ws, pp in s.topologies())
         + f", manager={s.manager}, strict={'on' if s.strict else 'off'}",
         *capabilities.header_lines(),
-        f"mnnvl: hypothesis profile={profile}, seed={seed if seed is not None else 'random (printed on failure)'}",
+        f"mnnvl: hypothesis profile={profile}, seed={seed}",
         *([f"mnnvl: WARNING: {config.stash[REPORT_SHARED_KEY]}"] if REPORT_SHARED_KEY in config.stash else []),
     ]
+
+
+def _hypothesis_in_effect(config: pytest.Config) -> tuple[str, str]:
+    """The profile and seed Hypothesis runs with: the conformance suite loads its own profile (``ci``, or its
+    seeded twin), which the option alone does not say."""
+    from pytest_mnnvl import profiles
+
+    profile = config.getoption("hypothesis_profile", None) or "default"
+    if config.pluginmanager.hasplugin(CONFORMANCE_PLUGIN):
+        from pytest_mnnvl.conformance_plugin import RECORDER_KEY
+
+        recorder = config.stash.get(RECORDER_KEY, None)
+        profile = recorder.profile if recorder is not None and recorder.profile else profile
+    return profile, profiles.seed_in_effect(config.getoption("hypothesis_seed", None))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

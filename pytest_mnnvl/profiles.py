@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -38,6 +39,19 @@ def register() -> None:
             **common,
             **{**values, "derandomize": False},
         )
+
+
+def seed_in_effect(seed: object) -> str:
+    """What decides the draws, for the report header; never imports Hypothesis (plugin load stays cheap).
+
+    When Hypothesis is not imported yet no profile was loaded: its default profile (random) applies."""
+    hypothesis = sys.modules.get("hypothesis")
+    derandomized = hypothesis is not None and bool(hypothesis.settings.default.derandomize)
+    if derandomized:
+        return "derandomized (fixed per test)" + (
+            f"; --hypothesis-seed={seed} has no effect" if seed is not None else ""
+        )
+    return str(seed) if seed is not None else "random (printed on failure)"
 
 
 def load(profile: str | None, seed: object) -> str:

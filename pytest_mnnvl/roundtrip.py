@@ -16,6 +16,8 @@ the first failure catches ``RuntimeError``/``AssertionError`` around :func:`roun
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +156,93 @@ def same_rows(got: torch.Tensor, want: torch.Tensor) -> bool:
     return sorted(bytes(row.tolist()) for row in got) == sorted(bytes(row.tolist()) for row in want)
 
 
+#: Tokens shown on each side of the first wrong one in a combine mismatch.
+AROUND = 2
+
+
+def _value(x: float) -> str:
+    return f"{x:g}"
+
+
+def combine_mismatch(combined: torch.Tensor, expected: torch.Tensor, ep_rank: int, layer_name: str) -> str | None:
+    """Where a combine of ones went wrong, or None when it is right: how many tokens have a wrong sum in any
+    hidden column, the first one, and the values around it. ``combined`` is ``[T, H]``, ``expected`` ``[T]``.
+
+    One value per token is shown: its first wrong column's (else column 0's), so a token whose column 0 is
+    right but some later column is not still shows what is wrong there."""
+    import torch
+
+    wrong = combined != expected.unsqueeze(1)
+    bad_tokens = torch.nonzero(wrong.any(dim=1)).flatten().tolist()
+    if not bad_tokens:
+        return None
+    first = bad_tokens[0]
+    tokens, hidden = combined.shape
+    columns = torch.nonzero(wrong[first]).flatten().tolist()
+    column = columns[0]
+    shown = range(max(0, first - AROUND), min(tokens, first + AROUND + 1))
+    got = []
+    for t in shown:
+        cols = torch.nonzero(wrong[t]).flatten()
+        c = int(cols[0]) if len(cols) else 0
+        got.append(_value(float(combined[t, c])) + ("*" if len(cols) else ""))
+    want = [_value(float(expected[t])) for t in shown]
+    return (
+        f"rank {ep_rank}: combine of ones of layer {layer_name} is wrong at {len(bad_tokens)} of {tokens} tokens, "
+        f"first at token {first} ({len(columns)} of {hidden} hidden columns wrong, first column {column}: "
+        f"got {_value(float(combined[first, column]))}, expected {_value(float(expected[first]))}, the number of "
+        f"distinct ranks owning its experts); tokens {shown.start}..{shown.stop - 1} got [{', '.join(got)}], "
+        f"expected [{', '.join(want)}] (* = wrong, its first wrong column)"
+    )
+
+
+def dispatch_mismatch(
+    got: torch.Tensor, want: torch.Tensor, tokens: Sequence[int], ep_rank: int, source: int, layer_name: str
+) -> str | None:
+    """Which activation rows from ``source`` did not arrive as sent, or None when they all did (in any order).
+
+    ``want[i]`` is the row of token ``tokens[i]``; ``got`` holds as many rows (the slots this rank reads). Rows
+    are compared as a multiset, byte for byte: a row sent but not received is missing, a row received but
+    never sent is unexpected (all zero: a slot nothing was written to)."""
+    if same_rows(got, want):
+        return None
+    got_rows = [row.tobytes() for row in got.contiguous().numpy()]
+    want_rows = [row.tobytes() for row in want.contiguous().numpy()]
+    unmatched = Counter(want_rows)
+    extra_slots = []  # slots holding a row never sent, or one more copy of a sent row than was sent
+    for slot, row in enumerate(got_rows):
+        if unmatched[row] > 0:
+            unmatched[row] -= 1
+        else:
+            extra_slots.append(slot)
+    missing_tokens = []
+    for token, row in zip(reversed(tokens), reversed(want_rows), strict=True):
+        if unmatched[row] > 0:  # the last copies are the ones not received (rows are matched in any order)
+            unmatched[row] -= 1
+            missing_tokens.append(token)
+    missing_tokens.reverse()
+    sent = set(want_rows)
+    zero = bytes(len(got_rows[0])) if got_rows else b""
+    zeros = sum(1 for slot in extra_slots if got_rows[slot] == zero)
+    copies = sum(1 for slot in extra_slots if got_rows[slot] in sent)
+    kinds = [f"{zeros} all zero: never written"] * bool(zeros) + [f"{copies} extra copies of rows it sent"] * bool(
+        copies
+    )
+    parts = [
+        f"rank {ep_rank}: {len(want_rows)} activation rows expected from rank {source} of layer {layer_name}, "
+        f"{len(got_rows)} read: {len(want_rows) - len(missing_tokens)} arrived as sent, {len(missing_tokens)} "
+        f"missing, {len(extra_slots)} unexpected" + (f" ({', '.join(kinds)})" if kinds else "")
+    ]
+    if missing_tokens:
+        listed = ", ".join(map(str, missing_tokens[:8])) + (", ..." if len(missing_tokens) > 8 else "")
+        parts.append(f"missing tokens (of rank {source}): {listed}")
+    if extra_slots:
+        slot = extra_slots[0]
+        head = ", ".join(str(b) for b in got_rows[slot][:8])
+        parts.append(f"first unexpected row in slot {slot}, bytes [{head}, ...]")
+    return "; ".join(parts)
+
+
 def round_trip(a2a: Any, layer: LayerSpec, ep_rank: int, ep_size: int, tokens: int, device: Any) -> RoundTripResult:
     """Dispatch ``tokens`` tokens per rank with ``layer``'s payloads, verify, combine ones, verify."""
     import torch
@@ -170,11 +259,9 @@ def round_trip(a2a: Any, layer: LayerSpec, ep_rank: int, ep_size: int, tokens: i
         counts.append(len(mine))
         got = received[activation_index][source, : len(mine)].contiguous().view(torch.uint8).cpu()
         want = _payload_bytes(source, tokens, layer.dispatch_payloads[0].bytes_per_token, 0)[mine]
-        if not same_rows(got, want):
-            raise RoundTripMismatch(
-                f"rank {ep_rank}: the {len(mine)} activation rows from rank {source} of layer "
-                f"{layer.name or layer.quant.value} are not the ones it sent"
-            )
+        wrong = dispatch_mismatch(got, want, mine, ep_rank, source, layer.name or layer.quant.value)
+        if wrong is not None:
+            raise RoundTripMismatch(wrong)
 
     combine_in = torch.ones((ep_size, tokens, layer.hidden_size), dtype=torch.bfloat16, device=device)
     combined = a2a.combine(combine_in, tokens).float().cpu()
@@ -182,9 +269,7 @@ def round_trip(a2a: Any, layer: LayerSpec, ep_rank: int, ep_size: int, tokens: i
     expected = torch.tensor(
         [len({owner_of(e, layer.num_experts, ep_size) for e in row}) for row in routes], dtype=torch.float32
     )
-    if not torch.equal(combined[:, 0], expected) or not torch.equal(combined.min(dim=1).values, expected):
-        raise RoundTripMismatch(
-            f"rank {ep_rank}: combine of ones gave {combined[:, 0].tolist()[:8]}…, expected the number of "
-            f"distinct owner ranks per token {expected.tolist()[:8]}…"
-        )
+    wrong = combine_mismatch(combined, expected, ep_rank, layer.name or layer.quant.value)
+    if wrong is not None:
+        raise RoundTripMismatch(wrong)
     return RoundTripResult(tokens, tuple(counts), offset)

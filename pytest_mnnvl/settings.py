@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pytest_mnnvl.errors import MnnvlUsageError
@@ -24,6 +24,14 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_WORLD_SIZES = (2, 4)
 DEFAULT_PP = (1, 2)
 MAX_WORLD_SIZE = 64
+#: Bounds of every timeout, in seconds (options, ini twins, the mnnvl marker, ``repro --timeout``). Below a
+#: second even a warm world cannot answer a call; above a day is a typo; ``inf`` once reached the selector
+#: and ended in ``OverflowError``.
+MIN_TIMEOUT_S = 1.0
+MAX_TIMEOUT_S = 86_400.0
+#: ASCII only: ``str.isdigit()``, ``int()`` and ``float()`` also take '²', '١' and '４'.
+_ASCII_INT = re.compile(r"[+-]?[0-9]{1,18}")  # and short: int() refuses over 4,300 digits
+_ASCII_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _MANAGER_SPEC = re.compile(r"^(reference|vllm|mutant:[A-Za-z0-9_\-]+|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
 
 # Help texts are shared by the option and its ini twin.
@@ -62,6 +70,14 @@ class Settings:
     launcher: str = "spawn"
     #: ``--mnnvl-waivers`` (read and validated by :mod:`pytest_mnnvl.waivers` at configure time).
     waivers: str | None = None
+    #: What the session should be warned about (a given PP size that no topology uses).
+    notices: tuple[str, ...] = ()
+
+    def pp_without_topology(self) -> tuple[int, ...]:
+        """PP sizes that fit none of the world sizes (a PP that fits some is kept for those only, on purpose:
+        ``--mnnvl-pp=1,2`` on a 2-GPU machine runs PP 1 and skips the PP tests)."""
+        used = {pp for _ws, pp in self.topologies()}
+        return tuple(pp for pp in self.pp_sizes if pp not in used)
 
     def topologies(self) -> list[tuple[int, int]]:
         """(world size, pp) pairs the suite runs: every pp that divides a world size into >=2 EP ranks."""
@@ -99,13 +115,30 @@ def parse_launcher(value: str, environ: Mapping[str, str]) -> str:
     return value
 
 
+def ascii_int(value: Any) -> int | None:
+    """``value`` as an integer written in ASCII digits (at most 18, an optional sign), else None."""
+    text = str(value).strip()
+    return int(text) if _ASCII_INT.fullmatch(text) else None
+
+
+def _seconds(value: Any) -> float | None:
+    text = str(value).strip()
+    return float(text) if _ASCII_NUMBER.fullmatch(text) else None
+
+
+def timeout_range(value: Any) -> float | None:
+    """``value`` as seconds in ``MIN_TIMEOUT_S..MAX_TIMEOUT_S``, else None."""
+    seconds = _seconds(value)
+    return seconds if seconds is not None and MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S else None
+
+
 def parse_timeout(value: Any, source: str = "--mnnvl-timeout") -> float:
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise MnnvlUsageError(f"{source}={value!r} is not a number of seconds; allowed: a number > 0") from None
-    if not seconds > 0 or seconds == float("inf"):
-        raise MnnvlUsageError(f"{source}={value!r} is not valid; allowed: a finite number of seconds > 0")
+    allowed = f"allowed: {MIN_TIMEOUT_S:g}..{MAX_TIMEOUT_S:g} seconds"
+    if _seconds(value) is None:
+        raise MnnvlUsageError(f"{source}={value!r} is not a number of seconds; {allowed}")
+    seconds = timeout_range(value)
+    if seconds is None:
+        raise MnnvlUsageError(f"{source}={value!r} is not valid; {allowed}")
     return seconds
 
 
@@ -115,11 +148,12 @@ def parse_int_list(value: str, option: str, low: int, high: int) -> tuple[int, .
         raise MnnvlUsageError(f"{option}={value!r} is not valid; allowed: comma-separated integers {low}..{high}")
     numbers = []
     for part in parts:
-        if not part.isdigit() or not low <= int(part) <= high:
+        number = ascii_int(part)
+        if number is None or not low <= number <= high:
             raise MnnvlUsageError(
                 f"{option}={value!r}: {part!r} is not valid; allowed: comma-separated integers {low}..{high}"
             )
-        numbers.append(int(part))
+        numbers.append(number)
     return tuple(dict.fromkeys(numbers))
 
 
@@ -144,10 +178,10 @@ def parse_bool(value: Any, source: str) -> bool:
 
 
 def parse_positive_int(value: Any, source: str) -> int:
-    text = str(value).strip()
-    if not text.isdigit() or int(text) < 1:
+    number = ascii_int(value)
+    if number is None or number < 1:
         raise MnnvlUsageError(f"{source}={value!r} is not valid; allowed: an integer >= 1")
-    return int(text)
+    return number
 
 
 def parse_waivers_path(value: Any) -> str:
@@ -206,4 +240,16 @@ def from_config(getoption: Any, getini: Any, environ: Mapping[str, str] | None =
         waivers=parse_waivers_path(waivers) if waivers is not None else None,
     )
     settings.topologies()  # validates the combination now, not in the middle of collection
+    if pp is not None:
+        # Only a PP size the user gave: the default PP 2 on a 2-rank world is the intended 2-GPU case.
+        notices = tuple(_unused_pp_notice(settings, pp_size) for pp_size in settings.pp_without_topology())
+        settings = replace(settings, notices=notices)
     return settings
+
+
+def _unused_pp_notice(settings: Settings, pp: int) -> str:
+    return (
+        f"--mnnvl-pp={_join(settings.pp_sizes)}: {pp} fits no world size of "
+        f"--mnnvl-world-sizes={_join(settings.world_sizes)} and is not run; it needs a world size that is a "
+        f"multiple of {pp} and at least {2 * pp} (EP groups of >= 2 ranks)"
+    )

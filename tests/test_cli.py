@@ -439,7 +439,7 @@ BAD_ARGUMENTS: dict[str, tuple[list[str | Path], str]] = {
     "policy": (["explain", FACTS_PLAN, "--policy", "max"], "argument --policy: invalid choice: 'max'"),
     "policy and observe": (["explain", FACTS_PLAN, "--policy", "total", "--observe"], "not allowed together"),
     "backend": (["repro", FACTS_PLAN, "--backend", "gpu"], "argument --backend: invalid choice: 'gpu' (choose from"),
-    "timeout": (["repro", FACTS_PLAN, "--timeout", "-1"], "argument --timeout: -1 is not allowed: must be > 0"),
+    "timeout": (["repro", FACTS_PLAN, "--timeout", "-1"], "argument --timeout: -1 is not allowed; allowed: 1..86400"),
     "command": (["frobnicate", FACTS_PLAN], "invalid choice: 'frobnicate' (choose from 'explain', 'predict', 'repro')"),
     "no command": ([], "the following arguments are required"),
 }

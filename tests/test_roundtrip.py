@@ -37,3 +37,67 @@ def test_bytes_swapped_within_a_row_are_a_mismatch() -> None:
     a = torch.tensor([[1, 2], [3, 4]], dtype=torch.uint8)
     assert same_rows(a.flip(0), a)
     assert not same_rows(torch.tensor([[2, 1], [3, 4]], dtype=torch.uint8), a)
+
+
+# ---- the mismatch messages: where the data differs, not the first values (often right) ----------------------
+
+from pytest_mnnvl.roundtrip import combine_mismatch, dispatch_mismatch  # noqa: E402
+
+
+def test_a_right_combine_has_no_message() -> None:
+    expected = torch.tensor([1.0, 2.0, 2.0, 1.0])
+    assert combine_mismatch(expected.unsqueeze(1).repeat(1, 16), expected, 0, "bf16") is None
+
+
+def test_a_combine_wrong_only_past_column_0_names_the_tokens_columns_and_values() -> None:
+    """The old message showed column 0 of the first 8 tokens: here all right, so got and expected read alike."""
+    expected = torch.full((64,), 2.0)
+    combined = expected.unsqueeze(1).repeat(1, 256)
+    combined[17, 128:] = 1.0  # half of token 17's hidden columns got one rank's ones only
+    combined[40, 255] = 0.0
+    message = combine_mismatch(combined, expected, 1, "nvfp4-512")
+    assert message == (
+        "rank 1: combine of ones of layer nvfp4-512 is wrong at 2 of 64 tokens, first at token 17 (128 of 256 "
+        "hidden columns wrong, first column 128: got 1, expected 2, the number of distinct ranks owning its "
+        "experts); tokens 15..19 got [2, 2, 1*, 2, 2], expected [2, 2, 2, 2, 2] (* = wrong, its first wrong column)"
+    )
+
+
+def test_a_combine_wrong_at_the_first_token_shows_the_tokens_after_it() -> None:
+    expected = torch.tensor([2.0, 1.0, 2.0, 1.0, 1.0])
+    combined = expected.unsqueeze(1).repeat(1, 8)
+    combined[0] = float("nan")
+    message = combine_mismatch(combined, expected, 0, "bf16")
+    assert message is not None
+    assert "wrong at 1 of 5 tokens, first at token 0 (8 of 8 hidden columns wrong, first column 0: got nan" in message
+    assert "tokens 0..2 got [nan*, 1, 2], expected [2, 1, 2]" in message
+
+
+def test_rows_that_arrived_in_another_order_have_no_message() -> None:
+    a = rows(50, 64)
+    assert dispatch_mismatch(a[torch.randperm(50)], a, range(100, 150), 0, 1, "bf16") is None
+
+
+def test_a_dispatch_mismatch_counts_missing_and_unexpected_rows_and_names_the_tokens() -> None:
+    want = rows(20, 32, seed=3)
+    tokens = list(range(0, 40, 2))  # the source's tokens routed to this rank
+    got = want.clone()
+    got[5] = 0  # a slot nothing was written to: token 10 is missing
+    got[9] ^= 1  # one flipped bit in every byte of token 18's row
+    message = dispatch_mismatch(got, want, tokens, 1, 0, "mxfp8")
+    assert message == (
+        "rank 1: 20 activation rows expected from rank 0 of layer mxfp8, 20 read: 18 arrived as sent, 2 missing, "
+        "2 unexpected (1 all zero: never written); missing tokens (of rank 0): 10, 18; first unexpected row in "
+        "slot 5, bytes [0, 0, 0, 0, 0, 0, 0, 0, ...]"
+    )
+
+
+def test_a_duplicated_row_is_one_missing_and_one_unexpected() -> None:
+    want = rows(6, 16, seed=5)
+    got = torch.cat([want[:5], want[2:3]])
+    message = dispatch_mismatch(got, want, [3, 4, 5, 6, 7, 8], 0, 1, "bf16")
+    assert message is not None
+    assert (
+        "6 read: 5 arrived as sent, 1 missing, 1 unexpected (1 extra copies of rows it sent); "
+        "missing tokens (of rank 1): 8; first unexpected row in slot 5"
+    ) in message

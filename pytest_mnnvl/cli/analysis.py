@@ -156,7 +156,7 @@ def oracle_holdings(policy: str, layers: tuple[LayerSpec, ...], ep: int) -> list
     refused = next((i for i in range(len(layers)) if stage_shape_error(layers, i)), len(layers))
     out = []
     for step in trajectory(policy, layers[:refused], ep):
-        built_by = step.served[0]
+        built_by = step.built_by
         out.append(
             Holding(
                 step.rebuilt,

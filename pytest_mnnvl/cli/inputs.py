@@ -20,6 +20,9 @@ EXIT_FAILS = 1
 EXIT_USAGE = 2
 #: The rank world itself could not run the plan (crash, deadlock, unexpected error): not a verdict.
 EXIT_WORLD = 3
+#: The largest plan file read: a plan at the layer bound (``layers.MAX_PLAN_LAYERS``) written out in full is
+#: ~2 MB; a bigger file is refused before it is parsed.
+MAX_PLAN_BYTES = 16 * 1024 * 1024
 
 
 class UsageError(ValueError):
@@ -51,8 +54,11 @@ def _entry_paths(prefix: str, entries: Any) -> list[str]:
 def load_plan(path: str) -> LoadedPlan:
     """Read and validate ``path`` as a plan (``layers.ModelPlan`` JSON, schema version 1)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_PLAN_BYTES + 1)
+        if len(raw) > MAX_PLAN_BYTES:
+            raise UsageError(f"PLAN {path!r}: too large; allowed: a plan file of at most {MAX_PLAN_BYTES:,} bytes")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"PLAN {path!r}: no such file; pass the path of a plan JSON file") from None
     except IsADirectoryError:
@@ -65,6 +71,11 @@ def load_plan(path: str) -> LoadedPlan:
         raise UsageError(
             f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; "
             "a plan is one JSON object with a 'stages' array (see examples/plans/README.md)"
+        ) from None
+    except RecursionError:
+        raise UsageError(
+            f"{path}: nested deeper than the JSON reader allows; a plan is one JSON object with a 'stages' "
+            "array of arrays of layer objects (see examples/plans/README.md)"
         ) from None
     try:
         plan = ModelPlan.from_dict(data)

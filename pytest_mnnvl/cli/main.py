@@ -18,6 +18,7 @@ from typing import NoReturn
 from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_USAGE, UsageError, check_ep, check_stage, load_plan
 from pytest_mnnvl.cli.policy import SPEC_HELP, resolve_model
 from pytest_mnnvl.oracle import POLICIES
+from pytest_mnnvl.settings import MAX_TIMEOUT_S, MIN_TIMEOUT_S, ascii_int, timeout_range
 
 PROG = "python -m pytest_mnnvl"
 DEFAULT_EP = 2
@@ -36,33 +37,31 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = ascii_int(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 1")
     return value
 
 
 def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = ascii_int(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 0")
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not allowed: must be > 0 seconds")
-    return value
+def _timeout(text: str) -> float:
+    """Seconds, checked before any rank starts: ``inf`` once ran a world and ended in ``OverflowError``."""
+    seconds = timeout_range(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not allowed; allowed: {MIN_TIMEOUT_S:g}..{MAX_TIMEOUT_S:g} seconds"
+        )
+    return seconds
 
 
 def _common(p: argparse.ArgumentParser, stage: bool = True) -> None:
@@ -124,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--backend", choices=("sim", "flashinfer"), default="sim", help="rank backend (default sim)")
     repro.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_timeout,
         default=120.0,
         metavar="S",
         help="seconds each per-layer step may take on every rank (default 120)",

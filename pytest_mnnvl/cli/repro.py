@@ -26,7 +26,7 @@ from pytest_mnnvl import sizing
 from pytest_mnnvl.cli import analysis, render, repro_rank
 from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_WORLD, LoadedPlan, UsageError
 from pytest_mnnvl.cli.policy import resolve_factory
-from pytest_mnnvl.errors import MnnvlError
+from pytest_mnnvl.errors import MnnvlError, RankError
 from pytest_mnnvl.layers import LayerSpec
 
 #: Seconds a rank world gets to start (spawn, imports, rendezvous), on top of the per-step timeout.
@@ -244,12 +244,21 @@ def observe(loaded: LoadedPlan, spec: str, ep: int, timeout: float = 120.0) -> d
     try:
         records = _drive(loaded, driver, world, ep, False, False, lambda i, r: None)
     except MnnvlError as exc:
-        raise UsageError(
-            f"--manager {spec!r}: observing it on a sim world failed: {str(exc).splitlines()[0]}"
-        ) from None
+        raise UsageError(f"--manager {spec!r}: observing it on a sim world failed: {_one_line(exc)}") from None
     finally:
         world.close()
     return {s: _holdings(rec, loaded.plan.layers_of_stage(s)) for s, rec in records.items()}
+
+
+def _one_line(error: MnnvlError) -> str:
+    """The world's failure on one line, with what the ranks raised: a manager whose constructor raises shows
+    up as a ``RankError`` whose first line alone ("2 of 2 ranks raised") says nothing of why."""
+    head = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if not isinstance(error, RankError) or not error.tracebacks:
+        return head
+    rank, trace = next(iter(error.tracebacks.items()))
+    lines = [line.strip() for line in trace.splitlines() if line.strip()]
+    return f"{head}; rank {rank}: {lines[-1] if lines else 'no traceback'}"
 
 
 # ---- the command --------------------------------------------------------------------------------

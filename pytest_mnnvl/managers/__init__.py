@@ -158,6 +158,9 @@ def _resolve_custom(spec: str) -> ManagerFactory:
             f" (no module named {missing!r})" if missing != module_name else ""
         )
         raise _usage(spec, why) from None
+    except SystemExit as exc:
+        # A module that exits when imported (a script's ``sys.exit`` at top level) must not end the session.
+        raise _usage(spec, f"importing module {module_name!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise _usage(spec, f"importing module {module_name!r} raised {type(exc).__name__}: {exc}") from None
     target: Any = module
