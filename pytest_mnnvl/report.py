@@ -215,6 +215,10 @@ def _outcome(test: dict[str, Any]) -> str:
     return str(test["outcome"])
 
 
+#: What a counterexample without its own command (an older report's) says to run.
+_DEFAULT_COMMAND = "python -m pytest_mnnvl explain|repro PLAN.json"
+
+
 def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"# MoE all-to-all conformance: `{data['manager']['spec']}`",
@@ -261,7 +265,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"{c['layer_name']}, ranks {c['ranks']}",
             f"- expected: `{c['expected']}`",
             f"- observed: `{c['observed']}`",
-            f"- plan file: `{c['plan_path']}` (`python -m pytest_mnnvl explain|repro PLAN.json`)",
+            f"- plan file: `{c['plan_path']}` (`{c.get('command') or _DEFAULT_COMMAND}`)",
             "",
             "```json",
             json.dumps(c["plan"], indent=2),

@@ -95,3 +95,28 @@ def test_a_report_that_cannot_be_rendered_leaves_the_previous_one_whole(tmp_path
         raise AssertionError("the broken report rendered")
     assert (path.read_text(), (tmp_path / "r.md").read_text()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+
+def test_the_markdown_gives_the_counterexample_command_the_session_printed() -> None:
+    """The command names the saved file, the manager and the EP size, as the terminal did (not a placeholder)."""
+    command = "python -m pytest_mnnvl explain|repro /tmp/ce/c.json --manager mutant:first_call_wins --ep 2"
+    violation = {
+        "invariant": "covers",
+        "level": "must",
+        "detail": "round trip failed",
+        "topology": "ws2-pp1",
+        "stage": 0,
+        "layer": 1,
+        "layer_name": "bf16",
+        "ranks": [0, 1],
+        "expected": "ok",
+        "observed": "error",
+        "plan": {"stages": []},
+        "plan_path": "/tmp/ce/c.json",
+        "command": command,
+    }
+    invariants = {"covers": {"level": "must", "status": "fail", "tests": [], "counterexample": violation}}
+    from pytest_mnnvl import report
+
+    text = report.markdown(_data(invariants=invariants))
+    assert f"- plan file: `/tmp/ce/c.json` (`{command}`)" in text
