@@ -122,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"environment": environment("flashinfer+sim"), "seed": args.seed, "runs": []}
     disagreements: list[dict[str, Any]] = []
     for ep in eps:
-        got_real = real(ep, args.seed, args.timeout)
-        got_sim = sim(ep, args.seed, args.timeout)
+        try:
+            got_real = real(ep, args.seed, args.timeout)
+            got_sim = sim(ep, args.seed, args.timeout)
+        except Exception as exc:
+            disagreements.append({"ep": ep, "field": "run", "real": f"{type(exc).__name__}: {exc}"[:4000]})
+            print(f"ep {ep}: could not run: {exc}"[:2000])
+            continue
         diff = compare(ep, got_real, got_sim)
         disagreements += diff
         report["runs"].append({"ep": ep, "real": got_real, "sim": got_sim, "disagreements": len(diff)})
