@@ -50,7 +50,7 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, NamedTuple
 
-from pytest_mnnvl import sizing
+from pytest_mnnvl import releases, sizing, sizing_v074
 
 PLAN_SCHEMA_VERSION = 1
 #: The most layers a plan may hold in all (every stage and the MTP head, each ``repeat`` counted). Real
@@ -62,6 +62,38 @@ MAX_PLAN_LAYERS = 10_000
 #: moeAlltoAllKernels.cu); any other value in 1..22 passes the host checks and then fails at
 #: launch with "Unsupported top_k".
 SUPPORTED_KERNEL_TOP_K: frozenset[int] = frozenset({1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 22})
+
+
+class ReleaseRules(NamedTuple):
+    """What a FlashInfer release accepts of a layer on an EP group (:meth:`LayerSpec.validate_for_ep`)."""
+
+    release: str
+    max_ranks: int
+    top_k: frozenset[int]
+    #: Who refuses another ``top_k``, in the release's own terms.
+    top_k_rule: str
+    #: Who requires ``num_experts % ep_size == 0``.
+    experts_rule: str
+
+
+#: One entry per supported release (:mod:`pytest_mnnvl.releases`): a layer only one of them can express
+#: (``top_k`` 3 is 0.7.4's alone) fails on the other with that release's rule.
+RELEASE_RULES: dict[str, ReleaseRules] = {
+    releases.V072: ReleaseRules(
+        releases.V072,
+        sizing.MAX_RANKS,
+        SUPPORTED_KERNEL_TOP_K,
+        "FlashInfer's dispatch kernel (0.7.2.post1) supports only",
+        "vLLM's managers and flashinfer.moe_ep split experts evenly over the ranks",
+    ),
+    releases.V074: ReleaseRules(
+        releases.V074,
+        sizing_v074.MAX_RANKS,
+        frozenset(sizing_v074.SUPPORTED_TOP_K),
+        "FlashInfer's NVLinkOneSidedAlltoAll (0.7.4) supports only top_k in",
+        "FlashInfer 0.7.4's MoEEpCommunication requires num_experts divisible by the EP size",
+    ),
+}
 
 INT32_BYTES = 4
 FP32_BYTES = 4
@@ -300,22 +332,25 @@ class LayerSpec:
         tokens = self.max_num_tokens if runtime_max_tokens_per_rank is None else runtime_max_tokens_per_rank
         return sizing.layer_round_trip(self, geometry, tokens)
 
-    def validate_for_ep(self, ep_size: int) -> None:
-        """Checks that depend on the EP size or on FlashInfer's kernel, not on the layer alone.
+    def validate_for_ep(self, ep_size: int, release: str | None = None) -> None:
+        """Checks that depend on the EP size or on FlashInfer's kernel, not on the layer alone, by the rules of
+        ``release`` (default: the installed FlashInfer's, :data:`RELEASE_RULES`).
 
-        FlashInfer's ``MoeAlltoAll`` only needs ``num_experts >= ep_size``, but vLLM and
-        ``flashinfer.moe_ep`` require an even split of experts over ranks, so that is enforced.
+        FlashInfer 0.7.2's ``MoeAlltoAll`` only needs ``num_experts >= ep_size``, but vLLM and
+        ``flashinfer.moe_ep`` require an even split of experts over ranks (0.7.4's base class refuses
+        anything else), so that is enforced on every release.
         """
-        if not _is_int(ep_size) or not 1 <= ep_size <= sizing.MAX_RANKS:
-            self._fail("ep_size", ep_size, f"must be an integer in 1..{sizing.MAX_RANKS}")
+        rules = RELEASE_RULES[releases.resolve(release)]
+        if not _is_int(ep_size) or not 1 <= ep_size <= rules.max_ranks:
+            self._fail("ep_size", ep_size, f"must be an integer in 1..{rules.max_ranks} (FlashInfer {rules.release})")
         if self.num_experts % ep_size:
-            self._fail("num_experts", self.num_experts, f"must be a positive multiple of ep_size ({ep_size})")
-        if self.top_k not in SUPPORTED_KERNEL_TOP_K:
             self._fail(
-                "top_k",
-                self.top_k,
-                f"FlashInfer's dispatch kernel supports only {sorted(SUPPORTED_KERNEL_TOP_K)}",
+                "num_experts",
+                self.num_experts,
+                f"must be a positive multiple of ep_size ({ep_size}): {rules.experts_rule}",
             )
+        if self.top_k not in rules.top_k:
+            self._fail("top_k", self.top_k, f"{rules.top_k_rule} {sorted(rules.top_k)}")
 
     # ---- JSON ----------------------------------------------------------------------------------
 

@@ -22,6 +22,10 @@ HIDDEN_SIZES = (128, 256, 384, 512)
 MAX_TOKENS = (8, 16, 24, 32, 48, 64)
 QUANTS = (QuantFormat.NVFP4, QuantFormat.BF16, QuantFormat.FP8_BLOCK, QuantFormat.MXFP8, QuantFormat.FP16)
 EXTRA_PAYLOAD = (0, 16, 64)
+#: Routing shapes every supported FlashInfer release expresses on every EP size the suite runs (2, 4, 8):
+#: ``top_k`` in both releases' kernels (0.7.4 alone adds 3; 0.7.2 alone nothing), experts divisible by the EP
+#: size (0.7.4's ``MoEEpCommunication`` requires it). A plan one release cannot express would be that
+#: release's error, not the manager's (tests/test_layers.py checks every drawn value on every release).
 TOP_K = (2, 4)
 NUM_EXPERTS = (8, 16)
 

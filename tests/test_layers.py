@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from pytest_mnnvl import releases
 from pytest_mnnvl.layers import (
     PLAN_SCHEMA_VERSION,
     SUPPORTED_KERNEL_TOP_K,
@@ -177,13 +178,54 @@ def test_layer_error_names_layer() -> None:
 def test_validate_for_ep(kwargs: dict[str, Any], ep: int, field: str, allowed: str) -> None:
     spec = layer(**kwargs)
     with pytest.raises(LayerSpecError, match=f"^{field}=") as info:
-        spec.validate_for_ep(ep)
+        spec.validate_for_ep(ep, releases.V072)
     assert allowed in info.value.allowed
 
 
 @pytest.mark.parametrize("top_k", sorted(SUPPORTED_KERNEL_TOP_K))
 def test_validate_for_ep_accepts_kernel_top_k(top_k: int) -> None:
-    layer(top_k=top_k).validate_for_ep(4)
+    layer(top_k=top_k).validate_for_ep(4, releases.V072)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "ep", "release", "message"),
+    [
+        (
+            {"top_k": 3},
+            2,
+            releases.V072,
+            "top_k=3 is not allowed: FlashInfer's dispatch kernel (0.7.2.post1) supports only "
+            "[1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 22]",
+        ),
+        (
+            {"top_k": 5},
+            2,
+            releases.V074,
+            "top_k=5 is not allowed: FlashInfer's NVLinkOneSidedAlltoAll (0.7.4) supports only top_k in "
+            "[1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 22]",
+        ),
+        ({}, 257, releases.V074, "ep_size=257 is not allowed: must be an integer in 1..256 (FlashInfer 0.7.4)"),
+        (
+            {"num_experts": 60},
+            8,
+            releases.V074,
+            "num_experts=60 is not allowed: must be a positive multiple of ep_size (8): FlashInfer 0.7.4's "
+            "MoEEpCommunication requires num_experts divisible by the EP size",
+        ),
+    ],
+)
+def test_validate_for_ep_names_the_release_rule(kwargs: dict[str, Any], ep: int, release: str, message: str) -> None:
+    """A layer only one release can express is a clear error on the other, naming that release's rule."""
+    with pytest.raises(LayerSpecError) as info:
+        layer(**kwargs).validate_for_ep(ep, release)
+    assert str(info.value) == message
+
+
+def test_validate_for_ep_accepts_what_only_0_7_4_expresses() -> None:
+    layer(top_k=3).validate_for_ep(2, releases.V074)  # 0.7.4's kernels added top_k 3
+    layer(num_experts=128).validate_for_ep(128, releases.V074)  # kMaxRanks 256 (0.7.2: 64)
+    with pytest.raises(LayerSpecError, match=r"ep_size=128 is not allowed: must be an integer in 1\.\.64"):
+        layer(num_experts=128).validate_for_ep(128, releases.V072)
 
 
 def test_supported_top_k_set() -> None:
@@ -384,3 +426,18 @@ def test_plan_json_errors(doc: Any, path: str, value: Any, allowed: str) -> None
 def test_invalid_json_text() -> None:
     with pytest.raises(PlanError, match="valid JSON"):
         ModelPlan.from_json("{stages: ")
+
+
+def test_the_suite_draws_only_layers_every_release_expresses() -> None:
+    """strategies.py's routing shapes, pinned plans and pairs are valid on every supported FlashInfer release."""
+    from pytest_mnnvl import strategies
+
+    pinned = [
+        layer for pp in (1, 2) for _why, plan in strategies.known_failures(pp) for _s, _i, layer in plan.iter_layers()
+    ]
+    pairs = [*strategies.mismatch_pair("top_k"), *strategies.mismatch_pair("num_experts"), *strategies.growth_pair()]
+    drawn = [layer(top_k=k, num_experts=e) for k in strategies.TOP_K for e in strategies.NUM_EXPERTS]
+    for release in releases.SUPPORTED:
+        for ep in (2, 4, 8):
+            for spec in [*drawn, *pinned, *pairs]:
+                spec.validate_for_ep(ep, release)
