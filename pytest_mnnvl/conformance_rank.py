@@ -11,7 +11,8 @@ data; the parent (:mod:`pytest_mnnvl.invariants`) judges it. What is observed:
   layer after the last ``initialize``; optionally "cross-product" probes (each layout at the largest
   token count seen); the first failure ends the round trips (FlashInfer stays in the dispatched
   phase after a failed combine, so later ones would only report the cascade);
-- FlashInfer's cached workspaces (superseded ones leak there), ``cleanup()`` and a re-``initialize``.
+- FlashInfer's workspace records (superseded ones leak there: 0.7.2's cache keeps what nobody
+  evicts, 0.7.4's table what nobody destroyed), ``cleanup()`` and a re-``initialize``.
 
 Every decision that peers must take together (did anyone raise, did a round trip fail anywhere)
 is all-gathered over the EP group. Those gathers are the harness's bookkeeping, absent from a
@@ -26,6 +27,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from pytest_mnnvl import releases
 from pytest_mnnvl.layers import LayerSpec, ModelPlan
 from pytest_mnnvl.managers import ManagerFactory
 
@@ -60,16 +62,14 @@ def _ep_barrier(ctx: Any) -> None:
 
 
 def evict_workspaces() -> int:
-    """Drop FlashInfer's cached workspaces of this process, so each plan starts from a clean cache."""
+    """Drop FlashInfer's leftover workspaces of this process, so each plan starts from a clean table
+    (0.7.2: ``MoeAlltoAll._WORKSPACE_CACHE``; 0.7.4: the ``NVLinkOneSidedAlltoAll._WORKSPACES``
+    entries no one destroyed)."""
     import gc
-    import sys
 
-    module = sys.modules.get("flashinfer.comm.trtllm_moe_alltoall")
-    if module is None:
-        return 0
-    cache = module.MoeAlltoAll._WORKSPACE_CACHE
-    count = len(cache)
-    cache.clear()
+    from pytest_mnnvl.managers import handles
+
+    count = handles.api().evict_all()
     # Usually dropping the cache frees every allocation by reference counting; a full collection
     # (~0.1 s with torch loaded, a third of a small plan) runs only when some allocation survived.
     from pytest_mnnvl.backends import records
@@ -77,6 +77,13 @@ def evict_workspaces() -> int:
     if records.snapshot().allocations:
         gc.collect()
     return count
+
+
+def _workspace_tables() -> list[str]:
+    """The FlashInfer workspace tables this process can read (none: the counts say nothing)."""
+    from pytest_mnnvl.backends import records
+
+    return list(records.snapshot().tables)
 
 
 def _workspace_count() -> int:
@@ -94,7 +101,7 @@ def round_trip(ctx: Any, adapter: Any, layer: LayerSpec, tokens: int | None = No
     a2a = adapter.moe_alltoall()
     outcome = OK
     if a2a is None:
-        outcome = "error: no live MoeAlltoAll"
+        outcome = "error: no live FlashInfer handle"
     else:
         try:
             verified_round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, tokens or layer.max_num_tokens, ctx.device)
@@ -170,6 +177,8 @@ def run_plan(
         "late_round_trips": {},
         "probes": {},
         "stopped": None,
+        # What the ranks run: the workspace tables and the leak expectation follow it.
+        "release": releases.current(),
     }
     if not layers:
         return result
@@ -227,6 +236,7 @@ def run_plan(
     result["final_has_handle"] = final.handle is not None
     del final, previous
     result["workspaces_before_cleanup"] = _workspace_count() - workspaces_before
+    result["tables"] = _workspace_tables()
     if after_cleanup:
         try:
             adapter.cleanup()
@@ -273,6 +283,7 @@ def _decisions(result: dict[str, Any]) -> list[Any]:
                 s.top_k,
                 s.num_experts,
                 len(step["collectives"]),
+                s.layout,  # FlashInfer 0.7.4's regions (None on 0.7.2): peers must agree on them too
             )
         )
     return out

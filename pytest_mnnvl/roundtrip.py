@@ -1,4 +1,4 @@
-"""Inside a rank: one real dispatch + combine through a live ``MoeAlltoAll`` with a layer's own payloads.
+"""Inside a rank: one real dispatch + combine through a live FlashInfer handle with a layer's own payloads.
 
 The payloads follow the layer's layout (activations, scales, int32 expert ids, fp32 weights, extra)
 so the workspace regions are exercised at exactly the offsets the layer would use. The content is
@@ -12,6 +12,12 @@ deterministic per (source rank, token), so every receiver can verify what arrive
 
 FlashInfer's own errors (the size checks, phase errors) propagate unchanged: a caller that wants
 the first failure catches ``RuntimeError``/``AssertionError`` around :func:`round_trip`.
+
+One mechanism on every FlashInfer release: the payloads and both verifications are shared, only the
+handle calls differ (:mod:`pytest_mnnvl.managers.handles`). On 0.7.2.post1 ``MoeAlltoAll.dispatch``
+takes the layer's payload list as is; on 0.7.4 ``NVLinkOneSidedAlltoAll.dispatch`` takes hidden
+states, scales, ids and weights (four payloads at most), and the layer's extra bytes ride at the end
+of each hidden-state row, in the room ``extra_payload_bytes_per_token`` reserves for them.
 """
 
 from __future__ import annotations
@@ -39,11 +45,51 @@ class RoundTripResult:
 
 
 def build_alltoall(
-    ctx: Any, *, max_num_tokens: int, top_k: int, num_experts: int, size_per_rank: int, **extra: Any
+    ctx: Any,
+    *,
+    max_num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    size_per_rank: int | None = None,
+    dispatch_bytes_per_token: int | None = None,
+    combine_bytes_per_token: int | None = None,
+    **extra: Any,
 ) -> Any:
-    """FlashInfer's own ``MoeAlltoAll`` on this rank's EP group with exactly these sizes, the way vLLM builds
-    it (``TorchDistBackend`` over the EP gloo group): for code that drives FlashInfer without a manager
-    (the examples, ``repro``'s policy driver, the benchmarks). ``extra`` goes to ``MoeAlltoAll`` as is."""
+    """FlashInfer's own handle on this rank's EP group with exactly these sizes, the way vLLM builds it
+    (``TorchDistBackend`` over the EP gloo group): for code that drives FlashInfer without a manager (the
+    examples, ``repro``'s policy driver, the benchmarks).
+
+    FlashInfer 0.7.2.post1: a ``MoeAlltoAll`` of ``size_per_rank`` bytes (or, without it, FlashInfer's size
+    for the per-token capacities); ``extra`` goes to ``MoeAlltoAll`` as is. FlashInfer 0.7.4: an
+    ``NVLinkOneSidedAlltoAll`` for ``dispatch_bytes_per_token`` (activations, scales, ids, weights, extra)
+    and ``combine_bytes_per_token``; it takes no byte size, so ``size_per_rank`` is an error there."""
+    from pytest_mnnvl import releases
+    from pytest_mnnvl.managers import handles
+
+    release = releases.current()
+    capacity = None
+    if dispatch_bytes_per_token is not None and combine_bytes_per_token is not None:
+        capacity = handles.Capacity(max_num_tokens, dispatch_bytes_per_token, combine_bytes_per_token)
+    if release != releases.V072:
+        if size_per_rank is not None or capacity is None or extra:
+            raise ValueError(
+                f"build_alltoall on FlashInfer {release}: NVLinkOneSidedAlltoAll sizes its workspace from per-token "
+                "capacities, so pass dispatch_bytes_per_token and combine_bytes_per_token (and neither size_per_rank "
+                f"nor other options); got size_per_rank={size_per_rank!r}, dispatch_bytes_per_token="
+                f"{dispatch_bytes_per_token!r}, combine_bytes_per_token={combine_bytes_per_token!r}, options "
+                f"{sorted(extra)}"
+            )
+        from flashinfer.comm.comm_backend import TorchDistBackend
+
+        builder = handles.api(release).builder(ctx.ep_rank, ctx.ep_size)
+        return builder.build(capacity, top_k, num_experts, TorchDistBackend(ctx.cpu_group))
+    if size_per_rank is None:
+        if capacity is None:
+            raise ValueError(
+                "build_alltoall on FlashInfer 0.7.2.post1 needs size_per_rank, or dispatch_bytes_per_token and "
+                "combine_bytes_per_token to size it with FlashInfer's formula"
+            )
+        size_per_rank = handles.api(release).builder(ctx.ep_rank, ctx.ep_size).size_for(capacity, top_k)
     import warnings
 
     from flashinfer.comm import Mapping, MoeAlltoAll
@@ -247,24 +293,27 @@ def round_trip(a2a: Any, layer: LayerSpec, ep_rank: int, ep_size: int, tokens: i
     """Dispatch ``tokens`` tokens per rank with ``layer``'s payloads, verify, combine ones, verify."""
     import torch
 
+    from pytest_mnnvl.managers import handles
+
+    calls = handles.api()
     experts, payloads = make_inputs(layer, ep_rank, tokens, device)
-    received = a2a.dispatch(experts, payloads, tokens)
-    offset = getattr(getattr(a2a, "_state", None), "combine_payload_offset", None)
+    received, offset = calls.dispatch(a2a, layer, experts, payloads, tokens)
 
     counts = []
-    activation_index = 0
+    width = layer.dispatch_payloads[0].bytes_per_token
     for source in range(ep_size):
         routes = selected_experts(layer, source, tokens)
         mine = [t for t, row in enumerate(routes) if ep_rank in {owner_of(e, layer.num_experts, ep_size) for e in row}]
         counts.append(len(mine))
-        got = received[activation_index][source, : len(mine)].contiguous().view(torch.uint8).cpu()
-        want = _payload_bytes(source, tokens, layer.dispatch_payloads[0].bytes_per_token, 0)[mine]
+        # The activation payload's bytes (on 0.7.4 a layer's extra bytes follow them in the same row).
+        got = received[source, : len(mine)].contiguous().view(torch.uint8)[:, :width].cpu()
+        want = _payload_bytes(source, tokens, width, 0)[mine]
         wrong = dispatch_mismatch(got, want, mine, ep_rank, source, layer.name or layer.quant.value)
         if wrong is not None:
             raise RoundTripMismatch(wrong)
 
     combine_in = torch.ones((ep_size, tokens, layer.hidden_size), dtype=torch.bfloat16, device=device)
-    combined = a2a.combine(combine_in, tokens).float().cpu()
+    combined = calls.combine(a2a, combine_in, tokens).float().cpu()
     routes = selected_experts(layer, ep_rank, tokens)
     expected = torch.tensor(
         [len({owner_of(e, layer.num_experts, ep_size) for e in row}) for row in routes], dtype=torch.float32

@@ -1,11 +1,19 @@
 """What FlashInfer itself records about live all-to-all workspaces, read inside a rank.
 
-Two process-wide tables hold the truth, on GPUs and in the sim alike:
-``MoeAlltoAll._WORKSPACE_CACHE`` (one entry per workspace geometry, kept until
-``_reset_workspace()``) and ``MnnvlMemory.allocated_map`` (one record per mapped allocation, kept
-until its ``MnnvlMemory`` object is collected). Reading them, rather than a manager's own
-bookkeeping, is what makes a leaked, superseded workspace measurable: it stays in the cache or
-in the map, with its bytes, after the manager has moved on.
+Two process-wide tables hold the truth, on GPUs and in the sim alike: the workspace table of the
+release and ``MnnvlMemory.allocated_map`` (one record per mapped allocation, kept until its
+``MnnvlMemory`` object is collected). The workspace table is
+
+- FlashInfer 0.7.2.post1: ``MoeAlltoAll._WORKSPACE_CACHE``, one entry per workspace geometry, kept
+  until ``_reset_workspace()`` (dropping a handle frees nothing);
+- FlashInfer 0.7.4: ``NVLinkOneSidedAlltoAll._WORKSPACES``, one entry per layout, refcounted by the
+  instances using it and removed by the ``destroy()`` of the last (a leak is an instance never
+  destroyed).
+
+Reading them, rather than a manager's own bookkeeping, is what makes a leaked, superseded workspace
+measurable: it stays in the table or in the map, with its bytes, after the manager has moved on.
+:attr:`MemorySnapshot.tables` names the tables read, so an empty snapshot never passes for "freed"
+when nothing was readable.
 
 Nothing here imports FlashInfer: a process that never imported it has no records.
 """
@@ -16,13 +24,22 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pytest_mnnvl import sizing_v074
+
 _A2A_MODULE = "flashinfer.comm.trtllm_moe_alltoall"
+_ONE_SIDED_MODULE = "flashinfer.moe_ep.backends.split.comm.nvlink_one_sided.communication"
 _MNNVL_MODULE = "flashinfer.comm.mnnvl"
+#: The tables, as :attr:`MemorySnapshot.tables` names them.
+CACHE_072 = "MoeAlltoAll._WORKSPACE_CACHE"
+TABLE_074 = "NVLinkOneSidedAlltoAll._WORKSPACES"
+_LAYOUT_FIELDS = sizing_v074.WorkspaceLayout._fields
 
 
 @dataclass(frozen=True)
 class WorkspaceRecord:
-    """One ``_WORKSPACE_CACHE`` entry: the geometry a workspace was built for and its allocation."""
+    """One workspace-table entry: the geometry a workspace was built for and its allocation.
+
+    ``refcount``: the instances sharing it (0.7.4; ``None`` on 0.7.2, whose cache counts none)."""
 
     workspace_size_per_rank: int
     ep_rank: int
@@ -32,6 +49,7 @@ class WorkspaceRecord:
     backend: str
     ptr: int | None
     aligned_size: int | None
+    refcount: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,8 @@ class MemorySnapshot:
 
     workspaces: tuple[WorkspaceRecord, ...]
     allocations: tuple[AllocationRecord, ...]
+    #: The workspace tables found in this process (empty: FlashInfer's all-to-all was never imported).
+    tables: tuple[str, ...] = ()
 
     @property
     def live_bytes_per_rank(self) -> int:
@@ -61,7 +81,7 @@ class MemorySnapshot:
 
     @property
     def cached_bytes_per_rank(self) -> int:
-        """Bytes held by allocations that a ``_WORKSPACE_CACHE`` entry still points at."""
+        """Bytes held by allocations that a workspace-table entry still points at."""
         return sum(a.aligned_size for a in self.allocations if a.cached)
 
     @property
@@ -79,6 +99,7 @@ class MemorySnapshot:
             "allocations": [asdict(a) for a in self.allocations],
             "live_bytes_per_rank": self.live_bytes_per_rank,
             "cached_bytes_per_rank": self.cached_bytes_per_rank,
+            "tables": list(self.tables),
         }
 
 
@@ -91,17 +112,45 @@ def _field(record: Any, name: str, index: int, default: Any = None) -> Any:
     return default
 
 
+def _table(module_name: str, cls_name: str, attribute: str) -> dict[Any, Any] | None:
+    cls = getattr(sys.modules.get(module_name), cls_name, None)
+    table = getattr(cls, attribute, None)
+    return None if table is None else dict(table)
+
+
 def snapshot() -> MemorySnapshot:
-    """Read both tables now. Empty when FlashInfer's all-to-all was never imported in this process."""
-    a2a = sys.modules.get(_A2A_MODULE)
+    """Read the tables now. Empty when FlashInfer's all-to-all was never imported in this process."""
     mnnvl = sys.modules.get(_MNNVL_MODULE)
-    cache: dict[Any, Any] = dict(getattr(getattr(a2a, "MoeAlltoAll", None), "_WORKSPACE_CACHE", None) or {})
     memory = getattr(mnnvl, "MnnvlMemory", None)
     allocated: dict[int, Any] = dict(getattr(memory, "allocated_map", None) or {})
+    cache = _table(_A2A_MODULE, "MoeAlltoAll", "_WORKSPACE_CACHE")
+    shared = _table(_ONE_SIDED_MODULE, "NVLinkOneSidedAlltoAll", "_WORKSPACES")
+    tables = tuple(name for name, table in ((CACHE_072, cache), (TABLE_074, shared)) if table is not None)
 
     cached_ptrs: set[int] = set()
     workspaces = []
-    for key, entry in cache.items():
+    for key, state in (shared or {}).items():
+        # key: (ep_rank, ep_size, layout); state: 0.7.4's shared-workspace dict (emptied by the last destroy()).
+        layout = dict(zip(_LAYOUT_FIELDS, key[2], strict=False)) if len(key) > 2 else {}
+        mem = state.get("mnnvl_mem") if isinstance(state, dict) else None
+        ptr = getattr(mem, "ptr", None)
+        if ptr is not None:
+            cached_ptrs.add(int(ptr))
+        alloc = allocated.get(ptr) if ptr is not None else None
+        workspaces.append(
+            WorkspaceRecord(
+                workspace_size_per_rank=int(layout.get("workspace_size", 0)),
+                ep_rank=int(key[0]),
+                ep_size=int(key[1]),
+                max_num_tokens=int(layout.get("max_num_tokens", 0)),
+                eplb_stats_num_experts=int(layout.get("eplb_stats_num_experts", 0)),
+                backend="nvlink_one_sided",
+                ptr=None if ptr is None else int(ptr),
+                aligned_size=None if alloc is None else int(_field(alloc, "aligned_size", 3)),
+                refcount=int(state.get("refcount", 0)) if isinstance(state, dict) else None,
+            )
+        )
+    for key, entry in (cache or {}).items():
         mem = entry.get("mnnvl_mem") if isinstance(entry, dict) else None
         ptr = getattr(mem, "ptr", None)
         if ptr is not None:
@@ -135,7 +184,7 @@ def snapshot() -> MemorySnapshot:
         )
     workspaces.sort(key=lambda w: (w.workspace_size_per_rank, w.max_num_tokens))
     allocations.sort(key=lambda a: a.ptr)
-    return MemorySnapshot(tuple(workspaces), tuple(allocations))
+    return MemorySnapshot(tuple(workspaces), tuple(allocations), tables)
 
 
 def live_bytes_per_rank() -> int:

@@ -43,6 +43,7 @@ MUTANT_NAMES = (
     "cleanup_stays_initialized",
     "reinitializes_live_workspace",
     "leaks_superseded",
+    "skips_destroy",
     "half_updated_on_failure",
     "total_need",
 )
@@ -105,8 +106,17 @@ class ManagerFactory:
 
 
 def _choices() -> str:
-    mutants = ", ".join(f"mutant:{name}" for name in MUTANT_NAMES)
-    return f"built-in names: {', '.join(BUILTIN_NAMES)}; mutants: {mutants}; or package.module:Class"
+    names, where = list(MUTANT_NAMES), ""
+    try:  # only the mutants whose defect can exist on the installed FlashInfer
+        from pytest_mnnvl import releases
+        from pytest_mnnvl.managers import mutants as catalog
+
+        release = releases.current()
+        names, where = [n for n in MUTANT_NAMES if catalog.MUTANTS[n].applies_to(release)], f" on FlashInfer {release}"
+    except releases.UnsupportedRelease:
+        pass
+    mutants = ", ".join(f"mutant:{name}" for name in names)
+    return f"built-in names: {', '.join(BUILTIN_NAMES)}; mutants{where}: {mutants}; or package.module:Class"
 
 
 def _usage(spec: str, what: str) -> MnnvlUsageError:
@@ -138,6 +148,11 @@ def resolve(spec: str) -> ManagerFactory:
         from pytest_mnnvl.managers import mutants
 
         cls = mutants.MUTANTS[name]
+        release = _installed_release(spec)
+        if not cls.applies_to(release):
+            raise _usage(
+                spec, f"its defect cannot exist on the installed FlashInfer {release}: {cls.release_note(release)}"
+            )
         return ManagerFactory(
             spec, "mutant", _MUTANTS_MODULE, cls.__qualname__, adapters.detect_shape(cls).name, cls.mnnvl_policy
         )
@@ -179,7 +194,24 @@ def _resolve_custom(spec: str) -> ManagerFactory:
     policy = getattr(target, "mnnvl_policy", None)
     if policy is not None and policy not in POLICIES:
         raise _usage(spec, f"{walked}.mnnvl_policy={policy!r} is not one of {', '.join(POLICIES)}")
+    if policy is not None:
+        from pytest_mnnvl import oracle
+
+        try:
+            oracle.check_policy(policy, _installed_release(spec))
+        except ValueError as exc:
+            raise _usage(spec, f"{walked}.mnnvl_policy={policy!r}: {exc}") from None
     return ManagerFactory(spec, "custom", module_name, qualname, shape.name, policy)
+
+
+def _installed_release(spec: str) -> str:
+    """The installed FlashInfer's release (what the ranks will run), or a usage error naming it."""
+    from pytest_mnnvl import releases
+
+    try:
+        return releases.current()
+    except releases.UnsupportedRelease as exc:
+        raise _usage(spec, str(exc)) from None
 
 
 def installed_vllm() -> tuple[str, str] | None:

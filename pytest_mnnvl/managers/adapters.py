@@ -5,14 +5,17 @@ Two ``initialize`` signatures exist in the wild (DESIGN.md, Manager protocol):
 - ``pr42976`` (vLLM ≤ 0.32, the reference): ``initialize(max_num_tokens, top_k, num_experts,
   hidden_size, x_bytes_per_token, x_sf_bytes_per_token)``; at the PR itself the last two were
   ``dispatch_dtype_bytes_per_elem`` (0 meaning packed fp4, ``H/2`` bytes) and
-  ``dispatch_scale_bytes_per_token``. The handle is ``manager.moe_alltoall`` (a ``MoeAlltoAll``).
+  ``dispatch_scale_bytes_per_token``. The handle is ``manager.moe_alltoall`` (a ``MoeAlltoAll`` on
+  FlashInfer 0.7.2.post1; on 0.7.4, which has none, an ``NVLinkOneSidedAlltoAll``).
 - ``moe_ep`` (vLLM 0.33): ``initialize(max_num_tokens, top_k, num_experts, hidden_size,
   dispatch_format=QuantFormat | None, extra_payload_bytes_per_token=0)``. The handle is
-  ``manager.communication`` (a ``flashinfer.moe_ep`` ``NVLinkOneSidedAlltoAll``) wrapping a
-  ``MoeAlltoAll``.
+  ``manager.communication`` (a ``flashinfer.moe_ep`` ``NVLinkOneSidedAlltoAll``), wrapping a
+  ``MoeAlltoAll`` on 0.7.2 and owning its workspace on 0.7.4.
 
-The state is read from the FlashInfer objects, never from the manager's own bookkeeping: bytes per
-rank and max tokens the live ``MoeAlltoAll`` was built with, its ``top_k`` and ``num_experts``. The
+The state is read from the FlashInfer objects, never from the manager's own bookkeeping, through the
+installed release's handle module (:mod:`pytest_mnnvl.managers.handles`): bytes per rank and max
+tokens the live handle was built with, its ``top_k`` and ``num_experts``, and on 0.7.4 its whole
+layout (where its fixed regions are: bytes per rank alone do not say whether a layer fits). The
 handle is identified by a kept (weak) reference and a per-process stamp, never by ``id()``, which
 CPython reuses as soon as the old handle is freed (FACTS §4).
 """
@@ -22,12 +25,23 @@ from __future__ import annotations
 import inspect
 import itertools
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_mnnvl.layers import LayerSpec, QuantFormat
+from pytest_mnnvl.managers import handles
+from pytest_mnnvl.managers.handles import InjectedBuildFailure
+
+__all__ = [
+    "InjectedBuildFailure",
+    "ManagerAdapter",
+    "ManagerState",
+    "StateRecord",
+    "adapter_for",
+    "inject_build_failure",
+]
 
 BASE_PARAMETERS = ("max_num_tokens", "top_k", "num_experts", "hidden_size")
 #: Keyword families, per shape, in the order they are tried.
@@ -208,6 +222,8 @@ class StateRecord:
     max_num_tokens: int | None
     top_k: int | None
     num_experts: int | None
+    #: FlashInfer 0.7.4's 33-field layout of the live handle (``None`` on 0.7.2 or without a handle).
+    layout: tuple[int, ...] | None = None
 
     @property
     def has_handle(self) -> bool:
@@ -226,18 +242,21 @@ class ManagerState:
     max_num_tokens: int | None
     top_k: int | None
     num_experts: int | None
+    layout: tuple[int, ...] | None = None
 
     def same_handle(self, other: ManagerState) -> bool:
         return self.handle is not None and self.handle is other.handle
 
     def record(self) -> StateRecord:
         return StateRecord(
-            self.initialized, self.stamp, self.size_per_rank, self.max_num_tokens, self.top_k, self.num_experts
+            self.initialized,
+            self.stamp,
+            self.size_per_rank,
+            self.max_num_tokens,
+            self.top_k,
+            self.num_experts,
+            self.layout,
         )
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 class ManagerAdapter:
@@ -261,21 +280,24 @@ class ManagerAdapter:
         raise NotImplementedError
 
     def moe_alltoall(self) -> Any:
-        """The FlashInfer ``MoeAlltoAll`` behind the handle (what round trips dispatch through), or ``None``."""
+        """The FlashInfer object round trips dispatch through (0.7.2: the ``MoeAlltoAll`` behind the
+        handle; 0.7.4: the ``NVLinkOneSidedAlltoAll``), or ``None``."""
         raise NotImplementedError
 
     def state(self) -> ManagerState:
         handle = self.handle()
         a2a = self.moe_alltoall()
+        facts = handles.api().facts(a2a) if a2a is not None else handles.HandleFacts(None, None, None, None)
         return ManagerState(
             initialized=bool(getattr(self.manager, "initialized", False)),
             handle=handle,
             moe_alltoall=a2a,
             stamp=stamp(handle),
-            size_per_rank=_int_or_none(getattr(a2a, "workspace_size_per_rank", None)),
-            max_num_tokens=_int_or_none(getattr(a2a, "max_num_tokens", None)),
-            top_k=_int_or_none(getattr(a2a, "top_k", None)),
-            num_experts=_int_or_none(getattr(a2a, "num_experts", None)),
+            size_per_rank=facts.size_per_rank,
+            max_num_tokens=facts.max_num_tokens,
+            top_k=facts.top_k,
+            num_experts=facts.num_experts,
+            layout=facts.layout,
         )
 
 
@@ -303,8 +325,8 @@ class MoeEpAdapter(ManagerAdapter):
         return getattr(self.manager, "communication", None)
 
     def moe_alltoall(self) -> Any:
-        # ``.alltoall`` raises once destroyed; ``_alltoall`` is None then. Read the field.
-        return getattr(self.handle(), "_alltoall", None)
+        handle = self.handle()
+        return None if handle is None else handles.api().round_trip_handle(handle)
 
 
 def adapter_for(manager: Any, shape: Shape | None = None) -> ManagerAdapter:
@@ -316,27 +338,12 @@ def adapter_for(manager: Any, shape: Shape | None = None) -> ManagerAdapter:
 # ---- failure injection -----------------------------------------------------------------------
 
 
-class InjectedBuildFailure(RuntimeError):
-    """Raised by FlashInfer's workspace allocation inside :func:`inject_build_failure`."""
+def inject_build_failure() -> AbstractContextManager[None]:
+    """Make every FlashInfer handle construction in this rank fail before it allocates
+    (:class:`InjectedBuildFailure`): ``MoeAlltoAll.get_workspace`` on 0.7.2, ``NVLinkOneSidedAlltoAll``'s
+    workspace acquisition on 0.7.4; both manager shapes build through it.
 
-
-@contextmanager
-def inject_build_failure() -> Iterator[None]:
-    """Make every ``MoeAlltoAll`` construction in this rank fail before it allocates.
-
-    Both shapes build through ``MoeAlltoAll.get_workspace``, so failing it there tests what a
-    manager leaves behind when a rebuild fails. Use it on every rank of the EP group alike: a
-    failure on one rank only would leave the others in the allocation collective.
+    It tests what a manager leaves behind when a rebuild fails. Use it on every rank of the EP group
+    alike: a failure on one rank only would leave the others in the allocation collective.
     """
-    from flashinfer.comm.trtllm_moe_alltoall import MoeAlltoAll
-
-    original = MoeAlltoAll.__dict__["get_workspace"]
-
-    def get_workspace(cls: type, *args: Any, **kwargs: Any) -> Any:
-        raise InjectedBuildFailure("pytest-mnnvl: injected failure of MoeAlltoAll.get_workspace")
-
-    MoeAlltoAll.get_workspace = classmethod(get_workspace)  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        MoeAlltoAll.get_workspace = original  # type: ignore[method-assign]
+    return handles.api().inject_build_failure()

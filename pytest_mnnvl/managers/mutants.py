@@ -8,18 +8,39 @@ the others sit where a weaker suite would look away: behind a later, larger laye
 rank; only with PP; only under ``python -O``; only after a failure; only after ``cleanup``.
 
 Every mutant keeps declaring the reference's policy: it claims to be correct, as buggy code does.
+
+The decisions a mutant changes are the reference's, the same on every FlashInfer release, so most
+defects are the same on FlashInfer 0.7.2.post1 and 0.7.4. Where a release changes how a defect
+shows, ``mnnvl_releases`` says so per release (:class:`OnRelease`): another invariant catches it
+there (FlashInfer 0.7.4 refuses the asymmetric allocation, the wrong-size communicator itself), or
+the defect cannot exist there at all (0.7.4 frees what the leak mutant leaks; it has no byte-size
+parameter for the total-need policy). The mutation matrix reads it: a mutant whose defect cannot
+exist on a release is *not applicable* there, never counted as killed, and ``mutant:<name>`` is
+refused on that release with the reason.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from pytest_mnnvl import releases
 from pytest_mnnvl.invariants import INVARIANTS
 from pytest_mnnvl.invariants import SHOULD as SHOULD_INVARIANTS
 from pytest_mnnvl.managers.reference import Capacity, EpComm, ReferenceManager
 
 #: Re-exported: the conformance invariants every mutant names one of.
-__all__ = ["INVARIANTS", "MUTANTS", "SHOULD_INVARIANTS", "Mutant", "catalog"]
+__all__ = ["INVARIANTS", "MUTANTS", "SHOULD_INVARIANTS", "Mutant", "OnRelease", "catalog"]
+
+
+@dataclass(frozen=True)
+class OnRelease:
+    """How one mutant's defect shows on one FlashInfer release: ``invariant`` catches it there, or it
+    cannot exist there (``None``); ``reason`` says why it differs from the mutant's ``mnnvl_invariant``."""
+
+    invariant: str | None
+    reason: str
 
 
 class Mutant(ReferenceManager):
@@ -28,12 +49,33 @@ class Mutant(ReferenceManager):
     mnnvl_mutant = ""
     mnnvl_invariant = ""
     mnnvl_also: tuple[str, ...] = ()
+    #: Releases on which the defect shows differently (see the module docstring); the others use
+    #: ``mnnvl_invariant``.
+    mnnvl_releases: ClassVar[Mapping[str, OnRelease]] = {}
+
+    @classmethod
+    def invariant_on(cls, release: str | None = None) -> str | None:
+        """The invariant that must catch the defect on ``release`` (default: the installed one), or
+        ``None`` where the defect cannot exist."""
+        found = cls.mnnvl_releases.get(releases.resolve(release))
+        return cls.mnnvl_invariant if found is None else found.invariant
+
+    @classmethod
+    def applies_to(cls, release: str | None = None) -> bool:
+        return cls.invariant_on(release) is not None
+
+    @classmethod
+    def release_note(cls, release: str | None = None) -> str:
+        """Why the defect shows differently on ``release`` ("" where it does not)."""
+        found = cls.mnnvl_releases.get(releases.resolve(release))
+        return "" if found is None else found.reason
 
 
 class FirstCallWins(Mutant):
     """The first layer sizes the workspace for good; later, larger layers are skipped (vLLM before
     PR #42976). Caught by **covers**: an NVFP4-sized workspace, then a bf16 layer's combine fails
-    FlashInfer's combinePayloadOffset check at full tokens."""
+    FlashInfer's combinePayloadOffset check at full tokens (on 0.7.4 its dispatch fails first, the
+    fixed dispatch region's capacity check)."""
 
     mnnvl_mutant = "first_call_wins"
     mnnvl_invariant = "covers"
@@ -149,11 +191,20 @@ class Asymmetric(Mutant):
     mnnvl_invariant = "ep_symmetry"
     mnnvl_also = ("covers", "no_shrink")
 
+    mnnvl_releases: ClassVar[Mapping[str, OnRelease]] = {
+        releases.V074: OnRelease(
+            "covers",
+            "0.7.4 derives the workspace size from the token count, so rank 0's handle is a smaller allocation "
+            "than its peers'; MnnvlMemory's size all-gather refuses it on every rank ('Not all rank allocating "
+            "same size.'), and initialize raises for a valid layer before any rank holds an asymmetric handle",
+        )
+    }
+
     def _build(self, target: Capacity, top_k: int, num_experts: int) -> Any:
         tokens = target.max_num_tokens
         if self.rank == 0 and self._pending is not None:
             tokens = self._pending.max_num_tokens
-        return self._construct(tokens, self._size_for(target), top_k, num_experts)
+        return self._builder.build(target, top_k, num_experts, self._comm(), max_num_tokens=tokens)
 
 
 class WorldBarrier(Mutant):
@@ -171,18 +222,44 @@ class WorldBarrier(Mutant):
         dist.barrier()
 
 
+class _WorldCollectives(EpComm):
+    """Reports the EP group's rank and size, but runs its collectives on the world group: ``group=``
+    forgotten in each call (FlashInfer 0.7.4 checks rank and size against the EP group, so a comm backend
+    over the world group as a whole is refused before it gathers anything)."""
+
+    def allgather(self, data: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, data)
+        return out
+
+    def bcast(self, data: Any, root: int) -> Any:
+        import torch.distributed as dist
+
+        box = [data]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, root))
+        return box[0]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 class WorldCommBackend(Mutant):
-    """FlashInfer's allocation collectives (size all-gather, handle exchange, barrier) run over the
-    world group instead of the EP group — the wrong-group sizing of PR #40893 in another guise. The
-    manager's own barrier is right, so a suite that audits only barriers misses it. Caught by
-    **collective_scope** with PP > 1 (also pp_deadlock_freedom)."""
+    """FlashInfer's allocation collectives (votes, size all-gather, handle exchange, barrier) run over the
+    world group instead of the EP group: the manager's comm backend says it is the EP group but forgets
+    ``group=`` in its collectives — the wrong-group sizing of PR #40893 in another guise. The manager's own
+    barrier is right, so a suite that audits only barriers misses it. Caught by **collective_scope** with
+    PP > 1 (also pp_deadlock_freedom)."""
 
     mnnvl_mutant = "world_comm_backend"
     mnnvl_invariant = "collective_scope"
     mnnvl_also = ("pp_deadlock_freedom",)
 
     def _comm(self) -> Any:
-        return EpComm(None)
+        return _WorldCollectives(self.cpu_group)
 
 
 class AcceptsMismatch(Mutant):
@@ -271,7 +348,8 @@ class ReinitializesLiveWorkspace(Mutant):
     """When a layer fits the live handle, re-runs FlashInfer's ``moe_a2a_initialize`` on it to start the
     layer from clean counters, with no EP barrier first: it zeroes this rank's row while a slower peer
     may still be reading its combine slots there (silent corruption on GPUs, only when the timing is
-    unlucky). Caught by workspace_race_free (the sim judges the order, not the timing)."""
+    unlucky; on 0.7.4 too: its fixed combine region is in that row). Caught by workspace_race_free
+    (the sim judges the order, not the timing)."""
 
     mnnvl_mutant = "reinitializes_live_workspace"
     mnnvl_invariant = "workspace_race_free"
@@ -280,11 +358,7 @@ class ReinitializesLiveWorkspace(Mutant):
         handle = self.moe_alltoall
         super().initialize(*args, **kwargs)
         if handle is not None and handle is self.moe_alltoall:
-            from flashinfer.comm.trtllm_moe_alltoall import moe_a2a_initialize
-
-            handle.metainfo = moe_a2a_initialize(
-                handle.workspace, handle.ep_rank, handle.ep_size, handle.max_num_tokens
-            )
+            self._handles.reinitialize(handle)
 
 
 class LeaksSuperseded(Mutant):
@@ -293,6 +367,32 @@ class LeaksSuperseded(Mutant):
 
     mnnvl_mutant = "leaks_superseded"
     mnnvl_invariant = "frees_superseded"
+    mnnvl_releases: ClassVar[Mapping[str, OnRelease]] = {
+        releases.V074: OnRelease(
+            None,
+            "0.7.4 has no cache to evict: dropping a handle is destroy() (what vLLM 0.33 does), and the destroy() "
+            "of a workspace's last user frees it, so nothing leaks (skips_destroy is 0.7.4's leak)",
+        )
+    }
+
+    def _retire(self, old: Any, keep: Any) -> None:
+        self._builder.drop(old)
+
+
+class SkipsDestroy(Mutant):
+    """Never releases superseded handles: no ``destroy()`` on 0.7.4, whose ``_WORKSPACES`` entry then
+    keeps the workspace mapped (its refcount never reaches 0): one workspace leaks per rebuild.
+    Caught by **frees_superseded**."""
+
+    mnnvl_mutant = "skips_destroy"
+    mnnvl_invariant = "frees_superseded"
+    mnnvl_releases: ClassVar[Mapping[str, OnRelease]] = {
+        releases.V072: OnRelease(
+            None,
+            "0.7.2's MoeAlltoAll has no destroy(): a superseded handle left unreleased is leaks_superseded's "
+            "defect, and that mutant shows it there",
+        )
+    }
 
     def _retire(self, old: Any, keep: Any) -> None:
         return None
@@ -321,11 +421,18 @@ class TotalNeed(Mutant):
     mnnvl_mutant = "total_need"
     mnnvl_invariant = "covers_cross_product"
     mnnvl_policy = "total"
+    mnnvl_releases: ClassVar[Mapping[str, OnRelease]] = {
+        releases.V074: OnRelease(
+            None,
+            "0.7.4's NVLinkOneSidedAlltoAll takes no byte size per rank, only per-token dimensions, so no manager "
+            "can size it by a single total need (the policy cannot be followed, nor judged, there)",
+        )
+    }
 
     def _fits(self, want: Capacity) -> bool:
         return (
             self.initialized
-            and self._size_for(want) <= self.workspace_size
+            and self._size_for(want, self.top_k) <= self.workspace_size
             and want.max_num_tokens <= self.max_num_tokens
         )
 
@@ -335,8 +442,8 @@ class TotalNeed(Mutant):
 
     def _build(self, target: Capacity, top_k: int, num_experts: int) -> Any:
         assert self._pending is not None
-        size = max(self._size_for(self._pending), self.workspace_size)
-        return self._construct(target.max_num_tokens, size, top_k, num_experts)
+        size = max(self._size_for(self._pending, top_k), self.workspace_size)
+        return self._builder.build_sized(target.max_num_tokens, size, top_k, num_experts, self._comm())  # type: ignore[attr-defined]
 
 
 MUTANTS: dict[str, type[Mutant]] = {
@@ -359,6 +466,7 @@ MUTANTS: dict[str, type[Mutant]] = {
         CleanupStaysInitialized,
         ReinitializesLiveWorkspace,
         LeaksSuperseded,
+        SkipsDestroy,
         HalfUpdatedOnFailure,
         TotalNeed,
     )
@@ -366,7 +474,8 @@ MUTANTS: dict[str, type[Mutant]] = {
 
 
 def catalog() -> list[dict[str, Any]]:
-    """One row per mutant (name, class, defect, invariant, also): for reports and the README table."""
+    """One row per mutant (name, class, defect, invariant, also, and per release the invariant that
+    catches it there, ``None`` where it cannot exist, with the reason): for reports and the README table."""
     rows = []
     for name, cls in MUTANTS.items():
         doc = " ".join((cls.__doc__ or "").split())
@@ -377,6 +486,10 @@ def catalog() -> list[dict[str, Any]]:
                 "defect": doc.split(". Caught by")[0].rstrip(".") + ".",
                 "invariant": cls.mnnvl_invariant,
                 "also": list(cls.mnnvl_also),
+                "releases": {
+                    release: {"invariant": cls.invariant_on(release), "reason": cls.release_note(release)}
+                    for release in releases.SUPPORTED
+                },
             }
         )
     return rows

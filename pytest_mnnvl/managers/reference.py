@@ -3,25 +3,38 @@
 Shape: PR #42976's (vLLM ≤ 0.32): ``Manager(cpu_group)``, ``initialize(max_num_tokens, top_k,
 num_experts, hidden_size, x_bytes_per_token, x_sf_bytes_per_token)``, ``cleanup()``, attributes
 ``initialized``, ``workspace_size``, ``max_num_tokens``, ``top_k``, ``num_experts``, ``moe_alltoall``
-(not vLLM's ``mapping``: it is not part of the protocol).
-That shape hands the manager a FlashInfer ``MoeAlltoAll``, the object every backend and every vLLM
-release dispatches through, so the reference needs no ``flashinfer.moe_ep`` and runs wherever
-FlashInfer's one-sided all-to-all exists.
+(not vLLM's ``mapping``: it is not part of the protocol). ``moe_alltoall`` holds the FlashInfer
+handle round trips dispatch through: a ``MoeAlltoAll`` on FlashInfer 0.7.2.post1, an
+``NVLinkOneSidedAlltoAll`` on 0.7.4 (which deleted ``MoeAlltoAll``).
+
+Design: the manager's *decisions* are release-free and written once, here; its only contact with
+FlashInfer's constructors is a small :class:`~pytest_mnnvl.managers.handles.Builder` per release
+(``size_for(capacity)``, ``build(capacity, top_k, num_experts, comm)``, ``release(handle)``),
+picked from the installed version the way the sim picks its leaves
+(:mod:`pytest_mnnvl.managers.handles`). The releases disagree on how a capacity becomes a handle
+(0.7.2: a byte size per rank and a token count, apart; 0.7.4: per-token parameters whose layout is
+fixed regions, :mod:`pytest_mnnvl.managers.handles_v074`) and on what releasing means (0.7.2:
+evict ``MoeAlltoAll._WORKSPACE_CACHE``; 0.7.4: ``destroy()``), never on what the manager must
+decide, so a mutant that changes one decision has the same defect on both.
 
 Policy: **per dimension** (``mnnvl_policy``). The manager keeps the largest token count, dispatch
 bytes per token and combine bytes per token seen, and sizes the workspace for their product. The
 other policy in use (vLLM 0.32's total need, ``max_l need(l)``) is cheaper, but a handle built for
-``max T`` tokens accepts any runtime token count up to ``max T`` from *every* layer, and FlashInfer's
-combine check moves with the current layer's dispatch bytes: a layer declared at few tokens, run at
-``max T``, fails ``combinePayloadOffset`` under the total-need policy. Per dimension covers every
-combination the handle admits; the price is memory, never correctness.
+``max T`` tokens accepts any runtime token count up to ``max T`` from *every* layer, and on 0.7.2
+FlashInfer's combine check moves with the current layer's dispatch bytes: a layer declared at few
+tokens, run at ``max T``, fails ``combinePayloadOffset`` under the total-need policy. On 0.7.4 the
+dispatch and combine regions are fixed and sized apart, so per dimension is the only policy its API
+can express. Per dimension covers every combination the handle admits; the price is memory, never
+correctness.
 
 Beyond vLLM it: checks ``top_k``/``num_experts`` with an exception (``python -O`` keeps it) before
 touching any state; builds the new handle *before* dropping the old one, so a failed build leaves
-the previous, working state; and frees superseded workspaces. FlashInfer keeps every workspace alive
-in ``MoeAlltoAll._WORKSPACE_CACHE`` until ``_reset_workspace()`` evicts it, so a manager that only
-drops its reference leaks one workspace per rebuild. Every collective stays on the EP group: the
-manager's own barrier and FlashInfer's allocation collectives (through :class:`EpComm`).
+the previous, working state; and frees superseded workspaces. FlashInfer 0.7.2 keeps every
+workspace alive in ``MoeAlltoAll._WORKSPACE_CACHE`` until ``_reset_workspace()`` evicts it, so a
+manager that only drops its reference leaks one workspace per rebuild; 0.7.4 frees a workspace with
+the ``destroy()`` of its last user. Every collective stays on the EP group: the manager's own
+barrier and FlashInfer's allocation collectives (through :class:`EpComm`; 0.7.4's ``__init__`` adds
+three all-gathers of votes, on the same communicator).
 
 torch and FlashInfer are imported inside methods: resolving ``mutant:<name>`` (these classes'
 subclasses) at pytest start-up stays cheap.
@@ -29,9 +42,19 @@ subclasses) at pytest start-up stays cheap.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
 from typing import Any
+
+from pytest_mnnvl.managers import handles
+from pytest_mnnvl.managers.handles import Capacity
+
+__all__ = [
+    "COMBINE_BYTES_PER_ELEMENT",
+    "ROUTING_BYTES_PER_TOP_K",
+    "Capacity",
+    "EpComm",
+    "ReferenceManager",
+    "ShapeMismatch",
+]
 
 #: Bytes per token of the routing payloads every layout adds: int32 expert ids + fp32 weights.
 ROUTING_BYTES_PER_TOP_K = 4 + 4
@@ -45,29 +68,6 @@ class ShapeMismatch(ValueError):
     FlashInfer's dispatch requires the handle's ``top_k`` exactly and routes by ``num_experts``; a
     shared workspace cannot serve two values, so this is refused, not grown.
     """
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """What a workspace must hold per rank, one number per dimension."""
-
-    max_num_tokens: int
-    dispatch_bytes_per_token: int
-    combine_bytes_per_token: int
-
-    def covers(self, other: Capacity) -> bool:
-        return (
-            self.max_num_tokens >= other.max_num_tokens
-            and self.dispatch_bytes_per_token >= other.dispatch_bytes_per_token
-            and self.combine_bytes_per_token >= other.combine_bytes_per_token
-        )
-
-    def union(self, other: Capacity) -> Capacity:
-        return Capacity(
-            max(self.max_num_tokens, other.max_num_tokens),
-            max(self.dispatch_bytes_per_token, other.dispatch_bytes_per_token),
-            max(self.combine_bytes_per_token, other.combine_bytes_per_token),
-        )
 
 
 class EpComm:
@@ -138,6 +138,9 @@ class ReferenceManager:
         self.rank = int(cpu_group.rank())
         self.world_size = int(cpu_group.size())
         self.moe_alltoall: Any = None
+        #: FlashInfer's handle calls for the installed release (the only release-specific part).
+        self._handles = handles.api()
+        self._builder = self._handles.builder(self.rank, self.world_size)
         self._reset()
 
     def _reset(self) -> None:
@@ -213,17 +216,8 @@ class ReferenceManager:
     def _target(self, want: Capacity) -> Capacity:
         return want if self.capacity is None else self.capacity.union(want)
 
-    def _size_for(self, capacity: Capacity) -> int:
-        from flashinfer.comm.trtllm_moe_alltoall import moe_a2a_get_workspace_size_per_rank
-
-        return int(
-            moe_a2a_get_workspace_size_per_rank(
-                self.world_size,
-                capacity.max_num_tokens,
-                capacity.dispatch_bytes_per_token,
-                capacity.combine_bytes_per_token,
-            )
-        )
+    def _size_for(self, capacity: Capacity, top_k: int) -> int:
+        return self._builder.size_for(capacity, top_k)
 
     # ---- actions --------------------------------------------------------------------------
 
@@ -242,29 +236,8 @@ class ReferenceManager:
             self._retire(old, keep=new)
 
     def _build(self, target: Capacity, top_k: int, num_experts: int) -> Any:
-        return self._construct(target.max_num_tokens, self._size_for(target), top_k, num_experts)
-
-    def _construct(self, max_num_tokens: int, size_per_rank: int, top_k: int, num_experts: int) -> Any:
-        """One FlashInfer ``MoeAlltoAll`` (a collective allocation over :meth:`_comm`)."""
-        import torch
-        from flashinfer.comm import Mapping, MoeAlltoAll
-        from flashinfer.comm.mnnvl import MnnvlConfig
-
-        gpus_per_node = torch.cuda.device_count() or self.world_size
-        mapping = Mapping(
-            self.world_size, self.rank, gpus_per_node, tp_size=self.world_size, moe_ep_size=self.world_size
-        )
-        with warnings.catch_warnings():
-            # Deprecated in favour of flashinfer.moe_ep in 0.7.1; still what vLLM's managers use.
-            warnings.filterwarnings("ignore", "MoeAlltoAll is deprecated", DeprecationWarning)
-            return MoeAlltoAll(
-                mapping,
-                max_num_tokens,
-                top_k,
-                num_experts,
-                workspace_size_per_rank=size_per_rank,
-                mnnvl_config=MnnvlConfig(comm_backend=self._comm()),
-            )
+        """One FlashInfer handle for ``target`` (a collective allocation over :meth:`_comm`)."""
+        return self._builder.build(target, top_k, num_experts, self._comm())
 
     def _comm(self) -> Any:
         return EpComm(self.cpu_group)
@@ -282,26 +255,21 @@ class ReferenceManager:
             torch.cuda.synchronize()
 
     def _commit(self, handle: Any, target: Capacity, top_k: int, num_experts: int) -> None:
+        facts = self._handles.facts(handle)
         self.moe_alltoall = handle
         self.capacity = target
-        self.workspace_size = int(handle.workspace_size_per_rank)
-        self.max_num_tokens = int(handle.max_num_tokens)
+        self.workspace_size = int(facts.size_per_rank or 0)
+        self.max_num_tokens = int(facts.max_num_tokens or 0)
         self.top_k = top_k
         self.num_experts = num_experts
         self.initialized = True
 
     def _retire(self, old: Any, keep: Any) -> None:
-        """Free a superseded handle's workspace, unless ``keep`` shares it (same cache geometry)."""
-        if keep is not None and getattr(old, "mnnvl_mem", None) is getattr(keep, "mnnvl_mem", None):
-            return
-        self._release(old)
+        """Free a superseded handle's workspace, unless ``keep`` shares it."""
+        self._builder.release(old, keep)
 
     def _release(self, handle: Any) -> None:
-        """Evict the workspace from FlashInfer's process-wide cache; the memory goes with the last
-        reference. Callers have passed an EP barrier, so no peer still reads or writes it."""
-        try:
-            handle._reset_workspace()
-        except KeyError:
-            pass  # already evicted (another handle of the same geometry was released first)
-        except RuntimeError:
-            pass  # unmapped for a checkpoint: nothing mapped to free here
+        """Free the handle's workspace (0.7.2: evict it from FlashInfer's process-wide cache, the memory
+        going with the last reference; 0.7.4: ``destroy()``). Callers have passed an EP barrier, so no
+        peer still reads or writes it."""
+        self._builder.release(handle)
