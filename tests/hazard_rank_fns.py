@@ -46,3 +46,74 @@ def two_round_trips(ctx: Any, first: LayerSpec, second: LayerSpec, sync: str, re
         dist.barrier(group=ctx.cpu_group)
         a2a._reset_workspace()
     return {"errors": errors}
+
+
+def _union_handle(ctx: Any, layers: list[LayerSpec]) -> Any:
+    """FlashInfer 0.7.4's handle for the per-dimension union of ``layers`` (0.7.4 takes no byte size)."""
+    from pytest_mnnvl.roundtrip import build_alltoall
+
+    return build_alltoall(
+        ctx,
+        max_num_tokens=max(layer.max_num_tokens for layer in layers),
+        top_k=layers[0].top_k,
+        num_experts=layers[0].num_experts,
+        dispatch_bytes_per_token=max(layer.dispatch_bytes_per_token for layer in layers),
+        combine_bytes_per_token=max(layer.combine_bytes_per_token for layer in layers),
+    )
+
+
+def _sync(ctx: Any, sync: str) -> None:
+    import torch.distributed as dist
+
+    if sync == "barrier":
+        dist.barrier(group=ctx.cpu_group)
+    elif sync != "none":
+        raise ValueError(f"sync={sync!r}: allowed 'none', 'barrier'")
+
+
+def _error(fn: Any) -> str | None:
+    try:
+        fn()
+    except RuntimeError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def v074_two_layouts(ctx: Any, first: LayerSpec, second: LayerSpec, repeats: int = 1) -> list[str | None]:
+    """On FlashInfer 0.7.4: ``first`` then ``second`` (another payload layout) on one union handle with no
+    order between them, ``repeats`` times; the error each second round trip raised (or None)."""
+    import torch.distributed as dist
+
+    from pytest_mnnvl.roundtrip import round_trip
+
+    errors = []
+    for _ in range(repeats):
+        a2a = _union_handle(ctx, [first, second])
+        round_trip(a2a, first, ctx.ep_rank, ctx.ep_size, first.max_num_tokens, ctx.device)
+        try:
+            round_trip(a2a, second, ctx.ep_rank, ctx.ep_size, second.max_num_tokens, ctx.device)
+            errors.append(None)
+        except RuntimeError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        dist.barrier(group=ctx.cpu_group)
+        a2a.destroy()
+    return errors
+
+
+def v074_reinitialize(ctx: Any, layer: LayerSpec, sync: str) -> str | None:
+    """On FlashInfer 0.7.4: a round trip, ``sync``, then ``moe_a2a_initialize`` on the live workspace again (as
+    the mutant ``reinitializes_live_workspace`` does); what the re-initialize raised on this rank (or None)."""
+    import torch.distributed as dist
+
+    from pytest_mnnvl.managers import handles
+    from pytest_mnnvl.roundtrip import round_trip
+
+    a2a = _union_handle(ctx, [layer])
+    try:
+        round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
+        _sync(ctx, sync)
+        error = _error(lambda: handles.api().reinitialize(a2a))
+        dist.barrier(group=ctx.cpu_group)
+        return error
+    finally:
+        a2a.destroy()

@@ -7,11 +7,18 @@ import re
 
 import pytest
 
+from pytest_mnnvl import releases
 from pytest_mnnvl.backends import _hazards
 from pytest_mnnvl.layers import LayerSpec
 from pytest_mnnvl.plugin import WorldFactory
 
 from . import hazard_rank_fns as fns
+
+pytestmark = pytest.mark.skipif(
+    releases.current() != releases.V072,
+    reason="the layout-change race (TensorRT-LLM #19312) is FlashInfer 0.7.2.post1's; 0.7.4's regions are fixed "
+    "(tests/test_hazards_v074.py shows it gone there and a live re-initialize still caught)",
+)
 
 NVFP4 = LayerSpec("nvfp4", hidden_size=1024, top_k=2, num_experts=8, max_num_tokens=64, name="base")
 BF16 = LayerSpec("bf16", hidden_size=1024, top_k=2, num_experts=8, max_num_tokens=64, name="head")

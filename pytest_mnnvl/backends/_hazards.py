@@ -290,7 +290,15 @@ def _race_text(me: int, call: str, write: Write, held: Lease, lo: int, hi: int, 
         f"offset {last.combine_offset}); {hi - lo} bytes overlap from offset {lo}, and no EP-wide "
         "synchronising collective (barrier, all-gather, all-reduce, ...) ran between that combine and "
         f"this call on rank {me}. On a GPU rank {held.reader}'s combine result is silently corrupted when "
-        "it is slower (TensorRT-LLM #19312: FlashInfer 0.7.2's combine region starts after the current "
-        "dispatch payloads, so a layer with another payload layout moves it). Synchronise the EP group "
+        f"it is slower ({_WHY.get(call, _WHY['dispatch'])}). Synchronise the EP group "
         "between round trips whose layouts differ, and before re-initializing a live workspace."
     )
+
+
+#: Why a write of each kind can meet a peer's combine reads (the race text's explanation).
+_WHY = {
+    "dispatch": "TensorRT-LLM #19312: FlashInfer 0.7.2's combine region starts after the current dispatch "
+    "payloads, so a layer with another payload layout moves it",
+    "moe_a2a_initialize": "re-initializing zeroes the whole row, whichever part of it a peer's combine reads, on "
+    "every FlashInfer release (0.7.4's fixed combine region included)",
+}

@@ -25,6 +25,11 @@ real bytes between the ranks' rows at 0.7.4's offsets (``nvlink_one_sided_alltoa
 
 Every access to a peer's row and to a combine source region goes through :func:`_write_rows` /
 :func:`_read_rows` (the completion flags too), so a race checker can observe them in one place.
+The race detector (:mod:`._hazards`) is fed as by the 0.7.2 twin: ``initialize`` and every
+dispatch payload write are checked against the combine leases of peers not yet ordered after
+their combine; every combine publishes its reads before its flags go up. With 0.7.4's fixed
+regions a dispatch never overlaps a combine region (TensorRT-LLM #19312 is gone by design), but
+re-initializing a live workspace still zeroes the combine region a slower peer may be reading.
 A wait that never completes raises after ``min(timeout_sec, PYTEST_MNNVL_SIM_KERNEL_TIMEOUT)``
 seconds with the kernel's own printf text and leaves the rank "trapped" (see :mod:`._kernels`).
 """
@@ -40,7 +45,7 @@ import torch
 from pytest_mnnvl import sizing_v074 as lay
 from pytest_mnnvl.sizing_v074 import WorkspaceLayout
 
-from . import _kernels
+from . import _hazards, _kernels
 from ._kernels import (
     TIMEOUT_ENV,
     SimKernelTimeout,
@@ -132,6 +137,7 @@ def _complete_phase(
         pending = [peer for peer in pending if seen[peer] & _U32 != epoch]
         if not pending:
             break
+        _hazards.raise_if_poisoned(workspace, me)  # a peer found a race: nobody waits out a timeout
         if time.monotonic() > deadline:
             peer = pending[0]
             text = f"{phase}: rank {me} timed out waiting for rank {peer} flag={seen[peer] & _U32} expected={epoch}"
@@ -366,6 +372,7 @@ class SimNvlinkOneSidedModule:
             f"Workspace needs {layout.workspace_size} bytes per rank, got {workspace.size(1)}",
         )
         # The whole row is written (peers later read its combine region), so it goes through the hook.
+        _hazards.on_initialize(workspace, ep_rank)
         _write_rows(workspace, ep_rank, 0, _fill(0, layout.workspace_size))
         _write_rows(workspace, ep_rank, layout.recv_counters_offset, _fill(0xFF, 2 * ep_size * 4))
         if layout.has_lamport:
@@ -642,6 +649,7 @@ class SimNvlinkOneSidedModule:
         _complete_phase(
             workspace, "dispatch", layout.dispatch_completion_flags_offset, ep_rank, active, flag, int(timeout_sec)
         )
+        _hazards.dispatched(workspace)  # every peer raised its flag after its previous combine
         eplb_offset = layout.eplb_gathered_stats_offset if eplb_local_stats is not None else -1
         return recv_offsets, layout.combine_input_offset, eplb_offset
 
@@ -689,6 +697,18 @@ class SimNvlinkOneSidedModule:
         _own_i32(workspace, me, layout.topk_target_ranks_offset, local * top_k).copy_(target_ranks.flatten())
         _own_i32(workspace, me, layout.topk_target_indices_offset, local * top_k).copy_(send_indices.flatten())
         rows = [_as_bytes(p) for p in payloads]
+        writes = [
+            _hazards.Write(
+                rank,
+                start + me * runtime * data.size(1),
+                start + (me * runtime + tokens.numel()) * data.size(1),
+                f"payload {index} of the dispatch",
+            )
+            for rank, tokens in enumerate(tokens_for)
+            if tokens.numel()
+            for index, (data, start) in enumerate(zip(rows, recv_offsets, strict=True))
+        ]
+        _hazards.check_writes(workspace, me, "dispatch", writes)
         for rank, tokens in enumerate(tokens_for):
             if tokens.numel() == 0:
                 continue
@@ -853,13 +873,36 @@ class SimNvlinkOneSidedModule:
         )
         if top_k not in KERNEL_TOP_K:
             raise _launch_error("moe_a2a_combine_launch", "Unsupported top_k")
+        # What this rank will read of each row, published before its flags go up (the race detector).
+        _hazards.lease(
+            workspace, ep_rank, flag, self._combine_reads(workspace, layout, ep_rank, runtime, local, stride)
+        )
         _complete_phase(
             workspace, "combine", layout.combine_completion_flags_offset, ep_rank, active, flag, int(timeout_sec)
         )
-        if local:
-            self._combine_kernel(
-                workspace, layout, ep_rank, runtime, local, top_k, stride, wire, payload, output, use_low_precision
-            )
+        try:
+            if local:
+                self._combine_kernel(
+                    workspace, layout, ep_rank, runtime, local, top_k, stride, wire, payload, output, use_low_precision
+                )
+        finally:
+            _hazards.combined(workspace, ep_rank, flag, combine_payload_offset, active)
+
+    def _combine_reads(
+        self, workspace: torch.Tensor, layout: WorkspaceLayout, me: int, runtime: int, local: int, stride: int
+    ) -> list[tuple[int, int, int]]:
+        """``(row, start, end)`` of each owner's combine region this rank's combine gathers from: its slots
+        ``[me, 0 .. last sent index]``, as :meth:`_combine_kernel` reads them."""
+        top_k = layout.top_k
+        ranks = _own_i32(workspace, me, layout.topk_target_ranks_offset, local * top_k).view(local, top_k).long()
+        slots = _own_i32(workspace, me, layout.topk_target_indices_offset, local * top_k).view(local, top_k).long()
+        first = layout.combine_input_offset + me * runtime * stride
+        reads = []
+        for rank in range(workspace.size(0)):
+            mine = slots[(ranks == rank) & (slots >= 0)]
+            used = int(mine.max()) + 1 if mine.numel() else 0
+            reads.append((rank, first, first + used * stride))
+        return reads
 
     def _prepare_combine(
         self,
