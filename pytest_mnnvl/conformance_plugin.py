@@ -14,6 +14,7 @@ The last two are pytest errors, not failures: ``E`` in the terminal, ``<error>``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -161,9 +162,18 @@ class Recorder:
     #: on it instead of importing again (a failed vLLM import can take minutes and may not be re-entrant).
     load_error: tuple[str, str] | None = None
     cache: dict[tuple[Any, ...], list[dict[str, Any]]] = field(default_factory=dict)
+    #: Each test's place in the session's collection: the report lists tests in this order, with or without
+    #: pytest-xdist (whose controller hears of them in the order they finish).
+    order: dict[str, int] = field(default_factory=dict)
 
     def test(self, nodeid: str) -> dict[str, Any]:
         return self.tests.setdefault(nodeid, {"nodeid": nodeid})
+
+    def position(self, nodeid: str) -> int:
+        return self.order.get(nodeid, len(self.order))
+
+    def ordered_tests(self) -> list[dict[str, Any]]:
+        return sorted(self.tests.values(), key=lambda entry: self.position(entry["nodeid"]))
 
     def halt(self, topology: tuple[int, int], nodeid: str, kind: FailureKind, summary: str) -> None:
         """End ``topology`` for the rest of the session on this failure (the first one stays)."""
@@ -184,6 +194,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RECORDER_KEY] = recorder
     if config.getoption("xmlpath", None):
         config.pluginmanager.register(JunitErrors(config), "mnnvl-junit-errors")
+    from pytest_mnnvl import conformance_xdist
+
+    conformance_xdist.install(config, recorder)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    recorder = session.config.stash.get(RECORDER_KEY, None)
+    if recorder is not None:
+        recorder.order.update({item.nodeid: index for index, item in enumerate(session.items)})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -571,6 +590,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             entry["failure_kind"] = kind.value
             if report.failed:
                 report.mnnvl_failure_kind = kind.value  # plain data: reports travel from xdist workers as JSON
+    from pytest_mnnvl import conformance_xdist
+
+    conformance_xdist.attach(item, report)  # on an xdist worker: what this test added, for the controller
     return report
 
 
@@ -661,6 +683,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not writes_reports(config):
         return  # under torchrun one rank writes (0, or the lowest survivor)
 
+    if MANAGER_KEY not in config.stash:
+        # Resolved by the first test's fixture, which an xdist controller never runs (an explicit
+        # --mnnvl-manager is resolved at configure): the report describes the manager all the same.
+        from pytest_mnnvl.managers import resolve
+
+        with contextlib.suppress(MnnvlError):
+            config.stash[MANAGER_KEY] = resolve(config.stash[SETTINGS_KEY].manager)
     # session.exitstatus, not the argument: a stale waiver under --mnnvl-strict changes it first, and an
     # interrupt pytest could not record (a signal during its own handling of the first) is made non-zero.
     data = report.build(config, recorder, int(session.exitstatus), _interruption(config))

@@ -44,9 +44,11 @@ from pytest_mnnvl.errors import FailureKind
 from pytest_mnnvl.invariants import INVARIANTS, SHOULD
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import pytest
 
-    from pytest_mnnvl.conformance_plugin import Recorder
+    from pytest_mnnvl.conformance_plugin import Halt, Recorder
     from pytest_mnnvl.interrupts import Interruption
 
 SCHEMA_VERSION = 1
@@ -90,7 +92,7 @@ def verdicts(recorder: Recorder) -> dict[str, dict[str, Any]]:
     its violation (``counterexample``)."""
     out: dict[str, dict[str, Any]] = {}
     for name in INVARIANTS:
-        tests = [t for t in recorder.tests.values() if t.get("invariant") == name and "outcome" in t]
+        tests = [t for t in recorder.ordered_tests() if t.get("invariant") == name and "outcome" in t]
         violations = [t["violation"] for t in tests if "violation" in t]
         failed = [t for t in tests if not t.get("waived") and ("violation" in t or t["outcome"] == "failed")]
         kinds = {FailureKind(t.get("failure_kind", FailureKind.VIOLATION.value)) for t in failed}
@@ -151,7 +153,7 @@ def build(
         },
         "timings": {"session_s": round(time.time() - recorder.started, 2), "plans_s": round(recorder.plan_seconds, 2)},
         "failure_kinds": failure_kinds(recorder),
-        "broken_topologies": {halt.topology: halt.to_dict() for halt in recorder.broken.values()},
+        "broken_topologies": {halt.topology: halt.to_dict() for halt in _in_order(recorder, recorder.broken.values())},
         "manager_load_error": (
             {"test": recorder.load_error[0], "error": recorder.load_error[1]} if recorder.load_error else None
         ),
@@ -173,7 +175,7 @@ def errors(recorder: Recorder) -> list[str]:
     """One line per test that failed without a violation: whom it blames, why, and what it stopped."""
     halts = {halt.nodeid: halt for halt in recorder.broken.values()}
     lines = []
-    for nodeid, failure in recorder.failures.items():
+    for nodeid, failure in sorted(recorder.failures.items(), key=lambda pair: recorder.position(pair[0])):
         line = f"{failure.kind.label} in {nodeid}: {failure.summary} (no invariant blamed, no plan saved)"
         halt = halts.get(nodeid)
         if halt is not None and halt.kind is failure.kind and halt.skipped:
@@ -181,6 +183,11 @@ def errors(recorder: Recorder) -> list[str]:
             line += f"; {n} later test{'' if n == 1 else 's'} of {halt.topology} skipped"
         lines.append(line)
     return lines
+
+
+def _in_order(recorder: Recorder, halts: Iterable[Halt]) -> list[Halt]:
+    """Halts in the order of the tests that caused them (an xdist controller hears of them as workers finish)."""
+    return sorted(halts, key=lambda halt: recorder.position(halt.nodeid))
 
 
 def waivers(config: pytest.Config) -> dict[str, Any] | None:

@@ -29,6 +29,13 @@ PEER_TEXT_CHARS = 6000
 
 def install(config: pytest.Config, timeout: float) -> SpmdSession:
     """Called from the plugin's ``pytest_configure`` (before junitxml's): set up this rank's seat."""
+    dist = config.getoption("dist", "no")
+    if dist != "no":
+        raise pytest.UsageError(
+            f"--mnnvl-launcher=torchrun cannot run under pytest-xdist (-n / --dist={dist}): torchrun already runs "
+            "one pytest session per rank, and every xdist worker would claim that same rank; allowed: no -n "
+            "(or -n 0) under torchrun"
+        )
     env = TorchrunEnv.from_environ()
     session = SpmdSession(env, backend="sim", timeout=timeout)
     config.stash[SESSION_KEY] = session

@@ -26,12 +26,24 @@ SUITE = REPO / "conformance" / "test_invariants.py"
 
 pytestmark = pytest.mark.slow
 
-#: Inner plugin (``-p mnnvl_recorder``): every rank records its pid and each test's (agreed) outcome.
+#: Inner plugin (``-p mnnvl_recorder``): every rank records its pid, each test's (agreed) outcome and each
+#: conformance report it writes (the real writer, logged on its way through).
 RECORDER = """
 import json, os
 
+import pytest_mnnvl.report
+
 def _path(kind):
     return os.path.join(os.environ["MNNVL_TEST_OUT"], f"{kind}-rank{os.environ['RANK']}.jsonl")
+
+_write = pytest_mnnvl.report.write
+
+def _logged_write(path, data):
+    with open(_path("report"), "a") as f:
+        f.write(json.dumps(path) + "\\n")
+    return _write(path, data)
+
+pytest_mnnvl.report.write = _logged_write
 
 def pytest_sessionstart(session):
     with open(_path("pid"), "a") as f:
@@ -149,6 +161,13 @@ class Run:
         path = self.out_dir / f"outcome-rank{rank}.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
+    def report_writers(self) -> dict[int, int]:
+        """How many times each rank wrote the conformance report."""
+        return {
+            int(p.stem.rpartition("rank")[2]): len(p.read_text().splitlines())
+            for p in self.out_dir.glob("report-rank*.jsonl")
+        }
+
     def pids(self) -> list[int]:
         return [int(p.read_text().split()[0]) for p in sorted(self.out_dir.glob("pid-rank*.jsonl"))]
 
@@ -242,8 +261,9 @@ def test_four_ranks_agree_and_rank_0_writes_report_and_junit(inner: pytest.Pytes
     assert data["launcher"]["kind"] == "torchrun" and data["launcher"]["written_by_rank"] == 0
     assert data["invariants"]["covers"]["status"] == "pass"
     assert junit.exists() and 'failures="1"' in junit.read_text()
-    # Only rank 0 prints the full report.
+    # Only rank 0 prints the full report, and only rank 0 writes the conformance report, once.
     assert run.output.count("short test summary info") == 1
+    assert run.report_writers() == {0: 1}
 
 
 def test_collection_must_match_on_every_rank(inner: pytest.Pytester) -> None:
@@ -279,6 +299,14 @@ def test_usage_errors_without_torchrun(pytester: pytest.Pytester, monkeypatch: p
     pytester.makeini("[pytest]\nmnnvl_launcher = torchrun\n")
     result = pytester.runpytest_subprocess("-p", "pytest_mnnvl")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_xdist_under_torchrun_is_a_usage_error(inner: pytest.Pytester) -> None:
+    inner.makepyfile(test_one="def test_one():\n    pass\n")
+    run = torchrun(inner, "-n", "2")
+    assert run.ret != 0
+    run.lines.fnmatch_lines(["*--mnnvl-launcher=torchrun cannot run under pytest-xdist (-n / --dist=load)*"])
+    assert all(run.outcomes(rank) == [] for rank in range(4))
 
 
 def test_two_nodes_conformance_reference_passes(inner: pytest.Pytester) -> None:
@@ -360,7 +388,9 @@ def test_rank_crash_stops_the_session_with_a_verdict(inner: pytest.Pytester) -> 
         outcomes = [(nodeid.split("::")[1], outcome) for nodeid, _, outcome in run.outcomes(rank)]
         assert outcomes == [("test_before", "passed"), ("test_crash", "failed")], f"rank {rank}"
     data = json.loads(report.read_text())
-    assert data["invariants"]["covers"]["status"] == "fail" and data["launcher"]["gone_ranks"] == [1]
+    # The peers cannot see a torchrun rank's exit status: an unknown death is infrastructure, not the manager's.
+    assert data["invariants"]["covers"]["status"] == "infrastructure" and data["launcher"]["gone_ranks"] == [1]
+    assert run.report_writers() == {0: 1}
     assert "RankCrashed" in junit.read_text()
     pids = run.pids()
     assert len(pids) == 4
