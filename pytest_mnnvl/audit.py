@@ -3,14 +3,19 @@
 One wrapper serves two needs. The conformance suite records the collectives a manager issues
 during ``initialize`` (to judge their scope by group membership), and the pool needs to say which
 collective a hung rank is blocked in. The second is written to a small per-rank status file before
-the call enters C, so the parent can read it even when the rank's main thread is stuck.
+the call enters C, so the parent can read it even when the rank's main thread is stuck. The sim's
+kernels write the same status while they wait for a peer's completion flag (:class:`Wait`): at a
+timeout, a rank waiting for a peer tells a deadlock from a world that is merely slow
+(:mod:`pytest_mnnvl.stall`).
 """
 
 from __future__ import annotations
 
+import enum
 import functools
+import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +53,44 @@ class CollectiveCall:
 
     def describe(self) -> str:
         return f"torch.distributed.{self.name}(group={list(self.group_ranks)})"
+
+
+class WaitKind(enum.Enum):
+    """What a rank can be waiting in for its peers."""
+
+    #: A torch.distributed collective (or send/recv): every rank of ``peers`` has to enter it.
+    COLLECTIVE = "collective"
+    #: The sim kernel's spin on peers' completion flags: ``peers`` are those whose flag is still missing.
+    PEER_FLAG = "peer_flag"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """What a rank waits for, written to its status file before it blocks: one JSON line.
+
+    ``peers``: global ranks, the collective's group (this rank included) or the ranks whose flag is missing;
+    ``None`` when the rank cannot tell (a workspace over a group other than its EP group)."""
+
+    kind: WaitKind
+    text: str
+    peers: tuple[int, ...] | None
+
+    def to_line(self) -> str:
+        peers = list(self.peers) if self.peers is not None else None
+        return json.dumps({"kind": self.kind.value, "text": self.text, "peers": peers})
+
+    @classmethod
+    def from_line(cls, line: str) -> Wait | None:
+        """The record, or None for an empty status; a line that is not one of ours stays readable as text."""
+        line = line.strip()
+        if not line:
+            return None
+        try:
+            data = json.loads(line)
+            peers = data["peers"]
+            return cls(WaitKind(data["kind"]), str(data["text"]), tuple(int(p) for p in peers) if peers else None)
+        except (ValueError, KeyError, TypeError):
+            return cls(WaitKind.COLLECTIVE, line, None)
 
 
 class _Auditor:
@@ -100,7 +143,7 @@ def _wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         call = CollectiveCall(name, _group_ranks(group))
         for recording in _AUDITOR.recordings:
             recording.append(call)
-        _AUDITOR.set_status(call.describe())
+        _AUDITOR.set_status(Wait(WaitKind.COLLECTIVE, call.describe(), call.group_ranks).to_line())
         if _AUDITOR.before is not None:
             _AUDITOR.before(group)
         try:
@@ -162,10 +205,26 @@ def recording() -> Iterator[list[CollectiveCall]]:
         _AUDITOR.recordings.remove(calls)
 
 
-def blocked_in(status_path: str) -> str:
-    """Parent side: the collective a rank entered and has not left, or ``""``."""
+def set_waiting(kind: WaitKind, text: str, peers: Sequence[int] | None) -> None:
+    """Rank side: this rank now waits for ``peers`` (the sim's flag waits; collectives are wrapped)."""
+    _AUDITOR.set_status(Wait(kind, text, tuple(peers) if peers is not None else None).to_line())
+
+
+def clear_waiting() -> None:
+    """Rank side: the wait :func:`set_waiting` announced is over."""
+    _AUDITOR.set_status("")
+
+
+def waiting_in(status_path: str) -> Wait | None:
+    """Parent side: what a rank waits for and has not stopped waiting for (a collective, a peer's flag), or None."""
     try:
         with open(status_path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
+            return Wait.from_line(f.read())
     except OSError:
-        return ""
+        return None
+
+
+def blocked_in(status_path: str) -> str:
+    """Parent side: the text of :func:`waiting_in` (``torch.distributed.barrier(group=[0, 1])``), or ``""``."""
+    wait = waiting_in(status_path)
+    return wait.text if wait is not None else ""

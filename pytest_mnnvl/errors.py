@@ -76,8 +76,47 @@ class RankCrashed(MnnvlError):
         super().__init__(text)
 
 
-class WorldDeadlock(MnnvlError):
-    """A call did not finish on every rank within the timeout: every rank's stack is attached."""
+class WorldTimeout(MnnvlError):
+    """A call did not finish on every rank within the timeout; every rank's stack is attached.
+
+    Never raised itself: the verdict is one of its two subclasses, :class:`WorldDeadlock` (some rank waits for
+    a peer that will not come) or :class:`WorldTooSlow` (every rank still running computes, or waits for one
+    that does: :mod:`pytest_mnnvl.stall`). Catch this class for "did not finish in time", whatever the cause.
+    """
+
+    def __init__(
+        self,
+        head: str,
+        timeout: float,
+        pending: list[int],
+        stacks: Mapping[int, str],
+        blocked_in: Mapping[int, str],
+        states: Mapping[int, str] | None = None,
+        details: Sequence[str] = (),
+    ) -> None:
+        self.timeout = timeout
+        self.pending = pending
+        self.stacks = dict(sorted(stacks.items()))
+        self.blocked_in = dict(blocked_in)
+        #: Per running rank, what it was doing beside a wait: ``computing (97% of a core)``, ``idle (...)``.
+        self.states = dict(states or {})
+        lines = [head, *details]
+        for rank, stack in self.stacks.items():
+            where = self.blocked_in.get(rank) if rank in pending else None
+            state = self.states.get(rank) if rank in pending else None
+            lines.append("")
+            lines.append(
+                f"[rank {rank}] {'still running' if rank in pending else 'returned'}"
+                + (f", blocked in {where}" if where else "")
+                + (f", {state}" if state else "")
+            )
+            lines.append(stack.rstrip() or "(no stack: the rank did not answer the dump signal)")
+        super().__init__("\n".join(lines))
+
+
+class WorldDeadlock(WorldTimeout):
+    """Some rank waits (in a collective, on a peer's flag) for a rank that returned, is idle or waits back; or a
+    rank is idle by itself. ``why`` names one such wait."""
 
     def __init__(
         self,
@@ -86,20 +125,35 @@ class WorldDeadlock(MnnvlError):
         stacks: Mapping[int, str],
         blocked_in: Mapping[int, str],
         during: str = "a call",
+        why: str = "",
+        states: Mapping[int, str] | None = None,
     ) -> None:
-        self.timeout = timeout
-        self.pending = pending
-        self.stacks = dict(sorted(stacks.items()))
-        self.blocked_in = dict(blocked_in)
+        self.why = why
         ranks = ", ".join(str(r) for r in pending)
-        lines = [f"deadlock: ranks [{ranks}] still running {during} after {timeout:g} s"]
-        for rank, stack in self.stacks.items():
-            where = self.blocked_in.get(rank)
-            state = "still running" if rank in pending else "returned"
-            lines.append("")
-            lines.append(f"[rank {rank}] {state}" + (f", blocked in {where}" if where else ""))
-            lines.append(stack.rstrip() or "(no stack: the rank did not answer the dump signal)")
-        super().__init__("\n".join(lines))
+        head = f"deadlock: ranks [{ranks}] still running {during} after {timeout:g} s"
+        super().__init__(head, timeout, pending, stacks, blocked_in, states, [why] if why else [])
+
+
+class WorldTooSlow(WorldTimeout):
+    """Slow, not deadlocked: every rank still running was computing at the deadline, or waiting for peers that
+    were. Not a :class:`WorldDeadlock` on purpose: code that turns a deadlock into a verdict on the manager
+    (the conformance suite's ``pp_deadlock_freedom``) must not blame it for a slow machine; catch
+    :class:`WorldTimeout` for both. ``progress`` says who computes where; ``advice`` what to change."""
+
+    def __init__(
+        self,
+        timeout: float,
+        pending: list[int],
+        stacks: Mapping[int, str],
+        blocked_in: Mapping[int, str],
+        during: str,
+        progress: str,
+        advice: str = "",
+        states: Mapping[int, str] | None = None,
+    ) -> None:
+        self.progress = progress
+        head = f"slow, not deadlocked: {progress}; still running {during} after {timeout:g} s"
+        super().__init__(head, timeout, pending, stacks, blocked_in, states, [advice] if advice else [])
 
 
 def signal_name(signum: int) -> str:
@@ -173,14 +227,17 @@ def failure_kind(error: MnnvlError) -> FailureKind:
 
     A crash by SIGKILL/SIGTERM, or one whose exit status this process cannot see (torchrun: the peers are not
     the rank's parent), is infrastructure; any other signal (SIGSEGV, SIGABRT, ...) or exit status during a
-    call is the manager's. An exception raised in the ranks and a call that never returned are the manager's
-    too (its traceback or stacks are attached). A world that would not start, or was lost, is infrastructure.
+    call is the manager's. An exception raised in the ranks and a deadlock are the manager's too (its traceback
+    or stacks are attached). A world that would not start, was lost, or was too slow for the timeout (every
+    rank computing: the machine's load and the timeout, not the manager) is infrastructure.
     """
     if isinstance(error, RankCrashed):
         code = error.returncode
         if code is None or (code < 0 and -code in EXTERNAL_SIGNALS):
             return FailureKind.INFRASTRUCTURE
         return FailureKind.MANAGER_ERROR
+    if isinstance(error, WorldTooSlow):
+        return FailureKind.INFRASTRUCTURE
     if isinstance(error, (RankError, WorldDeadlock)):
         return FailureKind.MANAGER_ERROR
     return FailureKind.INFRASTRUCTURE

@@ -15,6 +15,7 @@ import pytest
 
 from pytest_mnnvl import interrupts
 from pytest_mnnvl import settings as _settings
+from pytest_mnnvl import threads as _threads
 from pytest_mnnvl import waivers as _waivers
 from pytest_mnnvl.errors import MnnvlUsageError
 from pytest_mnnvl.markers import CAPABILITY_MARKERS, MARKER_LINES
@@ -100,6 +101,7 @@ def pytest_configure(config: pytest.Config) -> None:
             from pytest_mnnvl import report
 
             report.check_path(settings.report)
+        _threads.policy()  # a bad PYTEST_MNNVL_RANK_THREADS stops the run before any rank starts
     except MnnvlUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     if not hasattr(config, "workerinput"):
@@ -220,9 +222,22 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         + " ".join(f"ws{ws}-pp{pp}" for ws, pp in s.topologies())
         + f", manager={s.manager}, strict={'on' if s.strict else 'off'}",
         *capabilities.header_lines(),
+        _rank_threads_line(config),
         f"mnnvl: hypothesis profile={profile}, seed={seed}",
         *([f"mnnvl: WARNING: {config.stash[REPORT_SHARED_KEY]}"] if REPORT_SHARED_KEY in config.stash else []),
     ]
+
+
+def _rank_threads_line(config: pytest.Config) -> str:
+    """How many intra-op threads the ranks get (:mod:`pytest_mnnvl.threads`): per world size, divided among
+    the xdist workers (the controller prints the header: ``-n`` is resolved to a number by then)."""
+    s = config.stash[SETTINGS_KEY]
+    if s.launcher == "torchrun":
+        local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or "1"
+        return _threads.header_line((), 1, torchrun_local_ranks=int(local) if local.isdigit() else 1)
+    workers = getattr(config.option, "numprocesses", None)
+    count = workers if isinstance(workers, int) and workers > 0 else _threads.worlds_at_once()
+    return _threads.header_line(tuple(ws for ws, _pp in s.topologies()), count)
 
 
 def _hypothesis_in_effect(config: pytest.Config) -> tuple[str, str]:

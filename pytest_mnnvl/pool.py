@@ -8,8 +8,9 @@ group), and the next call starts a fresh one, so every example after a failure s
 
 The pool never waits without a deadline: every receive is bounded by the call timeout, a crashed
 rank is seen through its socket closing (at once), and a timeout dumps every rank's Python stack
-(``faulthandler`` on a signal, which works while the main thread is stuck in C) plus the collective
-each rank entered (from :mod:`pytest_mnnvl.audit`) before killing the world.
+(``faulthandler`` on a signal, which works while the main thread is stuck in C) plus what each rank
+waits in (a collective, a sim flag wait: :mod:`pytest_mnnvl.audit`) and its CPU time before the
+deadline, then kills the world: a deadlock, or a world that is merely slow (:mod:`pytest_mnnvl.stall`).
 
 Each world keeps its socket and files in a ``mnnvl-world-*`` directory that names its owner process
 (:class:`WorldOwner`). A teardown removes it, and a first SIGINT/SIGTERM cannot cut a teardown short
@@ -39,13 +40,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
 
-from pytest_mnnvl import interrupts
+from pytest_mnnvl import interrupts, stall, threads
 from pytest_mnnvl.errors import (
     MnnvlUsageError,
     PythonFrame,
     RankCrashed,
     RankError,
-    WorldDeadlock,
     WorldStartError,
     describe_exit,
 )
@@ -167,6 +167,8 @@ class World(RankWorld):
         self._ranks: list[_Rank] = []
         self._dir: str | None = None
         self._listener: socket.socket | None = None
+        #: What the ranks' torch threads are (a slow world's advice says it).
+        self._threads = ""
         self.starts = 0
         self.calls = 0
 
@@ -238,6 +240,9 @@ class World(RankWorld):
     def _rank_env(self, boot: dict[str, Any]) -> dict[str, str]:
         env = dict(os.environ)
         env.update(dict(self.spec.env))
+        # Before torch is imported in the rank: its share of the cores, unless the user chose (threads.py).
+        threads.set_in_rank_env(env, self.world_size)
+        self._threads = threads.describe(env, self.world_size)
         env.update(MULTICAST_OFF)
         if self.spec.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.spec.devices)
@@ -349,6 +354,9 @@ class World(RankWorld):
     def _collect(self, name: str, timeout: float) -> list[Any]:
         __tracebackhide__ = True
         deadline = time.monotonic() + timeout
+        # Each rank's CPU time from here to the deadline tells a computing rank from an idle one (stall.py).
+        sample_at = deadline - stall.CPU_WINDOW_S
+        cpu_before: tuple[float, dict[int, float | None]] | None = None
         results: dict[int, tuple[str, Any]] = {}
         first_failure: float | None = None
         by_conn: dict[Any, _Rank] = {r.conn: r for r in self._ranks}
@@ -356,12 +364,15 @@ class World(RankWorld):
             now = time.monotonic()
             if first_failure is not None and now - first_failure >= PEER_FAILURE_GRACE_S:
                 break
+            if cpu_before is None and now >= sample_at:
+                cpu_before = (now, {r.rank: stall.process_cpu_seconds(r.pid) for r in self._ranks})
             if now >= deadline:
                 if first_failure is not None:
                     break
-                self._raise_deadlock(name, timeout, results)
+                self._raise_timeout(name, timeout, results, cpu_before)
             waiting: list[Any] = [r.conn for r in self._ranks if r.rank not in results]
-            ready = wait(waiting, timeout=min(deadline - now, 0.2))
+            wake = deadline if cpu_before is not None else sample_at
+            ready = wait(waiting, timeout=max(0.0, min(wake - now, 0.2)))
             for conn in ready:
                 r = by_conn[conn]
                 outcome = _receive(r)
@@ -401,20 +412,47 @@ class World(RankWorld):
             error.args = (error.args[0] + tails,)
         raise error
 
-    def _raise_deadlock(self, name: str, timeout: float, results: dict[int, tuple[str, Any]]) -> NoReturn:
+    def _raise_timeout(
+        self,
+        name: str,
+        timeout: float,
+        results: dict[int, tuple[str, Any]],
+        cpu_before: tuple[float, dict[int, float | None]] | None,
+    ) -> NoReturn:
+        """The call passed its deadline: :class:`WorldTooSlow` when every running rank gets somewhere, else
+        :class:`WorldDeadlock` (:mod:`pytest_mnnvl.stall`); every rank's stack attached, the world stopped."""
         __tracebackhide__ = True
         from pytest_mnnvl import audit
         from pytest_mnnvl.rank import DUMP_SIGNAL
 
         pending = [r.rank for r in self._ranks if r.rank not in results]
-        blocked = {r.rank: audit.blocked_in(r.status_path) for r in self._ranks if r.rank in pending}
+        waits = {r.rank: audit.waiting_in(r.status_path) for r in self._ranks if r.rank in pending}
+        if cpu_before is None or time.monotonic() - cpu_before[0] < stall.MIN_CPU_WINDOW_S:
+            # A call shorter than the window (a programmatic timeout): measure a short window now.
+            start = cpu_before[0] if cpu_before is not None else time.monotonic()
+            if cpu_before is None:
+                cpu_before = (start, {r.rank: stall.process_cpu_seconds(r.pid) for r in self._ranks})
+            time.sleep(max(0.0, start + stall.MIN_CPU_WINDOW_S - time.monotonic()))
+        after = {r.rank: stall.process_cpu_seconds(r.pid) for r in self._ranks}
+        shares = stall.cpu_shares(cpu_before[1], after, time.monotonic() - cpu_before[0])
         for r in self._ranks:
             if r.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(r.pid, DUMP_SIGNAL)
         stacks = _read_stacks(self._ranks, STACK_DUMP_WAIT_S)
         self._teardown()
-        raise WorldDeadlock(timeout, pending, stacks, {k: v for k, v in blocked.items() if v}, f"in {name}()")
+        ranks = [
+            stall.RankAtDeadline.of(
+                rank,
+                returned=rank not in pending,
+                wait=waits.get(rank),
+                cpu_share=shares.get(rank),
+                where=stall.where(stall.main_thread_frames(stacks.get(rank, ""))),
+            )
+            for rank in range(self.world_size)
+        ]
+        diagnosis = stall.diagnose(ranks, busy_is_progress=self.backend != "flashinfer")
+        raise diagnosis.error(timeout, stacks, f"in {name}()", stall.advice(self._threads))
 
     # -- teardown -----------------------------------------------------------------------------
     def _teardown(self, polite: bool = False) -> None:

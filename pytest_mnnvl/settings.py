@@ -39,7 +39,10 @@ BACKEND_HELP = (
     "Where ranks run: auto (FlashInfer when it is installed and >=2 NVLink GPUs are visible, "
     "else sim), sim (FlashInfer's Python on CPU) or flashinfer (real GPUs)."
 )
-TIMEOUT_HELP = "Seconds a call on a rank world may take before it is reported as a deadlock (default 60)."
+TIMEOUT_HELP = (
+    "Seconds a call on a rank world may take before it is reported as a deadlock, or as a world too slow for "
+    "its timeout when every rank is computing (default 60)."
+)
 STRICT_HELP = "Fail instead of skip when a test carrying an mnnvl marker cannot run, and gate on SHOULD checks."
 WORLD_SIZES_HELP = "Comma-separated world sizes the conformance topologies use (default 2,4)."
 PP_HELP = "Comma-separated pipeline-parallel sizes the conformance topologies use (default 1,2)."

@@ -11,12 +11,13 @@ Two planes, on purpose:
   ``make_context``), over the same store under ``gen<N>/``. Any failed call rebuilds them (destroy, then
   init a new generation) before the next call, as the pool starts a fresh world after a failure.
 
-A call runs ``fn(ctx, …)`` in each rank's main thread. A watchdog thread publishes the rank's stack and
-the collective it is blocked in (:mod:`pytest_mnnvl.audit`) when the deadline passes; every audited gloo
-collective gets the time left as its timeout, so a rank blocked in one is released just after the
-deadline. Each rank publishes exactly one status per call (its outcome, or "late" with its stack), and
-every rank derives the same verdict from the same statuses: results, ``RankError``, ``WorldDeadlock``
-or ``RankCrashed`` (a rank that published nothing: it is gone).
+A call runs ``fn(ctx, …)`` in each rank's main thread. A watchdog thread publishes the rank's stack, what
+it waits in (a collective, a sim flag wait: :mod:`pytest_mnnvl.audit`) and its CPU time over the last
+half second when the deadline passes; every audited gloo collective gets the time left as its timeout, so
+a rank blocked in one is released just after the deadline. Each rank publishes exactly one status per call
+(its outcome, or "late" with that evidence), and every rank derives the same verdict from the same
+statuses: results, ``RankError``, ``WorldDeadlock`` or ``WorldTooSlow`` (:mod:`pytest_mnnvl.stall`), or
+``RankCrashed`` (a rank that published nothing: it is gone).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from pytest_mnnvl.errors import MnnvlError, RankCrashed, RankError, WorldDeadlock
+from pytest_mnnvl.errors import MnnvlError, RankCrashed, RankError
 from pytest_mnnvl.pool import RankWorld, _function_reference
 
 #: How long a rank waits after its own deadline for the statuses (stacks) of late peers.
@@ -114,6 +115,8 @@ class _Call:
     name: str
     done: bool = False
     late: bool = False
+    #: Set when the call returned on this rank: the watchdog, measuring CPU time before the deadline, stops.
+    finished: threading.Event = field(default_factory=threading.Event)
 
 
 class SpmdSession:
@@ -173,6 +176,11 @@ class SpmdSession:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
             signal.signal(INTERRUPT_SIGNAL, self._on_interrupt)
+        from pytest_mnnvl import threads
+
+        # The ranks are these pytest processes, torch is imported: the share of this host's ranks, in-process
+        # (torchrun's own OMP_NUM_THREADS=1 for --nproc-per-node > 1, or the user's setting, is left alone).
+        threads.apply_in_process(self.env.local_world_size)
         hello = self.exchange("hello", (os.getpid(), socket.gethostname()), REBUILD_TIMEOUT_S)
         missing = [r for r in range(self.world_size) if r not in hello]
         if missing:
@@ -364,9 +372,12 @@ class SpmdSession:
         ctx = self.context(pp, startup_timeout)
         self.calls += 1
         seq = self._next_seq()
+        from pytest_mnnvl import stall
+
         state = _Call(f"c/{seq}", time.monotonic() + timeout, name)
         self._call = state
-        timer = threading.Timer(timeout, self._on_deadline, args=(state, seq))
+        # Starts measuring this rank's CPU time a little before the deadline (stall.py: computing or idle).
+        timer = threading.Timer(max(0.0, timeout - stall.CPU_WINDOW_S), self._on_deadline, args=(state, seq))
         timer.daemon = True
         timer.start()
         try:
@@ -378,6 +389,7 @@ class SpmdSession:
                 self._in_fn = False
                 state.done = True
                 late = state.late
+            state.finished.set()
             timer.cancel()
             self._call = None
         if not late:
@@ -386,17 +398,25 @@ class SpmdSession:
         return self._verdict(state, statuses, timeout)
 
     def _on_deadline(self, state: _Call, seq: int) -> None:
-        """Watchdog: the call is still running here at its deadline; publish where, then interrupt it."""
-        from pytest_mnnvl import audit
+        """Watchdog: the call is still running here at its deadline; publish where, what it waits in and how
+        busy it was since the timer fired (:mod:`pytest_mnnvl.stall`), then interrupt it."""
+        from pytest_mnnvl import audit, stall
 
+        cpu0, t0 = time.process_time(), time.monotonic()
+        if state.finished.wait(max(0.0, max(state.deadline, t0 + stall.MIN_CPU_WINDOW_S) - t0)):
+            return
         with self._lock:
             if state.done:
                 return
             state.late = True
-            stack = _call_stack(sys._current_frames().get(self._main_ident or 0))
-            blocked = audit.blocked_in(self._status_path)
+            elapsed = time.monotonic() - t0
+            share = (time.process_time() - cpu0) / elapsed if elapsed > 0 else None
+            frame = sys._current_frames().get(self._main_ident or 0)
+            stack = _call_stack(frame)
+            wait = audit.waiting_in(self._status_path)
+            status = ("late", stack, wait.to_line() if wait is not None else "", share, _where(frame))
             with contextlib.suppress(Exception):
-                self._publish(seq, f"{state.base}/{self.rank}", _dumps_status(("late", stack, blocked)), side=True)
+                self._publish(seq, f"{state.base}/{self.rank}", _dumps_status(status), side=True)
             if self._in_fn and self._main_ident is not None:
                 # Stops Python-level hangs; a gloo collective is released by its bounded timeout.
                 signal.pthread_kill(self._main_ident, INTERRUPT_SIGNAL)
@@ -418,12 +438,21 @@ class SpmdSession:
             self._needs_rebuild = True
         late = sorted(r for r, kind in kinds.items() if kind == "late")
         if late:
+            from pytest_mnnvl import audit, stall, threads
+
             stacks = {
                 r: (s[1] if s[0] == "late" else "(returned from the call; waiting for its peers)")
                 for r, s in statuses.items()
             }
-            blocked = {r: s[2] for r, s in statuses.items() if s[0] == "late" and s[2]}
-            raise WorldDeadlock(timeout, late, stacks, blocked, f"in {during}")
+            ranks = [
+                stall.RankAtDeadline.of(r, False, audit.Wait.from_line(s[2]), s[3], s[4])
+                if s[0] == "late"
+                else stall.RankAtDeadline.of(r, True, None, None)
+                for r, s in sorted(statuses.items())
+            ]
+            diagnosis = stall.diagnose(ranks, busy_is_progress=self.backend != "flashinfer")
+            advice = stall.advice(threads.describe(os.environ, self.env.local_world_size) + " (ranks on this host)")
+            raise diagnosis.error(timeout, stacks, f"in {during}", advice)
         outcomes = {r: s[1] for r, s in statuses.items()}
         errors = {r: detail for r, (kind, detail) in outcomes.items() if kind == "error"}
         if errors:
@@ -469,6 +498,17 @@ def _call_stack(frame: Any) -> str:
     frames = traceback.extract_stack(frame)
     start = next((i + 1 for i, f in enumerate(frames) if f.name == "_outcome" and f.filename.endswith("rank.py")), 0)
     return "Stack of the main thread (most recent call last):\n" + "".join(traceback.format_list(frames[start:]))
+
+
+def _where(frame: Any) -> str:
+    """The innermost frame of the main thread outside the standard library (``spin at test_it.py:5``)."""
+    from pytest_mnnvl import stall
+    from pytest_mnnvl.errors import PythonFrame
+
+    if frame is None:
+        return ""
+    frames = [PythonFrame(f.filename, f.lineno or 0, f.name) for f in reversed(traceback.extract_stack(frame))]
+    return stall.where(frames)
 
 
 def _dumps_status(status: tuple[Any, ...]) -> bytes:

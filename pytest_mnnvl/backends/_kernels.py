@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from pytest_mnnvl import audit
 from pytest_mnnvl.sizing import (
     COMBINE_SIZE_CONDITION,
     COMBINE_SIZE_DETAIL,
@@ -67,6 +68,27 @@ class SimKernelTimeout(RuntimeError):
 
 
 _sticky_error: str | None = None
+#: Global ranks of this rank's EP group in EP order (the sim installs them): whom a flag wait waits for.
+_ep_group_ranks: tuple[int, ...] = ()
+
+
+def set_ep_group_ranks(ranks: Sequence[int]) -> None:
+    """Which global rank each EP rank of this rank's workspaces is (its EP group, in EP order)."""
+    global _ep_group_ranks
+    _ep_group_ranks = tuple(int(r) for r in ranks)
+
+
+def announce_wait(phase: str, me: int, pending: Sequence[int], ep: int) -> None:
+    """Write to the rank's status (:mod:`pytest_mnnvl.audit`) whose ``phase`` completion flags this rank still
+    waits for: at a timeout the pool reads it, and a rank spinning on a peer's flag is waiting for that peer,
+    not computing. Global ranks when the workspace spans this rank's EP group, else EP ranks only."""
+    if len(_ep_group_ranks) == ep and 0 <= me < ep:
+        known = [_ep_group_ranks[p] for p in pending]
+        whose = f"rank {known[0]}'s completion flag" if len(known) == 1 else f"the completion flags of ranks {known}"
+        audit.set_waiting(audit.WaitKind.PEER_FLAG, f"the sim {phase} kernel's wait for {whose}", known)
+        return
+    whose = f"the completion flags of EP ranks {list(pending)} (EP rank {me} of a group other than its own)"
+    audit.set_waiting(audit.WaitKind.PEER_FLAG, f"the sim {phase} kernel's wait for {whose}", None)
 
 
 def raise_if_sticky() -> None:
@@ -237,22 +259,30 @@ class _Rows:
         timeout = kernel_timeout_s()
         deadline = time.monotonic() + timeout
         nap = 0.0
-        while True:
-            pending = [peer for peer in pending if int(mine[peer]) != flag]
-            if not pending:
-                break
-            _hazards.raise_if_poisoned(self.ws, me)
-            if time.monotonic() > deadline:
-                global _sticky_error
-                text = f"{phase}: ---Rank {me} timed out waiting for completion flag from rank {pending[0]}"
-                _sticky_error = text
-                raise SimKernelTimeout(
-                    f"{text} (pytest-mnnvl sim: waited {timeout:g} s for epoch {flag & 0xFFFF_FFFF}, saw "
-                    f"{int(mine[pending[0]]) & 0xFFFF_FFFF}; the peer never made the matching {phase} call. "
-                    f"A GPU spins ~300 s, then traps; set {TIMEOUT_ENV} to change the sim's wait)"
-                )
-            time.sleep(nap)
-            nap = min(nap * 2 or 2e-5, 1e-3)
+        announced: list[int] | None = None
+        try:
+            while True:
+                pending = [peer for peer in pending if int(mine[peer]) != flag]
+                if not pending:
+                    break
+                if pending != announced:
+                    announce_wait(phase, me, pending, ep)
+                    announced = pending
+                _hazards.raise_if_poisoned(self.ws, me)
+                if time.monotonic() > deadline:
+                    global _sticky_error
+                    text = f"{phase}: ---Rank {me} timed out waiting for completion flag from rank {pending[0]}"
+                    _sticky_error = text
+                    raise SimKernelTimeout(
+                        f"{text} (pytest-mnnvl sim: waited {timeout:g} s for epoch {flag & 0xFFFF_FFFF}, saw "
+                        f"{int(mine[pending[0]]) & 0xFFFF_FFFF}; the peer never made the matching {phase} call. "
+                        f"A GPU spins ~300 s, then traps; set {TIMEOUT_ENV} to change the sim's wait)"
+                    )
+                time.sleep(nap)
+                nap = min(nap * 2 or 2e-5, 1e-3)
+        finally:
+            if announced is not None:
+                audit.clear_waiting()
         memory_fence()  # peers' data after their flags (acquire)
 
 

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pytest_mnnvl import audit
 from pytest_mnnvl import sizing_v074 as lay
 from pytest_mnnvl.sizing_v074 import WorkspaceLayout
 
@@ -132,23 +133,31 @@ def _complete_phase(
     wait = min(float(timeout_sec), kernel_timeout_s())
     deadline = time.monotonic() + wait
     nap = 0.0
-    while True:
-        seen = _read_rows(workspace, me, flags_offset, 4 * ep).view(torch.int32).tolist()
-        pending = [peer for peer in pending if seen[peer] & _U32 != epoch]
-        if not pending:
-            break
-        _hazards.raise_if_poisoned(workspace, me)  # a peer found a race: nobody waits out a timeout
-        if time.monotonic() > deadline:
-            peer = pending[0]
-            text = f"{phase}: rank {me} timed out waiting for rank {peer} flag={seen[peer] & _U32} expected={epoch}"
-            _kernels._sticky_error = text  # shared trap state: later device work in this rank refuses to run
-            raise SimKernelTimeout(
-                f"{text} (pytest-mnnvl sim: waited {wait:g} s; the peer never made the matching {phase} call. "
-                f"A GPU spins timeout_sec={timeout_sec} s, then traps; the sim waits at most {TIMEOUT_ENV} "
-                f"= {kernel_timeout_s():g} s)"
-            )
-        time.sleep(nap)
-        nap = min(nap * 2 or 2e-5, 1e-3)
+    announced: list[int] | None = None
+    try:
+        while True:
+            seen = _read_rows(workspace, me, flags_offset, 4 * ep).view(torch.int32).tolist()
+            pending = [peer for peer in pending if seen[peer] & _U32 != epoch]
+            if not pending:
+                break
+            _hazards.raise_if_poisoned(workspace, me)  # a peer found a race: nobody waits out a timeout
+            if pending != announced:
+                _kernels.announce_wait(phase, me, pending, ep)  # whom this rank waits for, for a timeout's verdict
+                announced = pending
+            if time.monotonic() > deadline:
+                peer = pending[0]
+                text = f"{phase}: rank {me} timed out waiting for rank {peer} flag={seen[peer] & _U32} expected={epoch}"
+                _kernels._sticky_error = text  # shared trap state: later device work in this rank refuses to run
+                raise SimKernelTimeout(
+                    f"{text} (pytest-mnnvl sim: waited {wait:g} s; the peer never made the matching {phase} call. "
+                    f"A GPU spins timeout_sec={timeout_sec} s, then traps; the sim waits at most {TIMEOUT_ENV} "
+                    f"= {kernel_timeout_s():g} s)"
+                )
+            time.sleep(nap)
+            nap = min(nap * 2 or 2e-5, 1e-3)
+    finally:
+        if announced is not None:
+            audit.clear_waiting()
     memory_fence()  # peers' data after their flags (acquire)
 
 

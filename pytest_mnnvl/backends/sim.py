@@ -197,6 +197,8 @@ def install(ctx: Any) -> None:
     _install_torch_device_stubs(_kernels.raise_if_sticky)
     # the race detector learns of every completed collective (see _hazards)
     _hazards.set_global_rank(rank)
+    # a rank spinning on a peer's flag says for whom, so a timeout tells a deadlock from a slow world
+    _kernels.set_ep_group_ranks(getattr(ctx, "ep_group_ranks", ()) or ())
     audit.ensure_installed()
     audit.add_after_collective(_hazards.on_collective)
     _installed_pid = os.getpid()
