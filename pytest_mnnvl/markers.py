@@ -10,16 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_mnnvl.errors import MnnvlUsageError
+from pytest_mnnvl.sharing import RanksPerGpu
 
 #: Marker lines for ``config.addinivalue_line("markers", ...)``.
 MARKER_LINES = (
     "requires_multi_gpu(n=2): skip unless at least n GPUs are visible to this pytest process.",
     "requires_one_sided: skip unless FlashInfer's one-sided MoE all-to-all can run: "
-    "its module installed and >=2 GPUs with NVLink P2P.",
+    "its module installed and >=2 GPUs with NVLink P2P, or >=1 GPU for the ranks to share with "
+    "--mnnvl-ranks-per-gpu=auto or N>1.",
     "requires_ptrace: skip unless the installed FlashInfer's handle exchange can work here "
     "(pidfd_getfd needs CAP_SYS_PTRACE; SCM_RIGHTS releases need nothing).",
     "mnnvl(world_size=2, pp=1, timeout=None): the rank world the mnnvl_world fixture gives this test "
-    "by default; on the flashinfer backend, skip unless world_size GPUs are visible.",
+    "by default; on the flashinfer backend, skip unless world_size GPUs are visible (fewer with "
+    "--mnnvl-ranks-per-gpu).",
 )
 CAPABILITY_MARKERS = ("requires_multi_gpu", "requires_one_sided", "requires_ptrace", "mnnvl")
 
@@ -67,8 +70,12 @@ def parse_gpu_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return _int_arg("requires_multi_gpu", "n", kwargs.get("n", args[0] if args else 2), 1)
 
 
-def skip_reason(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], backend: str) -> str | None:
-    """Why a test carrying marker ``name`` cannot run here, or ``None`` when it can."""
+def skip_reason(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], backend: str, ranks_per_gpu: RanksPerGpu = 1
+) -> str | None:
+    """Why a test carrying marker ``name`` cannot run here, or ``None`` when it can. ``ranks_per_gpu`` is
+    ``--mnnvl-ranks-per-gpu``: in shared mode one GPU serves a whole world (``requires_multi_gpu(n)`` still
+    counts physical GPUs)."""
     from pytest_mnnvl import capabilities
 
     if name == "requires_multi_gpu":
@@ -76,7 +83,7 @@ def skip_reason(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], backen
     if name == "requires_one_sided":
         if args or kwargs:
             raise MnnvlUsageError("@pytest.mark.requires_one_sided takes no arguments")
-        return capabilities.missing_for_one_sided(2)
+        return capabilities.missing_for_one_sided_shared(2, ranks_per_gpu)
     if name == "requires_ptrace":
         if args or kwargs:
             raise MnnvlUsageError("@pytest.mark.requires_ptrace takes no arguments")
@@ -84,6 +91,6 @@ def skip_reason(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], backen
     if name == "mnnvl":
         mark = parse_mnnvl_mark(args, kwargs)
         if backend == "flashinfer":
-            return capabilities.missing_for_one_sided(mark.world_size or 2)
+            return capabilities.missing_for_one_sided_shared(mark.world_size or 2, ranks_per_gpu)
         return None
     raise AssertionError(name)

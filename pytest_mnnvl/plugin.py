@@ -22,8 +22,10 @@ from pytest_mnnvl.markers import CAPABILITY_MARKERS, MARKER_LINES
 
 if TYPE_CHECKING:
     from pytest_mnnvl.managers import ManagerFactory
+    from pytest_mnnvl.mps import MpsSession
     from pytest_mnnvl.pool import Pool, World
     from pytest_mnnvl.report import ReportLock
+    from pytest_mnnvl.sharing import GpuPlan, SharingSummary
     from pytest_mnnvl.spmd import SpmdPool, SpmdWorld
 
 SETTINGS_KEY = pytest.StashKey["_settings.Settings"]()
@@ -38,6 +40,8 @@ REPORT_LOCK_KEY: pytest.StashKey[ReportLock] = pytest.StashKey()
 REPORT_SHARED_KEY = pytest.StashKey[str]()
 
 
+#: What this session does about CUDA MPS (``--mnnvl-mps``; :mod:`pytest_mnnvl.mps`).
+MPS_KEY: pytest.StashKey[MpsSession] = pytest.StashKey()
 class Topology(NamedTuple):
     """One (world size, PP) pair of ``--mnnvl-world-sizes`` × ``--mnnvl-pp``."""
 
@@ -73,6 +77,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--mnnvl-waivers", dest="mnnvl_waivers", metavar="FILE", help=_waivers.HELP)
     parser.addini("mnnvl_backend", _settings.BACKEND_HELP)
     parser.addini("mnnvl_timeout", _settings.TIMEOUT_HELP)
+    group.addoption(
+        "--mnnvl-ranks-per-gpu", dest="mnnvl_ranks_per_gpu", metavar="N|auto", help=_settings.RANKS_PER_GPU_HELP
+    )
+    group.addoption("--mnnvl-mps", dest="mnnvl_mps", metavar="auto|off|start", help=_settings.MPS_HELP)
     parser.addini("mnnvl_strict", _settings.STRICT_HELP)
     parser.addini("mnnvl_world_sizes", _settings.WORLD_SIZES_HELP)
     parser.addini("mnnvl_pp", _settings.PP_HELP)
@@ -83,6 +91,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mnnvl_launcher", _settings.LAUNCHER_HELP)
     # "paths": a relative path in the ini file is relative to the ini file, not to where pytest runs.
     parser.addini("mnnvl_waivers", _waivers.HELP, type="paths")
+    parser.addini("mnnvl_ranks_per_gpu", _settings.RANKS_PER_GPU_HELP)
+    parser.addini("mnnvl_mps", _settings.MPS_HELP)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -124,15 +134,56 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(XdistHooks(), "mnnvl-xdist-hooks")
 
 
+    if workerinput is not None and "mnnvl_mps" in workerinput:
+        from pytest_mnnvl.mps import MpsSession, MpsState
+
+        # The controller's daemon and directories: a worker neither starts nor stops anything.
+        config.stash[MPS_KEY] = MpsSession(MpsState.from_dict(workerinput["mnnvl_mps"]))
 def pytest_unconfigure(config: pytest.Config) -> None:
     pool = config.stash.get(POOL_KEY, None)
     if pool is not None:
         pool.close()
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Apply ``--mnnvl-mps`` once per session, in the process that owns it (the controller under xdist, before
+    its workers start): a private daemon must run before any rank's first CUDA call."""
+    if not hasattr(session.config, "workerinput"):
+        mps_session(session.config)
+
+
+def mps_session(config: pytest.Config) -> MpsSession:
+    """This session's :class:`~pytest_mnnvl.mps.MpsSession`, opened on first use (a failed start is a usage
+    error naming the command and its output)."""
+    if MPS_KEY not in config.stash:
+        from pytest_mnnvl import mps
+
+        s = config.stash[SETTINGS_KEY]
+        backend = resolve_backend(config)
+        gpu = s.launcher == "spawn" and backend == "flashinfer"
+        idle = (
+            "not applied: torchrun starts the ranks"
+            if s.launcher == "torchrun"
+            else f"not used: the ranks run no GPU (backend {backend})"
+        )
+        # Under the session's temporary directory (pytest's basetemp, made only when a directory is needed).
+        factory = getattr(config, "_tmp_path_factory", None)
+        base = str(factory.getbasetemp()) if factory is not None and gpu and s.mps != "auto" else None
+        try:
+            config.stash[MPS_KEY] = mps.open_session(s.mps, gpu, os.environ, mps.find_control(), base, idle_reason=idle)
+        except mps.MpsStartError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    return config.stash[MPS_KEY]
+
+
         del config.stash[POOL_KEY]
     lock = config.stash.get(REPORT_LOCK_KEY, None)
     if lock is not None:
         lock.release()
         del config.stash[REPORT_LOCK_KEY]
+    mps = config.stash.get(MPS_KEY, None)
+    if mps is not None:
+        mps.close()  # after the pool: no rank is a client any more
+        del config.stash[MPS_KEY]
     guard = config.stash.get(GUARD_KEY, None)
     if guard is not None:
         guard.restore()
@@ -205,7 +256,7 @@ def resolve_backend(config: pytest.Config) -> str:
         if not backend:
             from pytest_mnnvl import capabilities
 
-            backend = "flashinfer" if capabilities.missing_for_one_sided(2) is None else "sim"
+            backend = capabilities.resolve_auto_backend(config.stash[SETTINGS_KEY].ranks_per_gpu).value
     config.stash[BACKEND_KEY] = backend
     return backend
 
@@ -236,6 +287,7 @@ def _rank_threads_line(config: pytest.Config) -> str:
         local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or "1"
         return _threads.header_line((), 1, torchrun_local_ranks=int(local) if local.isdigit() else 1)
     workers = getattr(config.option, "numprocesses", None)
+        *_sharing_lines(config, backend),
     count = workers if isinstance(workers, int) and workers > 0 else _threads.worlds_at_once()
     return _threads.header_line(tuple(ws for ws, _pp in s.topologies()), count)
 
@@ -252,6 +304,44 @@ def _hypothesis_in_effect(config: pytest.Config) -> tuple[str, str]:
         recorder = config.stash.get(RECORDER_KEY, None)
         profile = recorder.profile if recorder is not None and recorder.profile else profile
     return profile, profiles.seed_in_effect(config.getoption("hypothesis_seed", None))
+
+
+def _sharing_lines(config: pytest.Config, backend: str) -> list[str]:
+    s = config.stash[SETTINGS_KEY]
+    summary = sharing_summary(config)
+    if summary is not None:
+        return [f"mnnvl: GPU worlds ({_settings_text(s)}): {summary.text()}", f"mnnvl: MPS: {summary.mps_reason}"]
+    if s.ranks_per_gpu != 1 or s.mps != "auto":
+        return [f"mnnvl: GPU worlds: {_settings_text(s)} has no effect: backend {backend} runs no GPU"]
+    return []
+
+
+def _settings_text(s: _settings.Settings) -> str:
+    return f"--mnnvl-ranks-per-gpu={s.ranks_per_gpu} --mnnvl-mps={s.mps}"
+
+
+def sharing_summary(config: pytest.Config) -> SharingSummary | None:
+    """How this session's GPU worlds sit on the GPUs (per topology) and whether MPS is on; None off GPUs."""
+    from pytest_mnnvl import capabilities
+    from pytest_mnnvl.sharing import SharingSummary, WorldLayout
+
+    s = config.stash[SETTINGS_KEY]
+    if s.launcher != "spawn" or resolve_backend(config) != "flashinfer":
+        return None
+    env = dict(os.environ)
+    workers = getattr(config.option, "numprocesses", None)
+    if not hasattr(config, "workerinput") and isinstance(workers, int) and workers > 0:
+        env.update(PYTEST_XDIST_WORKER="gw0", PYTEST_XDIST_WORKER_COUNT=str(workers))  # as each worker will split
+    inventory = capabilities.gpu_inventory()
+    worlds = []
+    for ws, pp in s.topologies():
+        try:
+            plan = capabilities.world_gpu_plan(ws, s.ranks_per_gpu, inventory, env)
+            worlds.append(WorldLayout(f"ws{ws}-pp{pp}", plan))
+        except ValueError as exc:
+            worlds.append(WorldLayout(f"ws{ws}-pp{pp}", None, str(exc)))
+    state = mps_session(config).state
+    return SharingSummary(s.ranks_per_gpu, tuple(worlds), state.mode, state.on, state.reason)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -275,7 +365,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             if backend is None:
                 backend = resolve_backend(item.config)
             try:
-                reason = skip_reason(name, mark.args, dict(mark.kwargs), backend)
+                reason = skip_reason(
+                    name, mark.args, dict(mark.kwargs), backend, item.config.stash[SETTINGS_KEY].ranks_per_gpu
+                )
             except MnnvlUsageError as exc:
                 pytest.fail(str(exc), pytrace=False)
             if reason:
@@ -391,24 +483,27 @@ class WorldFactory:
             chosen,
             tuple(sorted(extra_env.items())),
             # Under torchrun each rank takes GPU LOCAL_RANK of its own host.
-            _devices_for(world_size) if chosen == "flashinfer" and not torchrun else None,
+            plan.devices if plan is not None else None,
+            plan.ranks_per_gpu if plan is not None else 1,
         )
         world = _pool(config).world(spec)
         world.timeout = timeout or (mark and mark.timeout) or config.stash[SETTINGS_KEY].timeout
+        plan = _gpu_plan_for(config, world_size) if chosen == "flashinfer" and not torchrun else None
+        if plan is not None:
+            extra_env.update(mps_session(config).state.env)  # --mnnvl-mps, before the hooks and env=
         return world
 
 
-def _devices_for(world_size: int) -> tuple[str, ...]:
+def _gpu_plan_for(config: pytest.Config, world_size: int) -> GpuPlan:
+    """The GPUs of a world (UUIDs: they survive any CUDA_DEVICE_ORDER; the inventory already applied
+    CUDA_VISIBLE_DEVICES), from this xdist worker's share, with ``--mnnvl-ranks-per-gpu``; skips the test
+    when the world does not fit, with the reason."""
     from pytest_mnnvl import capabilities
-    from pytest_mnnvl.topology import assign_gpus
 
-    # UUIDs survive any CUDA_DEVICE_ORDER; the inventory already applied CUDA_VISIBLE_DEVICES.
-    available = [gpu.uuid or str(gpu.nvml_index) for gpu in capabilities.gpu_inventory().gpus]
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     try:
-        return tuple(assign_gpus(world_size, available, index, count))
+        return capabilities.world_gpu_plan(
+            world_size, config.stash[SETTINGS_KEY].ranks_per_gpu, capabilities.gpu_inventory(), os.environ
+        )
     except ValueError as exc:
         _skip_at_test(str(exc))
 
@@ -418,3 +513,4 @@ class XdistHooks:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["mnnvl_backend"] = resolve_backend(node.config)
+        node.workerinput["mnnvl_mps"] = mps_session(node.config).state.to_dict()

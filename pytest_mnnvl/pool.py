@@ -85,17 +85,27 @@ class WorldSpec:
     backend: str = "sim"
     env: tuple[tuple[str, str], ...] = ()
     devices: tuple[str, ...] | None = None
+    #: Consecutive ranks per GPU of ``devices`` (:mod:`pytest_mnnvl.sharing`); 1: one GPU per rank.
+    ranks_per_gpu: int = 1
 
     def __post_init__(self) -> None:
         try:
             Layout(self.world_size, self.pp)
         except ValueError as exc:
             raise MnnvlUsageError(str(exc)) from None
+        if isinstance(self.ranks_per_gpu, bool) or not isinstance(self.ranks_per_gpu, int) or self.ranks_per_gpu < 1:
+            raise MnnvlUsageError(f"WorldSpec(ranks_per_gpu={self.ranks_per_gpu!r}) is not valid; allowed: >= 1")
+        if self.devices is not None and len(self.devices) * self.ranks_per_gpu < self.world_size:
+            raise MnnvlUsageError(
+                f"WorldSpec: {len(self.devices)} GPU(s) at {self.ranks_per_gpu} rank(s) per GPU cannot hold "
+                f"{self.world_size} ranks"
+            )
 
     def describe(self) -> str:
         extra = f", env={dict(self.env)}" if self.env else ""
         gpus = f", gpus={','.join(self.devices)}" if self.devices else ""
-        return f"world(size={self.world_size}, pp={self.pp}, backend={self.backend}{extra}{gpus})"
+        shared = f", {self.ranks_per_gpu} ranks per GPU" if self.ranks_per_gpu > 1 else ""
+        return f"world(size={self.world_size}, pp={self.pp}, backend={self.backend}{extra}{gpus}{shared})"
 
 
 @dataclass
@@ -282,6 +292,7 @@ class World(RankWorld):
                 "fatal_path": os.path.join(self._dir, f"fatal-{rank}.txt"),
                 "status_path": os.path.join(self._dir, f"status-{rank}.txt"),
                 "sys_path": sys_path,
+                "ranks_per_gpu": self.spec.ranks_per_gpu,
             }
             process = subprocess.Popen(
                 [sys.executable, "-m", "pytest_mnnvl.rank"],

@@ -24,6 +24,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from pytest_mnnvl.sharing import gpu_of_rank
+
 #: Environment variable carrying the boot parameters (JSON) from the pool to a rank.
 BOOT_ENV = "PYTEST_MNNVL_RANK_BOOT"
 #: Signal the pool sends to make a rank dump every thread's stack (works while stuck in C).
@@ -159,34 +161,51 @@ def _start_world(boot: dict[str, Any]) -> Any:
     rank, world_size = boot["rank"], boot["world_size"]
     audit.install(boot["status_path"])
     store = dist.FileStore(boot["store_path"], world_size)
-    # The pool gives every rank the same CUDA_VISIBLE_DEVICES, one GPU per rank, in rank order.
-    device = init_world(store, rank, world_size, boot["backend"], device_index=rank)
-    return make_context(Layout(world_size, boot["pp"]), rank, boot["backend"], device)
+    # The pool gives every rank the same CUDA_VISIBLE_DEVICES: the world's GPUs, each taken by ranks_per_gpu
+    # consecutive ranks (one GPU per rank unless the world shares GPUs).
+    per_gpu = int(boot.get("ranks_per_gpu", 1))
+    device = init_world(
+        store, rank, world_size, boot["backend"], device_index=gpu_of_rank(rank, per_gpu), shared=per_gpu > 1
+    )
+    return make_context(Layout(world_size, boot["pp"]), rank, boot["backend"], device, ranks_per_gpu=per_gpu)
 
 
-def init_world(store: Any, rank: int, world_size: int, backend: str, device_index: int, timeout: Any = None) -> Any:
-    """Join the default process group (gloo; NCCL + gloo on GPUs) and bind the rank's GPU.
+def init_world(
+    store: Any,
+    rank: int,
+    world_size: int,
+    backend: str,
+    device_index: int,
+    timeout: Any = None,
+    shared: bool = False,
+) -> Any:
+    """Join the default process group (gloo; NCCL + gloo on GPUs, gloo alone on a GPU that ranks ``shared``)
+    and bind the rank's GPU.
 
     Shared by the pool's ranks and by torchrun's (:mod:`pytest_mnnvl.spmd`); returns the rank's device.
     """
     import torch.distributed as dist
+
+    from pytest_mnnvl.sharing import group_backends
 
     extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if backend == "flashinfer":
         import torch
 
         torch.cuda.set_device(device_index)
-        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=world_size, **extra)
+        default = group_backends(True, shared).default
+        dist.init_process_group(default, store=store, rank=rank, world_size=world_size, **extra)
         return torch.device("cuda", device_index)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, **extra)
     return "cpu"
 
 
-def make_context(layout: Any, rank: int, backend: str, device: Any) -> Any:
+def make_context(layout: Any, rank: int, backend: str, device: Any, ranks_per_gpu: int = 1) -> Any:
     """Build the PP x EP groups of ``layout`` (collective on WORLD), the rank's context, and install the backend."""
     from pytest_mnnvl.topology import RankContext, build_groups
 
-    ep_group, cpu_group, world_cpu = build_groups(layout, rank, backend == "flashinfer")
+    gpu = backend == "flashinfer"
+    ep_group, cpu_group, world_cpu = build_groups(layout, rank, gpu, shared=gpu and ranks_per_gpu > 1)
     ctx = RankContext(
         rank=rank,
         world_size=layout.world_size,
@@ -200,6 +219,7 @@ def make_context(layout: Any, rank: int, backend: str, device: Any) -> Any:
         device=device,
         backend=backend,
         world_group=world_cpu,
+        ranks_per_gpu=ranks_per_gpu,
     )
     importlib.import_module(f"pytest_mnnvl.backends.{backend}").install(ctx)
     return ctx

@@ -17,7 +17,9 @@ ended in a manager or infrastructure error is no longer ``fail`` (no invariant w
 ``broken_topologies`` values became objects (they were the error's type name); and ``interrupted``
 (true when the session ended before its tests did: a signal, Ctrl-C, ``pytest.exit``; ``exit_status`` is then
 never 0) with ``interruption`` (``signals``: SIGINT/SIGTERM in the order received, ``reason``: what pytest saw
-stop the run; null when not interrupted).
+stop the run; null when not interrupted); and ``launcher.gpu_sharing`` (spawned ranks on the flashinfer backend,
+else null: ``ranks_per_gpu``, per topology ``worlds`` with ranks, gpus, ranks_per_gpu and shared, or skipped,
+``mps`` with mode, on and reason, ``nvlink_exercised`` and a ``note``).
 
 The files are written whole or not at all (a temporary file, then ``os.replace``). The path is checked at
 configure time (:func:`check_path`), and a session holds ``PATH.lock`` (:class:`ReportLock`) so that a second
@@ -198,12 +200,15 @@ def waivers(config: pytest.Config) -> dict[str, Any] | None:
 
 
 def launcher(config: pytest.Config) -> dict[str, Any]:
-    """How the ranks ran: ``spawn`` (the pool), or ``torchrun`` with its world, hosts and any plan disagreement."""
+    """How the ranks ran: ``spawn`` (the pool; on GPUs with ``gpu_sharing``: each topology's ranks per GPU, MPS,
+    whether NVLink was exercised), or ``torchrun`` with its world, hosts and any plan disagreement."""
+    from pytest_mnnvl.plugin import sharing_summary
     from pytest_mnnvl.spmd_plugin import session_of
 
     spmd = session_of(config)
     if spmd is None:
-        return {"kind": "spawn"}
+        summary = sharing_summary(config)
+        return {"kind": "spawn", "gpu_sharing": summary.to_dict() if summary is not None else None}
     return {
         "kind": "torchrun",
         "world_size": spmd.world_size,
@@ -226,6 +231,25 @@ def _outcome(test: dict[str, Any]) -> str:
 _DEFAULT_COMMAND = "python -m pytest_mnnvl explain|repro PLAN.json"
 
 
+def _sharing_lines(launched: dict[str, Any]) -> list[str]:
+    """``- GPU worlds: ws4-pp1 4 ranks on 1 GPU (shared); MPS on; NVLink itself is not exercised ...``"""
+    sharing = launched.get("gpu_sharing")
+    if not sharing:
+        return []
+    worlds = []
+    for topology, w in sharing["worlds"].items():
+        if "skipped" in w:
+            worlds.append(f"{topology} skipped")
+        else:
+            gpus = f"{w['gpus']} GPU{'' if w['gpus'] == 1 else 's'}"
+            worlds.append(f"{topology} {w['ranks']} ranks on {gpus}" if w["shared"] else f"{topology} one GPU per rank")
+    mps = sharing["mps"]
+    label = {True: "on", False: "off", None: "unknown"}[mps["on"]]
+    line = f"- GPU worlds (--mnnvl-ranks-per-gpu={sharing['ranks_per_gpu']}): {', '.join(worlds) or 'none'}; "
+    line += f"MPS {label} (--mnnvl-mps={mps['mode']}: {mps['reason']})"
+    return [line + (f"; {sharing['note']}" if sharing.get("note") else "")]
+
+
 def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"# MoE all-to-all conformance: `{data['manager']['spec']}`",
@@ -235,6 +259,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"- hypothesis: profile {data['hypothesis']['profile']}, seed {data['hypothesis']['seed']}; "
         f"examples run: {data['examples_run']}",
         "- environment: " + ", ".join(f"{k} {v}" for k, v in data["environment"].items()),
+        *_sharing_lines(data.get("launcher") or {}),
         f"- date: {data['date']}; session {data['timings']['session_s']} s; exit status {data['exit_status']}",
     ]
     if data.get("interrupted"):

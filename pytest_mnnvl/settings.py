@@ -14,9 +14,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pytest_mnnvl.errors import MnnvlUsageError
+from pytest_mnnvl.sharing import AUTO, RanksPerGpu
 
 BACKEND_CHOICES = ("auto", "sim", "flashinfer")
 LAUNCHER_CHOICES = ("spawn", "torchrun")
+MPS_CHOICES = ("auto", "off", "start")
 #: What a torchrun worker finds in its environment and a torchrun session cannot do without.
 TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 BUILTIN_MANAGERS = ("reference", "vllm", "mutant:<name>")
@@ -36,8 +38,8 @@ _MANAGER_SPEC = re.compile(r"^(reference|vllm|mutant:[A-Za-z0-9_\-]+|[A-Za-z_][\
 
 # Help texts are shared by the option and its ini twin.
 BACKEND_HELP = (
-    "Where ranks run: auto (FlashInfer when it is installed and >=2 NVLink GPUs are visible, "
-    "else sim), sim (FlashInfer's Python on CPU) or flashinfer (real GPUs)."
+    "Where ranks run: auto (FlashInfer when it is installed and >=2 NVLink GPUs are visible, or >=1 GPU "
+    "with --mnnvl-ranks-per-gpu=auto or N>1; else sim), sim (FlashInfer's Python on CPU) or flashinfer (real GPUs)."
 )
 TIMEOUT_HELP = (
     "Seconds a call on a rank world may take before it is reported as a deadlock, or as a world too slow for "
@@ -53,6 +55,15 @@ LAUNCHER_HELP = (
     "torchrun (every torchrun worker runs this pytest session and is one rank: multi-node)."
 )
 WARM_WORLDS_HELP = "How many rank worlds stay warm at once (default 2)."
+RANKS_PER_GPU_HELP = (
+    "Ranks of one world per GPU on the flashinfer backend: 1 (default: one GPU per rank, NVLink between them), "
+    "N (up to N consecutive ranks share a GPU) or auto (as many as a world needs when there are fewer GPUs "
+    "than ranks). A shared world builds its groups on gloo and does not exercise NVLink."
+)
+MPS_HELP = (
+    "CUDA MPS for the flashinfer ranks: auto (default: a running MPS control daemon is used, none is started), "
+    "off (the ranks run without MPS) or start (this session starts a private daemon and stops it at its end)."
+)
 STARTUP_TIMEOUT_HELP = (
     "Seconds a rank world may take to start (default 120 on sim, 900 on flashinfer: a cold JIT build "
     "of FlashInfer's one-sided module takes minutes)."
@@ -73,6 +84,10 @@ class Settings:
     launcher: str = "spawn"
     #: ``--mnnvl-waivers`` (read and validated by :mod:`pytest_mnnvl.waivers` at configure time).
     waivers: str | None = None
+    #: ``--mnnvl-ranks-per-gpu``: an integer >= 1 or ``"auto"`` (:mod:`pytest_mnnvl.sharing`).
+    ranks_per_gpu: RanksPerGpu = 1
+    #: ``--mnnvl-mps``: one of :data:`MPS_CHOICES` (:mod:`pytest_mnnvl.mps`).
+    mps: str = "auto"
     #: What the session should be warned about (a given PP size that no topology uses).
     notices: tuple[str, ...] = ()
 
@@ -116,6 +131,23 @@ def parse_launcher(value: str, environ: Mapping[str, str]) -> str:
             "`torchrun --nproc-per-node N -m pytest -p pytest_mnnvl ... --mnnvl-launcher=torchrun`"
         )
     return value
+
+
+def parse_ranks_per_gpu(value: Any, source: str = "--mnnvl-ranks-per-gpu") -> RanksPerGpu:
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    number = ascii_int(text)
+    if number is None or not 1 <= number <= MAX_WORLD_SIZE:
+        raise MnnvlUsageError(f"{source}={value!r} is not valid; allowed: an integer 1..{MAX_WORLD_SIZE} or auto")
+    return number
+
+
+def parse_mps(value: Any, source: str = "--mnnvl-mps") -> str:
+    text = str(value).strip().lower()
+    if text not in MPS_CHOICES:
+        raise MnnvlUsageError(f"{source}={value!r} is not valid; allowed: {', '.join(MPS_CHOICES)}")
+    return text
 
 
 def ascii_int(value: Any) -> int | None:
@@ -221,6 +253,8 @@ def from_config(getoption: Any, getini: Any, environ: Mapping[str, str] | None =
     startup = pick("mnnvl_startup_timeout", "mnnvl_startup_timeout")
     waivers = pick("mnnvl_waivers", "mnnvl_waivers")
     launcher = parse_launcher(str(pick("mnnvl_launcher", "mnnvl_launcher") or "spawn"), environ)
+    ranks_per_gpu = pick("mnnvl_ranks_per_gpu", "mnnvl_ranks_per_gpu")
+    mps = pick("mnnvl_mps", "mnnvl_mps")
     if launcher == "torchrun" and world_sizes is None:
         # Under torchrun the one world there is has torchrun's size.
         world_sizes = environ["WORLD_SIZE"]
@@ -241,7 +275,16 @@ def from_config(getoption: Any, getini: Any, environ: Mapping[str, str] | None =
         startup_timeout=parse_timeout(startup, "--mnnvl-startup-timeout") if startup is not None else None,
         launcher=launcher,
         waivers=parse_waivers_path(waivers) if waivers is not None else None,
+        ranks_per_gpu=parse_ranks_per_gpu(ranks_per_gpu) if ranks_per_gpu is not None else 1,
+        mps=parse_mps(mps) if mps is not None else "auto",
     )
+    if launcher == "torchrun" and (settings.ranks_per_gpu != 1 or settings.mps != "auto"):
+        # torchrun starts the ranks and gives each its GPU (LOCAL_RANK): this session places none of them.
+        raise MnnvlUsageError(
+            f"--mnnvl-ranks-per-gpu={settings.ranks_per_gpu} --mnnvl-mps={settings.mps} is not valid with "
+            "--mnnvl-launcher=torchrun; allowed there: --mnnvl-ranks-per-gpu=1 and --mnnvl-mps=auto (torchrun "
+            "places the ranks on GPUs)"
+        )
     settings.topologies()  # validates the combination now, not in the middle of collection
     if pp is not None:
         # Only a PP size the user gave: the default PP 2 on a 2-rank world is the intended 2-GPU case.

@@ -51,7 +51,7 @@ class Layout:
 class RankContext:
     """What a function run on every rank receives as its first argument.
 
-    ``ep_group`` is the device group of this rank's EP group (NCCL on GPU, gloo on CPU) and
+    ``ep_group`` is the device group of this rank's EP group (NCCL on GPU, gloo on CPU or on a shared GPU) and
     ``cpu_group`` its gloo twin: the group a manager is constructed with. ``ep_group_ranks`` are
     global ranks, in EP-rank order. ``scratch`` survives between calls on a warm world, for
     caches a test wants to keep (cleared when the world is recycled).
@@ -70,39 +70,31 @@ class RankContext:
     backend: str
     world_group: Any = None
     scratch: dict[str, Any] = field(default_factory=dict)
+    #: Consecutive ranks sharing one GPU (``--mnnvl-ranks-per-gpu``; 1: one GPU per rank, or CPU ranks).
+    ranks_per_gpu: int = 1
+    #: Platform queries the harness answered in place of FlashInfer in this rank, as ``"query -> answer"``
+    #: (a shared-GPU world: :mod:`pytest_mnnvl.sharing`); empty when FlashInfer answered everything itself.
+    answered_queries: tuple[str, ...] = ()
 
 
-def build_groups(layout: Layout, rank: int, gpu: bool) -> tuple[Any, Any, Any]:
+def build_groups(layout: Layout, rank: int, gpu: bool, shared: bool = False) -> tuple[Any, Any, Any]:
     """Create every stage's EP groups (collective on WORLD, same order on every rank).
 
     Returns ``(ep_group, cpu_group, world_cpu_group)`` for ``rank``. On CPU the device group and the
-    gloo group are the same object.
+    gloo group are the same object; on GPUs the device group is NCCL, or gloo when ranks share a GPU
+    (``shared``: NCCL refuses two ranks on one device), and the gloo ``cpu_group`` is its own group either way.
     """
     import torch.distributed as dist
 
+    from pytest_mnnvl.sharing import group_backends
+
+    device_backend = group_backends(gpu, shared).device
     mine: tuple[Any, Any] | None = None
     for ranks in layout.all_ep_groups():
-        device_group = dist.new_group(ranks, backend="nccl" if gpu else "gloo")
+        device_group = dist.new_group(ranks, backend=device_backend)
         cpu_group = dist.new_group(ranks, backend="gloo") if gpu else device_group
         if rank in ranks:
             mine = (device_group, cpu_group)
     assert mine is not None
     world_cpu = dist.new_group(list(range(layout.world_size)), backend="gloo") if gpu else dist.group.WORLD
     return mine[0], mine[1], world_cpu
-
-
-def assign_gpus(world_size: int, available: list[str], worker_index: int = 0, worker_count: int = 1) -> list[str]:
-    """Pick ``world_size`` GPU ids for this pytest process, splitting ``available`` between xdist workers.
-
-    Worker ``i`` of ``n`` owns the ``i``-th contiguous share; a world that does not fit its share
-    is an error rather than two workers silently sharing a GPU.
-    """
-    share = len(available) // max(worker_count, 1)
-    mine = available[worker_index * share : (worker_index + 1) * share]
-    if world_size > len(mine):
-        raise ValueError(
-            f"a world of {world_size} ranks needs {world_size} GPUs, but this process owns {len(mine)} "
-            f"({', '.join(mine) or 'none'}) of {len(available)} visible, split between {worker_count} "
-            "pytest-xdist worker(s); run with fewer workers or more GPUs"
-        )
-    return mine[:world_size]

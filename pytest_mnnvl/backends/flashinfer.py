@@ -15,6 +15,8 @@ import os
 from typing import Any
 
 FORCE_POSIX_FD_ENV = "PYTEST_MNNVL_FORCE_POSIX_FD"
+#: The one platform query answered in a shared-GPU world, and the answer (see :func:`_answer_shared_gpu`).
+SHARED_GPU_ANSWER = "flashinfer.comm.mnnvl.MnnvlMemory.supports_mnnvl -> True"
 _FLASHINFER_NAMES = {
     "MoeAlltoAll": "flashinfer.comm.trtllm_moe_alltoall",
     "moe_a2a_get_workspace_size_per_rank": "flashinfer.comm.trtllm_moe_alltoall",
@@ -23,6 +25,8 @@ _FLASHINFER_NAMES = {
     "MnnvlMemory": "flashinfer.comm.mnnvl",
 }
 _installed_pid: int | None = None
+#: What :func:`install` answered in this process in FlashInfer's place, recorded on every context it is given.
+_answered: tuple[str, ...] = ()
 
 
 def __getattr__(name: str) -> Any:
@@ -83,10 +87,32 @@ def _forbid_multicast() -> None:
     driver.cuMulticastCreate = refuse
 
 
+def _answer_shared_gpu() -> tuple[str, ...]:
+    """Answer FlashInfer's NVLink platform question for ranks that share a GPU, and nothing else.
+
+    ``flashinfer.moe_ep`` (0.7.2.post1 and 0.7.4 alike) asks each EP rank ``nvlink_platform_supported()``, which
+    checks ``torch.cuda.is_available()`` and then ``MnnvlMemory.supports_mnnvl()``, an NVML scan that every
+    NVLink of the rank's GPU is P2P-capable and up; ``create_communication`` raises "NVLink backends are not
+    supported on EP ranks [...]" when a rank says no. On one GPU without NVLink the peers need no link at all
+    (their rows are on the same device, mapped through POSIX-fd handles), so that one query is answered
+    ``True``; CUDA availability, the handle type, the fd exchange, allocation and the kernels stay FlashInfer's.
+    ``supports_mnnvl`` has no other caller in either release (0.7.2.post1's ``MoeAlltoAll`` never asks)."""
+    from flashinfer.comm.mnnvl import MnnvlMemory
+
+    def supports_mnnvl() -> bool:
+        return True
+
+    MnnvlMemory.supports_mnnvl = staticmethod(supports_mnnvl)  # type: ignore[method-assign]
+    return (SHARED_GPU_ANSWER,)
+
+
 def install(ctx: Any) -> None:
-    """Bind this rank to ``ctx.device`` and load FlashInfer's one-sided module (idempotent)."""
-    global _installed_pid
+    """Bind this rank to ``ctx.device`` and load FlashInfer's one-sided module (idempotent); in a world whose
+    ranks share a GPU (``ctx.ranks_per_gpu > 1``) also answer the NVLink platform query (recorded in
+    ``ctx.answered_queries``)."""
+    global _installed_pid, _answered
     if _installed_pid == os.getpid():
+        ctx.answered_queries = _answered
         return
     import torch
 
@@ -102,6 +128,8 @@ def install(ctx: Any) -> None:
     if os.environ.get(FORCE_POSIX_FD_ENV) == "1":
         # A fabric probe can read "supported" in a VM without IMEX; POSIX fds always work on one host.
         MnnvlMemory._fabric_supported = False
+    if getattr(ctx, "ranks_per_gpu", 1) > 1:
+        _answered = _answer_shared_gpu()
     try:
         get_moe_alltoall_module("trtllm")
     except Exception as exc:
@@ -111,4 +139,5 @@ def install(ctx: Any) -> None:
             "(several minutes; needs nvcc, cublasLt.h and a linkable libcuda). Point "
             "FLASHINFER_WORKSPACE_BASE at a prebuilt cache to skip the build, or use --mnnvl-backend=sim."
         ) from exc
+    ctx.answered_queries = _answered
     _installed_pid = os.getpid()

@@ -17,8 +17,17 @@ from typing import NoReturn
 
 from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_USAGE, UsageError, check_ep, check_stage, load_plan
 from pytest_mnnvl.cli.policy import SPEC_HELP, resolve_model
+from pytest_mnnvl.errors import MnnvlUsageError
 from pytest_mnnvl.oracle import POLICIES
-from pytest_mnnvl.settings import MAX_TIMEOUT_S, MIN_TIMEOUT_S, ascii_int, timeout_range
+from pytest_mnnvl.settings import (
+    MAX_TIMEOUT_S,
+    MAX_WORLD_SIZE,
+    MIN_TIMEOUT_S,
+    ascii_int,
+    parse_ranks_per_gpu,
+    timeout_range,
+)
+from pytest_mnnvl.sharing import RanksPerGpu
 
 PROG = "python -m pytest_mnnvl"
 DEFAULT_EP = 2
@@ -52,6 +61,14 @@ def _nonneg_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 0")
     return value
+
+
+def _ranks_per_gpu(text: str) -> RanksPerGpu:
+    try:
+        return parse_ranks_per_gpu(text)
+    except MnnvlUsageError:
+        allowed = f"an integer 1..{MAX_WORLD_SIZE} or auto"
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid; allowed: {allowed}") from None
 
 
 def _timeout(text: str) -> float:
@@ -121,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(repro, stage=False)
     repro.add_argument("--backend", choices=("sim", "flashinfer"), default="sim", help="rank backend (default sim)")
+    repro.add_argument(
+        "--ranks-per-gpu",
+        type=_ranks_per_gpu,
+        default=1,
+        metavar="N|auto",
+        help="flashinfer: ranks per GPU (default 1; auto: share GPUs when there are fewer than ranks; a shared "
+        "world runs on gloo and does not exercise NVLink)",
+    )
+    repro.add_argument(
+        "--mps",
+        choices=("auto", "off", "start"),
+        default="auto",
+        help="flashinfer: CUDA MPS (auto: use a running daemon, start none; off: without MPS; start: a private "
+        "daemon for this run, stopped at its end)",
+    )
     repro.add_argument(
         "--timeout",
         type=_timeout,

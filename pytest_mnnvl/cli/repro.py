@@ -28,6 +28,7 @@ from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_WORLD, LoadedPlan,
 from pytest_mnnvl.cli.policy import resolve_factory
 from pytest_mnnvl.errors import MnnvlError, RankError
 from pytest_mnnvl.layers import LayerSpec
+from pytest_mnnvl.sharing import RanksPerGpu
 
 #: Seconds a rank world gets to start (spawn, imports, rendezvous), on top of the per-step timeout.
 STARTUP_TIMEOUT_S = 180.0
@@ -78,21 +79,74 @@ def make_driver(spec: str, policy: str | None) -> Driver:
     return Driver(spec, None, resolve_factory(spec))
 
 
-def _world(loaded: LoadedPlan, ep: int, backend: str, timeout: float) -> Any:
+def _world(
+    loaded: LoadedPlan, ep: int, backend: str, timeout: float, ranks_per_gpu: RanksPerGpu = 1, mps: Any = None
+) -> Any:
+    """The rank world; on flashinfer its GPUs follow ``ranks_per_gpu`` and its ranks get ``mps``'s environment."""
+    import os
+
     from pytest_mnnvl.pool import World, WorldSpec
 
     world_size = ep * loaded.plan.pp
-    devices: tuple[str, ...] | None = None
-    if backend == "flashinfer":
-        from pytest_mnnvl import capabilities
+    if backend != "flashinfer":
+        return World(WorldSpec(world_size, loaded.plan.pp, backend), timeout, max(STARTUP_TIMEOUT_S, timeout))
+    from pytest_mnnvl import capabilities
 
-        missing = capabilities.missing_for_one_sided(world_size)
-        if missing is not None:
-            raise UsageError(f"--backend flashinfer: cannot run {world_size} ranks here: {missing}; use --backend sim")
-        gpus = [gpu.uuid or str(gpu.nvml_index) for gpu in capabilities.gpu_inventory().gpus]
-        devices = tuple(gpus[:world_size])
-    spec = WorldSpec(world_size, loaded.plan.pp, backend, devices=devices)
+    _check_gpus(world_size, ranks_per_gpu)
+    plan = capabilities.world_gpu_plan(world_size, ranks_per_gpu, capabilities.gpu_inventory(), os.environ)
+    env = mps.state.env if mps is not None else ()
+    spec = WorldSpec(world_size, loaded.plan.pp, backend, env, plan.devices, plan.ranks_per_gpu)
     return World(spec, timeout, startup_timeout=max(STARTUP_TIMEOUT_S, timeout))
+
+
+def _check_gpus(world_size: int, ranks_per_gpu: RanksPerGpu) -> None:
+    """A usage error, before anything starts, when FlashInfer cannot run ``world_size`` ranks here."""
+    from pytest_mnnvl import capabilities
+
+    missing = capabilities.missing_for_one_sided_shared(world_size, ranks_per_gpu)
+    if missing is not None:
+        for option, ours in (("--mnnvl-ranks-per-gpu=", "--ranks-per-gpu "), ("--mnnvl-backend=", "--backend ")):
+            missing = missing.replace(option, ours)
+        raise UsageError(f"--backend flashinfer: cannot run {world_size} ranks here: {missing}; use --backend sim")
+
+
+def _open_mps(args: argparse.Namespace) -> Any:
+    """``--mps`` for a flashinfer run (a private daemon lives until :func:`run` ends); None on the sim."""
+    if args.backend != "flashinfer":
+        return None
+    import os
+
+    from pytest_mnnvl import mps
+
+    try:
+        return mps.open_session(args.mps, True, os.environ, mps.find_control(), None)
+    except mps.MpsStartError as exc:
+        raise UsageError(str(exc).replace("--mnnvl-mps=", "--mps ")) from None
+
+
+def _world_record(world: Any, mps: Any) -> tuple[str, dict[str, Any]] | None:
+    """Where the ranks run, on GPUs: ``world: 4 ranks on 1 GPU, MPS off (...); NVLink itself is not exercised``
+    and its JSON twin; None on the sim."""
+    from pytest_mnnvl.sharing import NVLINK_NOT_EXERCISED, GpuPlan
+
+    spec = world.spec
+    if spec.devices is None or mps is None:
+        return None
+    plan = GpuPlan(spec.world_size, spec.devices, spec.ranks_per_gpu)
+    note = ""
+    if plan.shared:
+        note = NVLINK_NOT_EXERCISED if not plan.nvlink_exercised else "NVLink carries only the cross-GPU traffic"
+    state = mps.state
+    record = {
+        "ranks": plan.world_size,
+        "gpus": len(plan.devices),
+        "ranks_per_gpu": plan.ranks_per_gpu,
+        "shared": plan.shared,
+        "mps": {"mode": state.mode, "on": state.on, "reason": state.reason},
+        "nvlink_exercised": not plan.shared or plan.nvlink_exercised,
+        "note": note or None,
+    }
+    return f"world: {plan.describe()}, {state.describe()}" + (f"; {note}" if note else ""), record
 
 
 @dataclass
@@ -358,9 +412,20 @@ def run(loaded: LoadedPlan, args: argparse.Namespace) -> int:
     driver = make_driver(args.manager, args.policy)
     plan, ep = loaded.plan, args.ep
     out = sys.stderr if args.json else sys.stdout
-    world = _world(loaded, ep, args.backend, args.timeout)
+    if args.backend == "flashinfer":
+        _check_gpus(ep * plan.pp, args.ranks_per_gpu)  # before --mps start starts a daemon
+    mps = _open_mps(args)
+    try:
+        world = _world(loaded, ep, args.backend, args.timeout, args.ranks_per_gpu, mps)
+    except BaseException:
+        if mps is not None:
+            mps.close()
+        raise
     title = plan.name or loaded.source
     print(f"repro: {title}: {plan.pp} PP stage(s), ep={ep}, {ep * plan.pp} ranks, backend={args.backend}", file=out)
+    where = _world_record(world, mps)
+    if where is not None:
+        print(where[0], file=out)
     print(f"manager: {driver.spec}: {driver.describe()}", file=out)
     progress = _Progress(loaded, out)
     started = time.monotonic()
@@ -371,13 +436,15 @@ def run(loaded: LoadedPlan, args: argparse.Namespace) -> int:
         return EXIT_WORLD
     finally:
         world.close()
+        if mps is not None:
+            mps.close()  # after the ranks: none is a client any more
     progress.finish()
     elapsed = time.monotonic() - started
     first = _first_failure(records)
     predicted = {
         s: analysis.walk_stage(loaded, ep, s, _holdings(rec, plan.layers_of_stage(s))) for s, rec in records.items()
     }
-    document = _document(loaded, args, driver, records, first, predicted, elapsed)
+    document = _document(loaded, args, driver, records, first, predicted, elapsed, where[1] if where else None)
     if args.json:
         print(json.dumps(document, indent=2))
     else:
@@ -449,6 +516,7 @@ def _document(
     first: tuple[StageRecord, int, str, int, dict[str, str]] | None,
     predicted: dict[int, analysis.StageWalk],
     elapsed: float,
+    world: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     stages = []
     for s, record in sorted(records.items()):
@@ -496,6 +564,7 @@ def _document(
         "source": loaded.source,
         "ep": args.ep,
         "backend": args.backend,
+        "world": world,
         "manager": driver.spec,
         "driver": driver.describe(),
         "reproduced": first is not None,
