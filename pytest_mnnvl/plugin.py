@@ -38,10 +38,10 @@ CONFORMANCE_PLUGIN = "pytest_mnnvl.conformance_plugin"
 REPORT_LOCK_KEY: pytest.StashKey[ReportLock] = pytest.StashKey()
 #: A header line for the session that found ``--mnnvl-report`` in use by another one.
 REPORT_SHARED_KEY = pytest.StashKey[str]()
-
-
 #: What this session does about CUDA MPS (``--mnnvl-mps``; :mod:`pytest_mnnvl.mps`).
 MPS_KEY: pytest.StashKey[MpsSession] = pytest.StashKey()
+
+
 class Topology(NamedTuple):
     """One (world size, PP) pair of ``--mnnvl-world-sizes`` × ``--mnnvl-pp``."""
 
@@ -75,12 +75,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--mnnvl-launcher", dest="mnnvl_launcher", metavar="spawn|torchrun", help=_settings.LAUNCHER_HELP)
     group.addoption("--mnnvl-waivers", dest="mnnvl_waivers", metavar="FILE", help=_waivers.HELP)
-    parser.addini("mnnvl_backend", _settings.BACKEND_HELP)
-    parser.addini("mnnvl_timeout", _settings.TIMEOUT_HELP)
     group.addoption(
         "--mnnvl-ranks-per-gpu", dest="mnnvl_ranks_per_gpu", metavar="N|auto", help=_settings.RANKS_PER_GPU_HELP
     )
     group.addoption("--mnnvl-mps", dest="mnnvl_mps", metavar="auto|off|start", help=_settings.MPS_HELP)
+    parser.addini("mnnvl_backend", _settings.BACKEND_HELP)
+    parser.addini("mnnvl_timeout", _settings.TIMEOUT_HELP)
     parser.addini("mnnvl_strict", _settings.STRICT_HELP)
     parser.addini("mnnvl_world_sizes", _settings.WORLD_SIZES_HELP)
     parser.addini("mnnvl_pp", _settings.PP_HELP)
@@ -89,10 +89,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mnnvl_warm_worlds", _settings.WARM_WORLDS_HELP)
     parser.addini("mnnvl_startup_timeout", _settings.STARTUP_TIMEOUT_HELP)
     parser.addini("mnnvl_launcher", _settings.LAUNCHER_HELP)
-    # "paths": a relative path in the ini file is relative to the ini file, not to where pytest runs.
-    parser.addini("mnnvl_waivers", _waivers.HELP, type="paths")
     parser.addini("mnnvl_ranks_per_gpu", _settings.RANKS_PER_GPU_HELP)
     parser.addini("mnnvl_mps", _settings.MPS_HELP)
+    # "paths": a relative path in the ini file is relative to the ini file, not to where pytest runs.
+    parser.addini("mnnvl_waivers", _waivers.HELP, type="paths")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -130,19 +130,15 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "mnnvl_backend" in workerinput:
         config.stash[BACKEND_KEY] = workerinput["mnnvl_backend"]
-    if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(XdistHooks(), "mnnvl-xdist-hooks")
-
-
     if workerinput is not None and "mnnvl_mps" in workerinput:
         from pytest_mnnvl.mps import MpsSession, MpsState
 
         # The controller's daemon and directories: a worker neither starts nor stops anything.
         config.stash[MPS_KEY] = MpsSession(MpsState.from_dict(workerinput["mnnvl_mps"]))
-def pytest_unconfigure(config: pytest.Config) -> None:
-    pool = config.stash.get(POOL_KEY, None)
-    if pool is not None:
-        pool.close()
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistHooks(), "mnnvl-xdist-hooks")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Apply ``--mnnvl-mps`` once per session, in the process that owns it (the controller under xdist, before
@@ -175,15 +171,19 @@ def mps_session(config: pytest.Config) -> MpsSession:
     return config.stash[MPS_KEY]
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    pool = config.stash.get(POOL_KEY, None)
+    if pool is not None:
+        pool.close()
         del config.stash[POOL_KEY]
-    lock = config.stash.get(REPORT_LOCK_KEY, None)
-    if lock is not None:
-        lock.release()
-        del config.stash[REPORT_LOCK_KEY]
     mps = config.stash.get(MPS_KEY, None)
     if mps is not None:
         mps.close()  # after the pool: no rank is a client any more
         del config.stash[MPS_KEY]
+    lock = config.stash.get(REPORT_LOCK_KEY, None)
+    if lock is not None:
+        lock.release()
+        del config.stash[REPORT_LOCK_KEY]
     guard = config.stash.get(GUARD_KEY, None)
     if guard is not None:
         guard.restore()
@@ -273,6 +273,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         + " ".join(f"ws{ws}-pp{pp}" for ws, pp in s.topologies())
         + f", manager={s.manager}, strict={'on' if s.strict else 'off'}",
         *capabilities.header_lines(),
+        *_sharing_lines(config, backend),
         _rank_threads_line(config),
         f"mnnvl: hypothesis profile={profile}, seed={seed}",
         *([f"mnnvl: WARNING: {config.stash[REPORT_SHARED_KEY]}"] if REPORT_SHARED_KEY in config.stash else []),
@@ -287,23 +288,8 @@ def _rank_threads_line(config: pytest.Config) -> str:
         local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or "1"
         return _threads.header_line((), 1, torchrun_local_ranks=int(local) if local.isdigit() else 1)
     workers = getattr(config.option, "numprocesses", None)
-        *_sharing_lines(config, backend),
     count = workers if isinstance(workers, int) and workers > 0 else _threads.worlds_at_once()
     return _threads.header_line(tuple(ws for ws, _pp in s.topologies()), count)
-
-
-def _hypothesis_in_effect(config: pytest.Config) -> tuple[str, str]:
-    """The profile and seed Hypothesis runs with: the conformance suite loads its own profile (``ci``, or its
-    seeded twin), which the option alone does not say."""
-    from pytest_mnnvl import profiles
-
-    profile = config.getoption("hypothesis_profile", None) or "default"
-    if config.pluginmanager.hasplugin(CONFORMANCE_PLUGIN):
-        from pytest_mnnvl.conformance_plugin import RECORDER_KEY
-
-        recorder = config.stash.get(RECORDER_KEY, None)
-        profile = recorder.profile if recorder is not None and recorder.profile else profile
-    return profile, profiles.seed_in_effect(config.getoption("hypothesis_seed", None))
 
 
 def _sharing_lines(config: pytest.Config, backend: str) -> list[str]:
@@ -342,6 +328,20 @@ def sharing_summary(config: pytest.Config) -> SharingSummary | None:
             worlds.append(WorldLayout(f"ws{ws}-pp{pp}", None, str(exc)))
     state = mps_session(config).state
     return SharingSummary(s.ranks_per_gpu, tuple(worlds), state.mode, state.on, state.reason)
+
+
+def _hypothesis_in_effect(config: pytest.Config) -> tuple[str, str]:
+    """The profile and seed Hypothesis runs with: the conformance suite loads its own profile (``ci``, or its
+    seeded twin), which the option alone does not say."""
+    from pytest_mnnvl import profiles
+
+    profile = config.getoption("hypothesis_profile", None) or "default"
+    if config.pluginmanager.hasplugin(CONFORMANCE_PLUGIN):
+        from pytest_mnnvl.conformance_plugin import RECORDER_KEY
+
+        recorder = config.stash.get(RECORDER_KEY, None)
+        profile = recorder.profile if recorder is not None and recorder.profile else profile
+    return profile, profiles.seed_in_effect(config.getoption("hypothesis_seed", None))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -473,6 +473,9 @@ class WorldFactory:
                 f"mnnvl_world(world_size={world_size!r}) is not valid; allowed: 1..{_settings.MAX_WORLD_SIZE}"
             )
         extra_env: dict[str, str] = {}
+        plan = _gpu_plan_for(config, world_size) if chosen == "flashinfer" and not torchrun else None
+        if plan is not None:
+            extra_env.update(mps_session(config).state.env)  # --mnnvl-mps, before the hooks and env=
         probe = WorldSpec(world_size, pp, chosen)
         for result in config.hook.pytest_mnnvl_rank_env(config=config, spec=probe):
             extra_env.update({str(k): str(v) for k, v in (result or {}).items()})
@@ -488,9 +491,6 @@ class WorldFactory:
         )
         world = _pool(config).world(spec)
         world.timeout = timeout or (mark and mark.timeout) or config.stash[SETTINGS_KEY].timeout
-        plan = _gpu_plan_for(config, world_size) if chosen == "flashinfer" and not torchrun else None
-        if plan is not None:
-            extra_env.update(mps_session(config).state.env)  # --mnnvl-mps, before the hooks and env=
         return world
 
 
