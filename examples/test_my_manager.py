@@ -28,9 +28,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from pytest_mnnvl import model_plans
 from pytest_mnnvl.layers import SUPPORTED_KERNEL_TOP_K, LayerSpec, ModelPlan, QuantFormat
 
-PLANS = Path(__file__).resolve().parent / "plans"
+#: The real-model plans shipped with pytest-mnnvl (this directory's ``plans`` links to them in a clone).
+PLANS = model_plans.PLANS_DIR
 
 
 # ---- inside every rank --------------------------------------------------------------------------
@@ -124,7 +126,7 @@ def test_nvfp4_layers_then_a_bf16_mtp_head(mnnvl_world: Any, manager_factory: An
     "plan_file", ["deepseek-v3-r1-nvfp4-mtp.json", "deepseek-v3-r1-nvfp4-mtp-pp2.json", "total-need-gap.json"]
 )
 def test_model_plan(mnnvl_world: Any, manager_factory: Any, tmp_path: Path, plan_file: str) -> None:
-    """Real model plans (examples/plans/), EP 2 on every PP stage: the MTP head lives on the last one."""
+    """Real model plans (the packaged ones), EP 2 on every PP stage: the MTP head lives on the last one."""
     plan = ModelPlan.load(PLANS / plan_file)
     check_plan(mnnvl_world(world_size=2 * plan.pp, pp=plan.pp), manager_factory, plan, tmp_path / plan_file)
 

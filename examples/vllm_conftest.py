@@ -15,7 +15,8 @@ What changes for vLLM's tests, helper by helper:
   when it really needs ptrace and does not have it. ``@pytest.mark.requires_one_sided`` replaces the
   "2 GPUs + FlashInfer one-sided" skip; on CPU CI ``--mnnvl-backend=sim`` runs the same tests on
   FlashInfer's own Python with the CUDA leaves simulated, vLLM's manager unmodified.
-- a reproduction of a field failure: ``python -m pytest_mnnvl repro PLAN.json --manager vllm``.
+- a reproduction of a field failure: ``python -m pytest_mnnvl repro PLAN.json --manager vllm`` (or a packaged
+  plan's name: ``repro deepseek-v3-r1-nvfp4-mtp --manager vllm``).
 
 A test in this directory then reads::
 
@@ -88,13 +89,15 @@ def nvfp4_then_bf16() -> list[Any]:
 
 @pytest.fixture
 def example_plan() -> Any:
-    """Load a plan from pytest-mnnvl's examples (``example_plan("deepseek-v3-r1-nvfp4-mtp")``)."""
+    """Load a plan shipped with pytest-mnnvl (``example_plan("deepseek-v3-r1-nvfp4-mtp")``; ``python -m pytest_mnnvl
+    list-plans`` names them), or ``NAME.json`` from ``directory``."""
     from pathlib import Path
 
+    from pytest_mnnvl import model_plans
     from pytest_mnnvl.layers import ModelPlan
 
     def load(name: str, directory: str | None = None) -> ModelPlan:
-        base = Path(directory) if directory else Path(__file__).resolve().parent / "plans"
+        base = Path(directory) if directory else model_plans.PLANS_DIR
         return ModelPlan.load(base / f"{name}.json")
 
     return load

@@ -33,8 +33,10 @@ BACKEND_KEY = pytest.StashKey[str]()
 POOL_KEY = pytest.StashKey["Pool | SpmdPool"]()
 MANAGER_KEY: pytest.StashKey[ManagerFactory] = pytest.StashKey()
 GUARD_KEY = pytest.StashKey[interrupts.Guard]()
-#: The conformance suite's plugin, as ``conformance/conftest.py`` registers it (``pytest_plugins``).
+#: The conformance suite's plugin, as ``conformance/conftest.py`` and the packaged suite's conftest register it.
 CONFORMANCE_PLUGIN = "pytest_mnnvl.conformance_plugin"
+#: The packaged conformance suite (``pytest -p pytest_mnnvl --pyargs pytest_mnnvl.conformance``).
+SUITE_PACKAGE = "pytest_mnnvl.conformance"
 REPORT_LOCK_KEY: pytest.StashKey[ReportLock] = pytest.StashKey()
 #: A header line for the session that found ``--mnnvl-report`` in use by another one.
 REPORT_SHARED_KEY = pytest.StashKey[str]()
@@ -125,6 +127,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SessionEnd(config), "mnnvl-session-end")
     if settings.report and not hasattr(config, "workerinput"):
         _lock_report(config, settings.report)
+    if _names_packaged_suite(config):
+        config.pluginmanager.import_plugin(CONFORMANCE_PLUGIN)
     if settings.report or config.pluginmanager.hasplugin(CONFORMANCE_PLUGIN):
         take_signals(config)
     workerinput = getattr(config, "workerinput", None)
@@ -187,6 +191,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     guard = config.stash.get(GUARD_KEY, None)
     if guard is not None:
         guard.restore()
+
+
+def _names_packaged_suite(config: pytest.Config) -> bool:
+    """``--pyargs pytest_mnnvl.conformance`` (or a module or test in it): that package's conftest loads the suite's
+    plugin only when collection reaches it, after the report header and never on an xdist controller (which
+    collects nothing: no report would be written), so the plugin is loaded at configure instead."""
+    if not config.getoption("pyargs", False):
+        return False
+    names = (str(arg).split("::")[0] for arg in config.args)
+    return any(name == SUITE_PACKAGE or name.startswith(f"{SUITE_PACKAGE}.") for name in names)
 
 
 def take_signals(config: pytest.Config) -> None:
@@ -475,7 +489,8 @@ class WorldFactory:
         extra_env: dict[str, str] = {}
         plan = _gpu_plan_for(config, world_size) if chosen == "flashinfer" and not torchrun else None
         if plan is not None:
-            extra_env.update(mps_session(config).state.env)  # --mnnvl-mps, before the hooks and env=
+            # --mnnvl-mps (and a shared rank's share of the SMs under MPS), before the hooks and env=
+            extra_env.update(mps_session(config).state.rank_env(plan.ranks_per_gpu, os.environ))
         probe = WorldSpec(world_size, pp, chosen)
         for result in config.hook.pytest_mnnvl_rank_env(config=config, spec=probe):
             extra_env.update({str(k): str(v) for k, v in (result or {}).items()})

@@ -440,7 +440,10 @@ BAD_ARGUMENTS: dict[str, tuple[list[str | Path], str]] = {
     "policy and observe": (["explain", FACTS_PLAN, "--policy", "total", "--observe"], "not allowed together"),
     "backend": (["repro", FACTS_PLAN, "--backend", "gpu"], "argument --backend: invalid choice: 'gpu' (choose from"),
     "timeout": (["repro", FACTS_PLAN, "--timeout", "-1"], "argument --timeout: -1 is not allowed; allowed: 1..86400"),
-    "command": (["frobnicate", FACTS_PLAN], "invalid choice: 'frobnicate' (choose from 'explain', 'predict', 'repro')"),
+    "command": (
+        ["frobnicate", FACTS_PLAN],
+        "invalid choice: 'frobnicate' (choose from 'explain', 'predict', 'repro', 'list-plans')",
+    ),
     "no command": ([], "the following arguments are required"),
 }
 
@@ -471,3 +474,49 @@ def test_a_saved_plan_round_trips_through_the_commands(tmp_path: Path) -> None:
     status, doc = cli_json("explain", path, *FIRST_CALL)
     assert status == 1 and [s["fits"] for s in doc["stages"]] == [False, False]
     assert cli("predict", path).returncode == 0
+
+
+# ---- the plans shipped with the package, by name ---------------------------------------------------------
+
+
+def cli_in(cwd: Path, *args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The CLI run from ``cwd`` (a directory with no plans in it, as a vendor's CI job is)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    command = [sys.executable, "-m", "pytest_mnnvl", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+PACKAGED = sorted(p.stem for p in (ROOT / "pytest_mnnvl" / "plans").glob("*.json"))
+
+
+def test_a_packaged_plan_is_taken_by_name_from_any_directory(tmp_path: Path) -> None:
+    by_name = cli_in(tmp_path, "explain", "deepseek-v3-r1-nvfp4-mtp", *FIRST_CALL, "--json")
+    by_path = cli("explain", DEEPSEEK, *FIRST_CALL, "--json")
+    assert by_name.returncode == by_path.returncode == 1, by_name.stderr
+    named, pathed = json.loads(by_name.stdout), json.loads(by_path.stdout)
+    assert named.pop("source") == str(ROOT / "pytest_mnnvl" / "plans" / "deepseek-v3-r1-nvfp4-mtp.json")
+    pathed.pop("source")
+    assert named == pathed
+    repro = cli_in(tmp_path, "repro", "deepseek-v3-r1-nvfp4-mtp", *FIRST_CALL, timeout=240)
+    assert repro.returncode == 1, repro.stdout[-2000:] + repro.stderr[-2000:]
+    assert COMBINE_MESSAGE in repro.stdout
+
+
+def test_an_unknown_plan_name_is_an_input_error_listing_the_packaged_ones(tmp_path: Path) -> None:
+    done = cli_in(tmp_path, "repro", "deepseek-v9", *FIRST_CALL)
+    assert_usage_error(
+        done, "PLAN 'deepseek-v9': no packaged plan has this name and there is no such file", ", ".join(PACKAGED)
+    )
+    # A path is still a path: a missing file is named as one, not looked up among the packaged plans.
+    assert_usage_error(cli_in(tmp_path, "explain", "deepseek-v9.json"), "PLAN 'deepseek-v9.json': no such file")
+
+
+def test_list_plans_names_every_packaged_plan(tmp_path: Path) -> None:
+    done = cli_in(tmp_path, "list-plans")
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()[:-1]] == PACKAGED
+    assert "deepseek-v3-r1-nvfp4-mtp-pp2  pp 2   59 MoE layers" in done.stdout
+    listed = json.loads(cli_in(tmp_path, "list-plans", "--json").stdout)["plans"]
+    assert [p["name"] for p in listed] == PACKAGED
+    for plan in listed:
+        assert ModelPlan.load(Path(plan["path"])).name == plan["name"]

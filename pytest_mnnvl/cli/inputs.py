@@ -51,6 +51,24 @@ def _entry_paths(prefix: str, entries: Any) -> list[str]:
     return paths
 
 
+def plan_path(text: str) -> str:
+    """A plan argument as a file path: a packaged plan's name (no separator, no ``.json``) is that plan's file; a
+    path is itself. A name that no packaged plan has and no file has is an error listing the packaged ones."""
+    from pytest_mnnvl import model_plans
+
+    if not model_plans.looks_like_name(text):
+        return text
+    packaged = model_plans.path_of(text)
+    if packaged is not None:
+        return str(packaged)
+    if os.path.exists(text):
+        return text
+    raise UsageError(
+        f"PLAN {text!r}: no packaged plan has this name and there is no such file; packaged plans: "
+        f"{', '.join(model_plans.names())} (or pass the path of a plan JSON file)"
+    )
+
+
 def load_plan(path: str) -> LoadedPlan:
     """Read and validate ``path`` as a plan (``layers.ModelPlan`` JSON, schema version 1)."""
     try:
@@ -70,12 +88,12 @@ def load_plan(path: str) -> LoadedPlan:
     except json.JSONDecodeError as exc:
         raise UsageError(
             f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; "
-            "a plan is one JSON object with a 'stages' array (see examples/plans/README.md)"
+            "a plan is one JSON object with a 'stages' array (see pytest_mnnvl/plans/README.md)"
         ) from None
     except RecursionError:
         raise UsageError(
             f"{path}: nested deeper than the JSON reader allows; a plan is one JSON object with a 'stages' "
-            "array of arrays of layer objects (see examples/plans/README.md)"
+            "array of arrays of layer objects (see pytest_mnnvl/plans/README.md)"
         ) from None
     try:
         plan = ModelPlan.from_dict(data)

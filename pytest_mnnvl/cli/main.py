@@ -11,11 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_USAGE, UsageError, check_ep, check_stage, load_plan
+from pytest_mnnvl.cli.inputs import (
+    EXIT_FAILS,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    check_ep,
+    check_stage,
+    load_plan,
+    plan_path,
+)
 from pytest_mnnvl.cli.policy import SPEC_HELP, resolve_model
 from pytest_mnnvl.errors import MnnvlUsageError
 from pytest_mnnvl.oracle import POLICIES
@@ -33,8 +43,8 @@ PROG = "python -m pytest_mnnvl"
 DEFAULT_EP = 2
 DESCRIPTION = (
     "Explain, predict and reproduce FlashInfer's 'workspace insufficient for combine payload region' "
-    "failures of MoE all-to-all workspace managers, from a layer plan (ModelPlan JSON; see "
-    "examples/plans/README.md)."
+    "failures of MoE all-to-all workspace managers, from a layer plan (ModelPlan JSON, or the name of a plan "
+    "shipped with the package: list-plans)."
 )
 
 
@@ -82,7 +92,11 @@ def _timeout(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser, stage: bool = True) -> None:
-    p.add_argument("plan", metavar="PLAN.json", help="a ModelPlan JSON file (schema_version 1)")
+    p.add_argument(
+        "plan",
+        metavar="PLAN.json",
+        help="a ModelPlan JSON file (schema_version 1), or the name of a packaged plan (list-plans shows them)",
+    )
     p.add_argument("--manager", metavar="SPEC", default="reference", help=f"the manager: {SPEC_HELP}")
     p.add_argument(
         "--policy",
@@ -109,7 +123,7 @@ def _common(p: argparse.ArgumentParser, stage: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", metavar="{explain,predict,repro}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{explain,predict,repro,list-plans}", parser_class=_Parser)
     sub.required = True
     explain = sub.add_parser(
         "explain",
@@ -166,13 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="round-trip every layer, even one identical to a layer already round-tripped on "
         "the same live handle (same checks, same offsets; off by default to save time)",
     )
+    listing = sub.add_parser(
+        "list-plans",
+        help="the real-model plans shipped with the package, by name (usable in place of PLAN.json)",
+        description="One line per packaged plan: its name, PP stages, MoE layers and model. Exit 0.",
+    )
+    listing.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "list-plans":
+        return _list_plans(args.json)
     try:
-        loaded = load_plan(args.plan)
+        loaded = load_plan(plan_path(args.plan))
         check_ep(loaded, args.ep)
         if args.command == "repro":
             from pytest_mnnvl.cli import repro
@@ -203,6 +225,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(json.dumps(render.walk_json(walk, "predict"), indent=2) if args.json else render.predict_text(walk))
     return EXIT_FAILS if fails_somewhere else EXIT_OK
+
+
+def _list_plans(as_json: bool) -> int:
+    from pytest_mnnvl import model_plans
+
+    plans = model_plans.catalog()
+    if as_json:
+        print(json.dumps({"plans": [p.to_dict() for p in plans]}, indent=2))
+        return EXIT_OK
+    width = max((len(p.name) for p in plans), default=0)
+    for p in plans:
+        model = re.split(r"(?<!e\.g)(?<!i\.e)\. ", p.description, maxsplit=1)[0].rstrip(".")
+        model = model if len(model) <= 90 else model[:89] + "…"
+        print(f"{p.name:{width}}  pp {p.pp}  {p.moe_layers:3} MoE layers  {model}")
+    example = plans[0].name if plans else "NAME"
+    print(f"({len(plans)} plans in {model_plans.PLANS_DIR}; e.g. {PROG} explain {example})")
+    return EXIT_OK
 
 
 def run() -> int:
