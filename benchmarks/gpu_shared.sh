@@ -71,5 +71,5 @@ for mps in off start; do
     --mnnvl-mps="$mps" --mnnvl-report="$OUT/conformance-mps-$mps.json" --junitxml="$OUT/conformance-mps-$mps.xml"
 done
 # A private daemon must be gone with its session: none of ours may be left.
-pgrep -af "nvidia-cuda-mps-control -f" | tee -a "$OUT/steps.log" || echo "no private MPS daemon left" | tee -a "$OUT/steps.log"
+pgrep -af '^[^ ]*nvidia-cuda-mps-control -f' | tee -a "$OUT/steps.log" || echo "no private MPS daemon left" | tee -a "$OUT/steps.log"
 echo "=== total $((SECONDS - START))s (budget ${BUDGET}s)" | tee -a "$OUT/steps.log"

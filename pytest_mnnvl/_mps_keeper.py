@@ -4,9 +4,9 @@
 foreground, so that it stays this process's child) with ``CUDA_MPS_PIPE_DIRECTORY=ROOT/pipe`` and
 ``CUDA_MPS_LOG_DIRECTORY=ROOT/log``, waits for its control socket, and answers ``ready PID`` on stdout. It then
 waits for the session on stdin: a ``stop`` line, or end of file, which is what the session's death looks like,
-SIGKILL included (the session holds the only write end of that pipe). Either way it sends ``quit`` through
-``CONTROL`` with the same directories (the daemon stops its MPS servers and exits), ends the daemon with
-SIGTERM then SIGKILL if it is still there, removes ROOT, and answers ``stopped HOW``.
+SIGKILL included (the session holds the only write end of that pipe), or a SIGTERM of its own. Either way it
+sends ``quit`` through ``CONTROL`` with the same directories (the daemon stops its MPS servers and exits), ends
+the daemon with SIGTERM then SIGKILL if it is still there, removes ROOT, and answers ``stopped HOW``.
 
 It only ever talks to the daemon it started: every command it runs names ROOT's pipe directory.
 """
@@ -88,7 +88,22 @@ def _quit(control: str, env: dict[str, str], daemon: subprocess.Popen[bytes]) ->
     return how + " (still running)"
 
 
+class _Terminated(Exception):
+    """SIGTERM reached the keeper: clean up as at the session's end."""
+
+
+def _on_term(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _wait_for_session(daemon: subprocess.Popen[bytes]) -> str:
+    try:
+        return _wait(daemon)
+    except _Terminated:
+        return "the keeper got SIGTERM"
+
+
+def _wait(daemon: subprocess.Popen[bytes]) -> str:
     while True:
         ready, _, _ = select.select([0], [], [], 0.5)
         if ready:
@@ -133,8 +148,10 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(root, ignore_errors=True)
             return 1
         time.sleep(0.01)
+    signal.signal(signal.SIGTERM, _on_term)
     _say(f"ready {daemon.pid}")
     why = _wait_for_session(daemon)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup is what a SIGTERM asks for: let it finish
     how = _quit(control, env, daemon)
     shutil.rmtree(root, ignore_errors=True)
     _say(f"stopped {why}: {how}")

@@ -11,6 +11,11 @@ module relies on, as seen with the CUDA 13.0 control program on that H200 (drive
   (``Cannot find MPS control daemon process``) when none does, stale socket files included: the detection.
 * Two control daemons cannot both serve one GPU: while one's server ran, a client of a second daemon failed with
   ``CUDA-capable device(s) is/are busy or unavailable``. So ``start`` refuses where a daemon already answers.
+* FlashInfer's combine kernel has every block spin on its peers' flags. Under MPS the ranks' kernels share the
+  SMs, so the blocks of some ranks can fill the GPU while the peers they wait for cannot get an SM: a 4-rank
+  world on one H200 hung in DeepSeek-sized round trips (hidden 7168) under MPS and passed time-sliced. So a rank
+  of a world with ``k`` ranks per GPU gets ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100//k`` (unless it is set
+  already): each rank's kernels then fit beside its peers' (:meth:`MpsState.rank_env`).
 * ``nvidia-cuda-mps-control -f`` runs the daemon in the foreground (it then logs to stdout, not to
   ``CUDA_MPS_LOG_DIRECTORY``); ``quit`` ends it and its server in under a second and leaves its socket files
   behind. A private daemon is therefore kept by :mod:`pytest_mnnvl._mps_keeper`, a child process that quits it
@@ -45,6 +50,8 @@ CONTROL = "nvidia-cuda-mps-control"
 DEFAULT_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 PIPE_ENV = _mps_keeper.PIPE_ENV
 LOG_ENV = _mps_keeper.LOG_ENV
+#: A client's share of the GPU's SMs under MPS, read when its CUDA context is created.
+ACTIVE_THREAD_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 #: How long a private daemon may take to open its control socket.
 START_TIMEOUT_S = 15.0
 #: How long ``get_server_list`` may take to answer.
@@ -74,6 +81,14 @@ class MpsState:
 
     def label(self) -> str:
         return {True: "MPS on", False: "MPS off", None: "MPS unknown"}[self.on]
+
+    def rank_env(self, ranks_per_gpu: int, environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+        """What a rank of a world with ``ranks_per_gpu`` ranks per GPU gets on top of ``environ``: :attr:`env`,
+        and where MPS may be on, that rank's share of the SMs (so that spinning peers cannot starve it)."""
+        env = dict(self.env)
+        if self.on is not False and ranks_per_gpu > 1 and ACTIVE_THREAD_ENV not in environ:
+            env[ACTIVE_THREAD_ENV] = str(100 // ranks_per_gpu)
+        return tuple(sorted(env.items()))
 
     def describe(self) -> str:
         return f"{self.label()} (--mnnvl-mps={self.mode}: {self.reason})"

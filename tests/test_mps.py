@@ -201,6 +201,20 @@ def test_a_deep_temporary_directory_falls_back_to_a_short_one(tmp_path: Path) ->
         os.rmdir(root)
 
 
+def test_ranks_sharing_a_gpu_under_mps_get_their_share_of_the_sms() -> None:
+    """FlashInfer's combine blocks spin on their peers' flags: under MPS, ranks whose kernels fill the GPU starve
+    the peers they wait for (a 4-rank world hung on an H200). Each rank gets 1/k of the SMs, as the user left it."""
+    on = mps.MpsState("start", True, "private", ((mps.PIPE_ENV, "/p"), (mps.LOG_ENV, "/l")), 1)
+    assert dict(on.rank_env(4, {})) == {mps.PIPE_ENV: "/p", mps.LOG_ENV: "/l", mps.ACTIVE_THREAD_ENV: "25"}
+    assert dict(on.rank_env(3, {}))[mps.ACTIVE_THREAD_ENV] == "33"
+    assert mps.ACTIVE_THREAD_ENV not in dict(on.rank_env(1, {}))  # a GPU per rank: nothing to share
+    assert mps.ACTIVE_THREAD_ENV not in dict(on.rank_env(4, {mps.ACTIVE_THREAD_ENV: "50"}))  # the user's choice
+    unknown = mps.MpsState("auto", None, "cannot tell")
+    assert dict(unknown.rank_env(2, {})) == {mps.ACTIVE_THREAD_ENV: "50"}  # harmless without MPS
+    off = mps.MpsState("off", False, "empty", ((mps.PIPE_ENV, "/empty"),))
+    assert dict(off.rank_env(4, {})) == {mps.PIPE_ENV: "/empty"}
+
+
 def test_the_states_travel_to_xdist_workers_whole() -> None:
     state = mps.MpsState("start", True, "private", (("A", "1"), ("B", "2")), 42)
     assert mps.MpsState.from_dict(state.to_dict()) == state
@@ -391,3 +405,14 @@ def test_stand_in_speaks_the_control_protocol(stand_in: Path, tmp_path: Path) ->
     with socket.socket(socket.AF_UNIX) as probe, pytest.raises(OSError):
         probe.connect(str(pipe_dir / "control"))
     shutil.rmtree(pipe_dir)
+
+
+def test_a_keeper_that_gets_sigterm_still_quits_its_daemon_and_cleans_up(stand_in: Path, tmp_path: Path) -> None:
+    session = mps.open_session("start", True, {}, _control(stand_in), str(tmp_path))
+    daemon = session.daemon
+    assert daemon is not None and daemon._keeper is not None
+    keeper = daemon._keeper.pid
+    os.kill(keeper, signal.SIGTERM)
+    assert _gone_within(daemon.pid, 20)
+    assert daemon.stop() == "the keeper got SIGTERM: quit"
+    assert not pid_alive(keeper) and not Path(daemon.root).exists()

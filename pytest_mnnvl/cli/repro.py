@@ -94,7 +94,7 @@ def _world(
 
     _check_gpus(world_size, ranks_per_gpu)
     plan = capabilities.world_gpu_plan(world_size, ranks_per_gpu, capabilities.gpu_inventory(), os.environ)
-    env = mps.state.env if mps is not None else ()
+    env = mps.state.rank_env(plan.ranks_per_gpu, os.environ) if mps is not None else ()
     spec = WorldSpec(world_size, loaded.plan.pp, backend, env, plan.devices, plan.ranks_per_gpu)
     return World(spec, timeout, startup_timeout=max(STARTUP_TIMEOUT_S, timeout))
 
