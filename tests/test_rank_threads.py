@@ -207,3 +207,16 @@ def test_share_formula() -> None:
     assert threads.share(4, cores=16, worlds=2) == 2
     assert threads.share(4, cores=2, worlds=1) == 1
     assert threads.share(64, cores=16, worlds=8) == 1
+
+
+def test_worlds_at_once_are_the_xdist_workers() -> None:
+    assert threads.worlds_at_once({"PYTEST_XDIST_WORKER_COUNT": "3"}) == 3
+    assert threads.worlds_at_once({}) == 1
+    assert threads.worlds_at_once({"PYTEST_XDIST_WORKER_COUNT": "zero"}) == 1
+    # What a spawned rank of an xdist worker gets: the share of a world among 3 concurrent ones.
+    env = {"PYTEST_XDIST_WORKER_COUNT": "3"}
+    threads.set_in_rank_env(env, 2)
+    assert env["OMP_NUM_THREADS"] == str(threads.share(2, worlds=3))
+    env = {"PYTEST_XDIST_WORKER_COUNT": "3", "MKL_NUM_THREADS": "5"}
+    threads.set_in_rank_env(env, 2)
+    assert "OMP_NUM_THREADS" not in env

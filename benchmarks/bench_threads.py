@@ -1,0 +1,261 @@
+"""What sizing each rank's torch thread pool to its share of the machine buys: ``examples/`` and the ``ci``
+conformance suite on the sim, once with the default (``PYTEST_MNNVL_RANK_THREADS=share``: every rank gets
+``OMP_NUM_THREADS`` = max(1, usable cores // ranks of the world)) and once as before (``=torch``: every rank's
+pool has a thread per core, so N ranks oversubscribe the machine N times).
+
+Each run is a real ``pytest`` session in a subprocess with ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` removed from
+its environment. Recorded per run: wall time, exit status, JUnit counts, the five slowest tests, how many tests
+ended in ``WorldTooSlow`` / ``WorldDeadlock``, and the header line that says what the ranks got. A run that
+passes ``--cap`` seconds is stopped with SIGINT (pytest still writes its JUnit file; then SIGKILL after
+``--grace``) and marked ``capped``: its wall time is a lower bound. The default cap keeps the whole benchmark
+under 8 minutes on any machine (4 runs x (cap + grace)); ``--cap 0`` runs everything to the end.
+
+Run::
+
+    python benchmarks/bench_threads.py benchmarks/results/            # threads-cpu<N>-<date>.json and .md
+    python benchmarks/bench_threads.py OUT --cap 0 --suites examples  # one suite, no cap
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _path in (HERE, ROOT):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from _environment import environment  # noqa: E402
+
+from pytest_mnnvl import threads  # noqa: E402
+
+#: The configurations compared: what PYTEST_MNNVL_RANK_THREADS says.
+CONFIGS = ("share", "torch")
+SUITES = ("examples", "conformance")
+DEFAULT_CAP_S = 95.0
+DEFAULT_GRACE_S = 15.0
+
+
+@dataclass
+class RunResult:
+    suite: str
+    config: str
+    command: list[str]
+    wall_s: float
+    exit_status: int | None
+    capped: bool
+    header: str
+    tests: int = 0
+    failures: int = 0
+    errors: int = 0
+    skipped: int = 0
+    too_slow: int = 0
+    deadlocks: int = 0
+    slowest: list[tuple[str, float]] = field(default_factory=list)
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def log(message: str) -> None:
+    print(f"[bench_threads {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def conformance_dir() -> str:
+    """The suite's directory (``conformance/``, or where a newer checkout keeps it)."""
+    for candidate in ("conformance", os.path.join("pytest_mnnvl", "conformance")):
+        if os.path.exists(os.path.join(ROOT, candidate, "test_invariants.py")):
+            return candidate
+    raise SystemExit("bench_threads: no conformance suite (conformance/test_invariants.py) in this checkout")
+
+
+def command_for(suite: str, junit: str, report: str) -> list[str]:
+    base = [sys.executable, "-m", "pytest", "-p", "pytest_mnnvl", "-p", "no:cacheprovider", "-rN"]
+    base += ["--mnnvl-backend=sim", f"--junitxml={junit}"]
+    if suite == "examples":
+        return [*base, "examples/"]
+    return [*base, conformance_dir() + "/", f"--mnnvl-report={report}"]
+
+
+def run_one(suite: str, config: str, cap: float, grace: float, work: str, attempt: int = 0) -> RunResult:
+    junit = os.path.join(work, f"{suite}-{config}-{attempt}.xml")
+    report = os.path.join(work, f"{suite}-{config}-{attempt}-report", "report.json")
+    command = command_for(suite, junit, report)
+    env = {k: v for k, v in os.environ.items() if k not in threads.USER_VARIABLES}
+    env[threads.POLICY_ENV] = config
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    log(f"{suite} / {config}: {' '.join(command[1:])}")
+    load_before = os.getloadavg()
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        capped = False
+        try:
+            proc.wait(timeout=cap if cap > 0 else None)
+        except subprocess.TimeoutExpired:
+            capped = True
+            log(f"{suite} / {config}: past the {cap:g} s cap, SIGINT")
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        wall = time.monotonic() - t0
+        out.seek(0)
+        text = out.read()
+    header = next((line for line in text.splitlines() if line.startswith("mnnvl: rank threads:")), "")
+    result = RunResult(
+        suite,
+        config,
+        command[1:],
+        round(wall, 2),
+        proc.returncode,
+        capped,
+        header,
+        load_before=load_before,
+        load_after=os.getloadavg(),
+    )
+    _read_junit(junit, result)
+    log(
+        f"{suite} / {config}: {wall:.1f} s, exit {proc.returncode}{' (capped)' if capped else ''}, "
+        f"{result.tests} tests, {result.failures} failed, {result.errors} errors, {result.skipped} skipped"
+    )
+    if proc.returncode not in (0, 1) and not capped:
+        log(f"{suite} / {config}: unexpected exit; last output:\n{text[-3000:]}")
+    return result
+
+
+def _read_junit(path: str, result: RunResult) -> None:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    for s in suites:
+        result.tests += int(s.get("tests", 0))
+        result.failures += int(s.get("failures", 0))
+        result.errors += int(s.get("errors", 0))
+        result.skipped += int(s.get("skipped", 0))
+    cases = [(f"{c.get('classname')}::{c.get('name')}", float(c.get("time", 0))) for c in root.iter("testcase")]
+    result.slowest = sorted(cases, key=lambda c: -c[1])[:5]
+    # Tests that failed or erred on a late call, by the verdict's type in their report.
+    for case in root.iter("testcase"):
+        text = " ".join((e.get("message") or "") + (e.text or "") for e in case if e.tag in ("failure", "error"))
+        result.too_slow += "WorldTooSlow" in text
+        result.deadlocks += "WorldDeadlock" in text
+
+
+def markdown(data: dict[str, Any]) -> str:
+    env = data["environment"]
+    lines = [
+        f"# Rank threads: share vs torch's default ({env['date']})",
+        "",
+        f"Machine: {env.get('cpu', '?')}, {data['usable_cores']} usable cores ({env['cores']} online), "
+        f"Python {env['python']}, torch {env['torch']}, FlashInfer {env['flashinfer']}; cap {data['cap_s']:g} s "
+        "per run (0: none). `share` is the default (`OMP_NUM_THREADS` = max(1, usable cores // (ranks × xdist "
+        "workers))); `torch` is "
+        "the behaviour before (`PYTEST_MNNVL_RANK_THREADS=torch`: a thread per core in every rank).",
+        "",
+        "| suite | config | wall (s) | exit | tests | failed | errors | skipped | WorldTooSlow | WorldDeadlock "
+        "| load before → after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["runs"]:
+        wall = f"≥ {r['wall_s']:.1f} (capped)" if r["capped"] else f"{r['wall_s']:.1f}"
+        load = f"{r['load_before'][0]:.1f} → {r['load_after'][0]:.1f}"
+        lines.append(
+            f"| {r['suite']} | {r['config']} | {wall} | {r['exit_status']} | {r['tests']} | {r['failures']} | "
+            f"{r['errors']} | {r['skipped']} | {r['too_slow']} | {r['deadlocks']} | {load} |"
+        )
+    lines.append("")
+    for suite, ratio in data["speedup"].items():
+        walls = data["median_wall_s"][suite]
+        lines.append(
+            f"- {suite}: median wall share {walls['share']:.1f} s, torch {walls['torch']:.1f} s "
+            f"({data['repeat']} run(s) each): torch / share = **{ratio}**"
+        )
+    lines.append("")
+    lines.append("What the ranks got (the session header):")
+    lines.append("")
+    for header in dict.fromkeys(f"{r['config']}: `{r['header'] or '(no header line)'}`" for r in data["runs"]):
+        lines.append(f"- {header}")
+    lines.append("")
+    lines.append("Slowest tests per run:")
+    lines.append("")
+    for r in data["runs"]:
+        slow = ", ".join(f"{name.rpartition('::')[2]} {t:.1f} s" for name, t in r["slowest"])
+        lines.append(f"- {r['suite']} / {r['config']}: {slow}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="directory for threads-cpu<N>-<date>.json and .md")
+    parser.add_argument("--cap", type=float, default=DEFAULT_CAP_S, help="seconds per run before SIGINT (0: none)")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds after SIGINT before SIGKILL")
+    parser.add_argument("--suites", default=",".join(SUITES), help="comma-separated: examples, conformance")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per suite and configuration, in ABBA order (medians compared)"
+    )
+    args = parser.parse_args()
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    bad = [s for s in suites if s not in SUITES]
+    if bad or not suites:
+        parser.error(f"--suites={args.suites!r} is not valid; allowed: a comma-separated list of {', '.join(SUITES)}")
+    if args.cap < 0 or args.grace < 0:
+        parser.error("--cap and --grace must be >= 0")
+    if args.repeat < 1:
+        parser.error(f"--repeat={args.repeat} is not valid; allowed: an integer >= 1")
+    os.makedirs(args.out_dir, exist_ok=True)
+    runs: list[RunResult] = []
+    with tempfile.TemporaryDirectory(prefix="bench-threads-") as work:
+        for suite in suites:
+            for i in range(args.repeat):
+                # ABBA: both configurations see the same drift in the machine's load.
+                for config in CONFIGS if i % 2 == 0 else tuple(reversed(CONFIGS)):
+                    runs.append(run_one(suite, config, args.cap, args.grace, work, i))
+    speedup: dict[str, str] = {}
+    medians: dict[str, dict[str, float]] = {}
+    for suite in suites:
+        walls = {c: statistics.median(r.wall_s for r in runs if r.suite == suite and r.config == c) for c in CONFIGS}
+        medians[suite] = walls
+        capped = {c: any(r.capped for r in runs if r.suite == suite and r.config == c) for c in CONFIGS}
+        ratio = f"{walls['torch'] / walls['share']:.2f}×" if walls["share"] > 0 else "n/a"
+        speedup[suite] = ("≥ " if capped["torch"] and not capped["share"] else "") + ratio
+    data = {
+        "benchmark": "bench_threads",
+        "environment": environment("sim"),
+        "usable_cores": threads.usable_cores(),
+        "cap_s": args.cap,
+        "repeat": args.repeat,
+        "runs": [asdict(r) for r in runs],
+        "median_wall_s": medians,
+        "speedup": speedup,
+    }
+    date = datetime.date.today().isoformat()
+    stem = os.path.join(args.out_dir, f"threads-cpu{threads.usable_cores()}-{date}")
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(markdown(data))
+    log(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
