@@ -8,6 +8,10 @@ needs PP (collective scope, deadlock freedom). The runs are independent parametr
 ``-n 2`` splits them. ``MNNVL_MATRIX_OUT=DIR`` also writes the mutation matrix (JSON + Markdown).
 ``MNNVL_MATRIX_TOPOLOGIES=all`` runs every mutant on each of ws2-pp1, ws4-pp1 and ws4-pp2 instead (a defect
 that needs PP is run only where there is PP): the full GPU matrix, ~3× the time.
+
+The matrix is the installed FlashInfer release's (``.venv`` 0.7.2.post1, ``.venv074`` 0.7.4): a mutant runs
+on the invariant it names for that release (``Mutant.invariant_on``), and a mutant whose defect cannot exist
+there is not run, only shown refused with its reason (a row ``n/a``, never counted as killed).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from pytest_mnnvl import releases
 from pytest_mnnvl.managers import MUTANT_NAMES
 from pytest_mnnvl.managers.mutants import MUTANTS
 
@@ -32,18 +37,35 @@ NEEDS_PP = ("collective_scope", "pp_deadlock_freedom")
 ALL_TOPOLOGIES = ((2, 1), (4, 1), (4, 2))
 
 
-def topologies_for(invariant: str) -> list[tuple[int, int]]:
+def topologies_for(invariant: str, *also: str) -> list[tuple[int, int]]:
     """Where a mutant of ``invariant`` runs: its one default topology, or every topology where the defect can
-    show under ``MNNVL_MATRIX_TOPOLOGIES=all``."""
+    show under ``MNNVL_MATRIX_TOPOLOGIES=all``. The defect needs PP when any of ``invariant`` and ``also``
+    (the invariant it names on another release) does."""
     mode = os.environ.get("MNNVL_MATRIX_TOPOLOGIES", "default")
     if mode not in ("default", "all"):
         raise ValueError(f"MNNVL_MATRIX_TOPOLOGIES={mode!r}: allowed values are 'default' and 'all'")
+    needs_pp = any(name in NEEDS_PP for name in (invariant, *also))
     if mode == "default":
-        return [(4, 2) if invariant in NEEDS_PP else (2, 1)]
-    return [(ws, pp) for ws, pp in ALL_TOPOLOGIES if pp > 1 or invariant not in NEEDS_PP]
+        return [(4, 2) if needs_pp else (2, 1)]
+    return [(ws, pp) for ws, pp in ALL_TOPOLOGIES if pp > 1 or not needs_pp]
 
 
-MATRIX = [(name, ws, pp) for name in MUTANT_NAMES for ws, pp in topologies_for(MUTANTS[name].mnnvl_invariant)]
+RELEASE = releases.current()
+APPLICABLE = [name for name in MUTANT_NAMES if MUTANTS[name].applies_to(RELEASE)]
+NOT_APPLICABLE = [name for name in MUTANT_NAMES if not MUTANTS[name].applies_to(RELEASE)]
+
+
+def invariant_of(name: str) -> str:
+    invariant = MUTANTS[name].invariant_on(RELEASE)
+    assert invariant is not None, name
+    return invariant
+
+
+MATRIX = [
+    (name, ws, pp)
+    for name in APPLICABLE
+    for ws, pp in topologies_for(invariant_of(name), MUTANTS[name].mnnvl_invariant)
+]
 
 pytestmark = pytest.mark.skipif(not SUITE.exists(), reason="the conformance suite is not in this checkout")
 
@@ -75,6 +97,7 @@ def run_suite(
 
 
 def _record(row: dict[str, Any]) -> None:
+    row = {**row, "flashinfer": RELEASE}
     out = os.environ.get("MNNVL_MATRIX_OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -120,7 +143,7 @@ def test_reference_passes_the_whole_suite(pytester: pytest.Pytester) -> None:
 
 @pytest.mark.parametrize(("name", "ws", "pp"), MATRIX, ids=[f"{n}-ws{ws}-pp{pp}" for n, ws, pp in MATRIX])
 def test_mutant_is_killed_on_its_invariant(pytester: pytest.Pytester, name: str, ws: int, pp: int) -> None:
-    invariant = MUTANTS[name].mnnvl_invariant
+    invariant = invariant_of(name)
     ret, report, seconds = run_suite(pytester, f"mutant:{name}", invariant, (ws, pp))
     verdict = report["invariants"][invariant]
     violated = verdict["violated"]
@@ -129,6 +152,8 @@ def test_mutant_is_killed_on_its_invariant(pytester: pytest.Pytester, name: str,
             "manager": f"mutant:{name}",
             "topology": f"ws{ws}-pp{pp}",
             "expected": f"fail on {invariant}",
+            "invariant": invariant,
+            "release_note": MUTANTS[name].release_note(RELEASE),
             "status": verdict["status"],
             "violated": violated,
             "level": verdict["level"],
@@ -141,6 +166,32 @@ def test_mutant_is_killed_on_its_invariant(pytester: pytest.Pytester, name: str,
     assert invariant in violated, violated
     if verdict["level"] == "must":
         assert ret == 1
+
+
+@pytest.mark.parametrize("name", NOT_APPLICABLE)
+def test_a_mutant_whose_defect_cannot_exist_is_refused(pytester: pytest.Pytester, name: str) -> None:
+    """Not run, so never counted as killed: the suite refuses it at start-up (usage error) with the reason."""
+    note = MUTANTS[name].release_note(RELEASE)
+    t0 = time.monotonic()
+    result = pytester.runpytest_subprocess(
+        "-p", "pytest_mnnvl", str(SUITE), f"--mnnvl-manager=mutant:{name}", "-q", "-p", "no:randomly", timeout=120
+    )
+    seconds = time.monotonic() - t0
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*mutant:{name}*cannot exist on the installed FlashInfer {RELEASE}: *"])
+    assert note in " ".join(result.stderr.str().split())
+    _record(
+        {
+            "manager": f"mutant:{name}",
+            "expected": "not applicable",
+            "status": "n/a",
+            "violated": [],
+            "level": "-",
+            "exit": int(result.ret),
+            "seconds": round(seconds, 1),
+            "detail": note,
+        }
+    )
 
 
 def test_a_skip_is_excused_only_for_want_of_a_topology() -> None:
@@ -163,6 +214,7 @@ def test_full_matrix_topologies(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MNNVL_MATRIX_TOPOLOGIES", "all")
     assert topologies_for("covers") == [(2, 1), (4, 1), (4, 2)]
     assert topologies_for("collective_scope") == [(4, 2)]
+    assert topologies_for("covers", "collective_scope") == [(4, 2)]  # a defect that needs PP on any release
     monkeypatch.setenv("MNNVL_MATRIX_TOPOLOGIES", "some")
     with pytest.raises(ValueError, match="'some': allowed values are 'default' and 'all'"):
         topologies_for("covers")

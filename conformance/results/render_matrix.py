@@ -2,7 +2,11 @@
 committed mutation matrix: ``python conformance/results/render_matrix.py DIR [WALL_SECONDS [NAME [OUTDIR]]]``.
 
 NAME defaults to ``mutation_matrix`` and OUTDIR to this folder; the backend and a description of the GPUs
-come from ``MNNVL_MATRIX_BACKEND`` (default ``sim``) and ``MNNVL_MATRIX_MACHINE`` (the GPU run sets both)."""
+come from ``MNNVL_MATRIX_BACKEND`` (default ``sim``) and ``MNNVL_MATRIX_MACHINE`` (the GPU run sets both).
+The FlashInfer release is the one the rows were run on (each row says; one matrix per release, e.g. NAME
+``mutation_matrix-flashinfer-0.7.4``). A mutant is killed when the suite failed it on the invariant it
+names for that release; a mutant whose defect cannot exist on the release is ``n/a`` (refused with its
+reason), never counted as killed."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pytest_mnnvl.managers.mutants import MUTANTS
 
 def main(directory: str, wall: str | None = None, name: str = "mutation_matrix", outdir: str | None = None) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))]
+    flashinfer = sorted({row.get("flashinfer", "0.7.2.post1") for row in rows})
     here = Path(outdir) if outdir else Path(__file__).resolve().parent
     backend = os.environ.get("MNNVL_MATRIX_BACKEND", "sim")
     machine = os.environ.get("MNNVL_MATRIX_MACHINE", "")
@@ -27,6 +32,7 @@ def main(directory: str, wall: str | None = None, name: str = "mutation_matrix",
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.platform()})"
         f"{', ' + machine if machine else ''}, {backend} backend, ci profile",
+        "flashinfer": ", ".join(flashinfer),
         # The command as run (benchmarks/gpu_suite.sh passes it), else the plain CI form of it.
         "command": os.environ.get("MNNVL_MATRIX_COMMAND")
         or f"MNNVL_MATRIX_BACKEND={backend} {topologies}MNNVL_MATRIX_OUT=DIR python -m pytest "
@@ -38,12 +44,13 @@ def main(directory: str, wall: str | None = None, name: str = "mutation_matrix",
     lines = [
         "# Mutation matrix (conformance suite vs the reference and every mutant)",
         "",
-        f"- date: {meta['date']}; machine: {meta['machine']}",
+        f"- date: {meta['date']}; machine: {meta['machine']}; FlashInfer {meta['flashinfer']}",
         f"- command: `{meta['command']}`" + (f"; wall {wall} s" if wall else ""),
         "",
         "| manager | topology | expected | verdict | violated | exit | seconds | what the suite said |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    counts = {"killed": 0, "survived": 0, "n/a": 0}
     for row in rows:
         manager = row["manager"]
         if manager == "reference":
@@ -58,13 +65,27 @@ def main(directory: str, wall: str | None = None, name: str = "mutation_matrix",
                 f"{row['exit']} | {row['seconds']} | {said} |"
             )
             continue
-        mutant = MUTANTS[manager.split(":", 1)[1]]
-        killed = row["status"] == "fail" and mutant.mnnvl_invariant in row["violated"]
+        if row["status"] == "n/a":
+            counts["n/a"] += 1
+            lines.append(
+                f"| {manager} | - | not applicable | n/a | - | {row['exit']} (refused) | {row['seconds']} | "
+                f"{row.get('detail') or ''} |"
+            )
+            continue
+        invariant = row.get("invariant") or MUTANTS[manager.split(":", 1)[1]].mnnvl_invariant
+        killed = row["status"] == "fail" and invariant in row["violated"]
+        counts["killed" if killed else "survived"] += 1
+        note = f" (on this release: {row['release_note']})" if row.get("release_note") else ""
         lines.append(
-            f"| {manager} | {row.get('topology', '-')} | {row['expected']} ({row['level']}) | "
+            f"| {manager} | {row.get('topology', '-')} | {row['expected']} ({row['level']}){note} | "
             f"{'killed' if killed else 'SURVIVED'} | "
             f"{', '.join(row['violated'])} | {row['exit']} | {row['seconds']} | {row.get('detail') or ''} |"
         )
+    lines.insert(
+        4,
+        f"- mutants: {counts['killed']} killed, {counts['survived']} survived, {counts['n/a']} not applicable "
+        "(their defect cannot exist on this release: not run, not counted)",
+    )
     (here / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
