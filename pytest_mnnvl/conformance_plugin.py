@@ -1,4 +1,6 @@
-"""The conformance suite's hooks and fixtures, loaded by ``conformance/conftest.py`` (``pytest_plugins``).
+"""The conformance suite's hooks and fixtures, loaded by the suite's conftest (``pytest_plugins`` in
+``pytest_mnnvl/conformance/conftest.py``, and in a clone's ``conformance/conftest.py``), or for ``--pyargs
+pytest_mnnvl.conformance`` by :mod:`pytest_mnnvl.plugin` at configure time.
 
 Kept apart from :mod:`pytest_mnnvl.plugin` so that loading ``-p pytest_mnnvl`` stays free of
 Hypothesis. It owns: the Hypothesis profile (``ci`` unless ``--hypothesis-profile`` says otherwise),
