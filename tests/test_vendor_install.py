@@ -78,6 +78,10 @@ def _check(command: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
+    from importlib.metadata import version
+
+    if int(version("setuptools").split(".")[0]) < 77:  # the build backend pyproject.toml requires
+        pytest.fail(f"setuptools {version('setuptools')} cannot build the wheel; install the dev extra (.[dev])")
     root = tmp_path_factory.mktemp("vendor")
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
