@@ -200,3 +200,18 @@ def test_the_packaged_suite_gates_a_vendor_manager_from_an_empty_directory(vendo
     assert report["failure_kinds"]["violation"] == 1
     assert "CoversViolation" in failing.stdout
     print(f"vendor install: {vendor.seconds}")
+
+
+def test_a_clone_collects_the_packaged_tests_once_under_its_own_node_ids(pytester: pytest.Pytester) -> None:
+    def collected(*args: str) -> list[str]:
+        result = pytester.runpytest_subprocess("-p", "pytest_mnnvl", "-p", "no:randomly", "--co", "-q", *args)
+        assert result.ret == 0, result.stdout.str()[-2000:] + result.stderr.str()[-2000:]
+        return [line for line in result.stdout.lines if "::test_" in line]
+
+    clone = collected(str(REPO / "conformance"))
+    packaged = collected("--pyargs", "pytest_mnnvl.conformance")
+    assert len(clone) == len(set(clone)) == len(packaged) > 0
+    assert all(nodeid.startswith("conformance/test_invariants.py::test_") for nodeid in clone), clone[:3]
+    assert [n.rpartition("::")[2] for n in clone] == [n.rpartition("::")[2] for n in packaged]
+    ws2 = collected(str(REPO / "conformance"), "-k", "ws2-pp1")
+    assert ws2 and all("[ws2-pp1" in n for n in ws2) and len(ws2) == sum("[ws2-pp1" in n for n in clone)
