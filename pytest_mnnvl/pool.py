@@ -367,7 +367,7 @@ class World(RankWorld):
         deadline = time.monotonic() + timeout
         # Each rank's CPU time from here to the deadline tells a computing rank from an idle one (stall.py).
         sample_at = deadline - stall.CPU_WINDOW_S
-        cpu_before: tuple[float, dict[int, float | None]] | None = None
+        cpu_before: tuple[float, dict[int, float | None], dict[int, bool | None]] | None = None
         results: dict[int, tuple[str, Any]] = {}
         first_failure: float | None = None
         by_conn: dict[Any, _Rank] = {r.conn: r for r in self._ranks}
@@ -376,7 +376,7 @@ class World(RankWorld):
             if first_failure is not None and now - first_failure >= PEER_FAILURE_GRACE_S:
                 break
             if cpu_before is None and now >= sample_at:
-                cpu_before = (now, {r.rank: stall.process_cpu_seconds(r.pid) for r in self._ranks})
+                cpu_before = self._cpu_sample(now)
             if now >= deadline:
                 if first_failure is not None:
                     break
@@ -428,7 +428,7 @@ class World(RankWorld):
         name: str,
         timeout: float,
         results: dict[int, tuple[str, Any]],
-        cpu_before: tuple[float, dict[int, float | None]] | None,
+        cpu_before: tuple[float, dict[int, float | None], dict[int, bool | None]] | None,
     ) -> NoReturn:
         """The call passed its deadline: :class:`WorldTooSlow` when every running rank gets somewhere, else
         :class:`WorldDeadlock` (:mod:`pytest_mnnvl.stall`); every rank's stack attached, the world stopped."""
@@ -440,12 +440,12 @@ class World(RankWorld):
         waits = {r.rank: audit.waiting_in(r.status_path) for r in self._ranks if r.rank in pending}
         if cpu_before is None or time.monotonic() - cpu_before[0] < stall.MIN_CPU_WINDOW_S:
             # A call shorter than the window (a programmatic timeout): measure a short window now.
-            start = cpu_before[0] if cpu_before is not None else time.monotonic()
             if cpu_before is None:
-                cpu_before = (start, {r.rank: stall.process_cpu_seconds(r.pid) for r in self._ranks})
-            time.sleep(max(0.0, start + stall.MIN_CPU_WINDOW_S - time.monotonic()))
-        after = {r.rank: stall.process_cpu_seconds(r.pid) for r in self._ranks}
-        shares = stall.cpu_shares(cpu_before[1], after, time.monotonic() - cpu_before[0])
+                cpu_before = self._cpu_sample(time.monotonic())
+            time.sleep(max(0.0, cpu_before[0] + stall.MIN_CPU_WINDOW_S - time.monotonic()))
+        now, after, running = self._cpu_sample(time.monotonic())
+        shares = stall.cpu_shares(cpu_before[1], after, now - cpu_before[0])
+        runnable = {rank: bool(cpu_before[2].get(rank)) and bool(running.get(rank)) for rank in running}
         for r in self._ranks:
             if r.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -459,11 +459,17 @@ class World(RankWorld):
                 wait=waits.get(rank),
                 cpu_share=shares.get(rank),
                 where=stall.where(stall.main_thread_frames(stacks.get(rank, ""))),
+                runnable=runnable.get(rank, False),
             )
             for rank in range(self.world_size)
         ]
         diagnosis = stall.diagnose(ranks, busy_is_progress=self.backend != "flashinfer")
         raise diagnosis.error(timeout, stacks, f"in {name}()", stall.advice(self._threads))
+
+    def _cpu_sample(self, now: float) -> tuple[float, dict[int, float | None], dict[int, bool | None]]:
+        """(when, each rank's CPU seconds so far, whether its main thread is runnable): one end of the window."""
+        cpu = {r.rank: stall.process_cpu_seconds(r.pid) for r in self._ranks}
+        return now, cpu, {r.rank: stall.main_thread_runnable(r.pid) for r in self._ranks}
 
     # -- teardown -----------------------------------------------------------------------------
     def _teardown(self, polite: bool = False) -> None:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from pytest_mnnvl.errors import MnnvlError, RankCrashed, RankError
+from pytest_mnnvl.errors import MnnvlError, PythonFrame, RankCrashed, RankError
 from pytest_mnnvl.pool import RankWorld, _function_reference
 
 #: How long a rank waits after its own deadline for the statuses (stacks) of late peers.
@@ -402,7 +402,8 @@ class SpmdSession:
         busy it was since the timer fired (:mod:`pytest_mnnvl.stall`), then interrupt it."""
         from pytest_mnnvl import audit, stall
 
-        cpu0, t0 = time.process_time(), time.monotonic()
+        main = threading.main_thread().native_id
+        cpu0, t0, running0 = time.process_time(), time.monotonic(), stall.main_thread_runnable(os.getpid(), main)
         if state.finished.wait(max(0.0, max(state.deadline, t0 + stall.MIN_CPU_WINDOW_S) - t0)):
             return
         with self._lock:
@@ -411,10 +412,11 @@ class SpmdSession:
             state.late = True
             elapsed = time.monotonic() - t0
             share = (time.process_time() - cpu0) / elapsed if elapsed > 0 else None
+            runnable = bool(running0) and bool(stall.main_thread_runnable(os.getpid(), main))
             frame = sys._current_frames().get(self._main_ident or 0)
             stack = _call_stack(frame)
             wait = audit.waiting_in(self._status_path)
-            status = ("late", stack, wait.to_line() if wait is not None else "", share, _where(frame))
+            status = ("late", stack, wait.to_line() if wait is not None else "", share, _where(frame), runnable)
             with contextlib.suppress(Exception):
                 self._publish(seq, f"{state.base}/{self.rank}", _dumps_status(status), side=True)
             if self._in_fn and self._main_ident is not None:
@@ -445,7 +447,7 @@ class SpmdSession:
                 for r, s in statuses.items()
             }
             ranks = [
-                stall.RankAtDeadline.of(r, False, audit.Wait.from_line(s[2]), s[3], s[4])
+                stall.RankAtDeadline.of(r, False, audit.Wait.from_line(s[2]), s[3], s[4], s[5])
                 if s[0] == "late"
                 else stall.RankAtDeadline.of(r, True, None, None)
                 for r, s in sorted(statuses.items())
@@ -500,13 +502,12 @@ def _call_stack(frame: Any) -> str:
     return "Stack of the main thread (most recent call last):\n" + "".join(traceback.format_list(frames[start:]))
 
 
-def _where(frame: Any) -> str:
-    """The innermost frame of the main thread outside the standard library (``spin at test_it.py:5``)."""
+def _where(frame: Any) -> PythonFrame | None:
+    """The innermost frame of the main thread outside the standard library (where a computing rank is)."""
     from pytest_mnnvl import stall
-    from pytest_mnnvl.errors import PythonFrame
 
     if frame is None:
-        return ""
+        return None
     frames = [PythonFrame(f.filename, f.lineno or 0, f.name) for f in reversed(traceback.extract_stack(frame))]
     return stall.where(frames)
 

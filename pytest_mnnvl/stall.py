@@ -3,7 +3,9 @@
 At the deadline each rank is in one of four states (:class:`State`): it returned from the call; it waits
 for peers (a torch.distributed collective, or the sim kernel's spin on a peer's completion flag: both write
 what they wait for to the rank's status file before they block, :mod:`pytest_mnnvl.audit`); it computes
-(its process used at least :data:`BUSY_SHARE` of a core over the last :data:`CPU_WINDOW_S`); or it is idle
+(its process used at least :data:`BUSY_SHARE` of a core over the last :data:`CPU_WINDOW_S`, or its main thread was
+runnable at both ends of that window: on a machine loaded far past its cores a computing rank may get little
+CPU, but it is never asleep); or it is idle
 (neither: asleep, or blocked on a lock, a pipe, a store: a wait nobody announced).
 
 A rank *gets somewhere* when it computes, or when every peer it waits for gets somewhere (a collective's
@@ -52,18 +54,25 @@ class RankAtDeadline:
     wait: Wait | None = None
     #: CPU time per second of the window (1.0 = one core), None where it could not be measured.
     cpu_share: float | None = None
-    #: Innermost frame of the rank's main thread outside the standard library: ``spin at test_it.py:5``.
-    where: str = ""
+    #: Innermost frame of the rank's main thread outside the standard library (:func:`where`).
+    where: PythonFrame | None = None
 
     @classmethod
     def of(
-        cls, rank: int, returned: bool, wait: Wait | None, cpu_share: float | None, where: str = ""
+        cls,
+        rank: int,
+        returned: bool,
+        wait: Wait | None,
+        cpu_share: float | None,
+        where: PythonFrame | None = None,
+        runnable: bool = False,
     ) -> RankAtDeadline:
+        """``runnable``: the rank's main thread was running or waiting for a CPU at both ends of the window."""
         if returned:
             state = State.RETURNED
         elif wait is not None:
             state = State.WAITING
-        elif cpu_share is not None and cpu_share >= BUSY_SHARE:
+        elif runnable or (cpu_share is not None and cpu_share >= BUSY_SHARE):
             state = State.COMPUTING
         else:
             state = State.IDLE
@@ -133,13 +142,20 @@ def diagnose(ranks: Sequence[RankAtDeadline], busy_is_progress: bool = True) -> 
 
 
 def _progress(running: list[RankAtDeadline]) -> str:
-    """``every rank is computing (ranks [0, 1] in spin at test_it.py:5)``, and who waits for them."""
+    """``every rank is computing (ranks [0, 1] in spin at test_it.py:5, 6)``, and who waits for them: ranks in
+    one function are named together (a busy loop's ranks sit on different lines of it)."""
     computing = [s for s in running if s.state is State.COMPUTING]
     waiting = [s for s in running if s.state is State.WAITING]
-    by_where: dict[str, list[int]] = {}
+    by_function: dict[tuple[str, str], list[RankAtDeadline]] = {}
     for s in computing:
-        by_where.setdefault(s.where or "an unknown frame", []).append(s.rank)
-    parts = [f"{_ranks(rs)} in {where}" for where, rs in by_where.items()]
+        key = (s.where.function, os.path.basename(s.where.file)) if s.where is not None else ("", "")
+        by_function.setdefault(key, []).append(s)
+    parts = []
+    for (function, file), group in by_function.items():
+        ranks = _ranks([s.rank for s in group])
+        lines = sorted({s.where.line for s in group if s.where is not None})
+        at = f"{function} at {file}:{', '.join(map(str, lines))}" if function else "an unknown frame"
+        parts.append(f"{ranks} in {at}")
     parts += [f"rank {s.rank} in {s.wait.text if s.wait else 'a wait'}" for s in waiting]
     head = "every rank is computing" if not waiting else "every rank is computing or waiting for one that is"
     return f"{head} ({'; '.join(parts)})"
@@ -194,6 +210,17 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def main_thread_runnable(pid: int, tid: int | None = None) -> bool | None:
+    """Whether the main thread of ``pid`` (or its thread ``tid``) is running or runnable now (``R`` in
+    ``/proc/PID/[task/TID/]stat``): asleep, blocked in a lock, a pipe or a collective it is ``S``. None without it."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "R"
+    except (OSError, IndexError):
+        return None
+
+
 def cpu_shares(
     before: Mapping[int, float | None], after: Mapping[int, float | None], seconds: float
 ) -> dict[int, float | None]:
@@ -226,10 +253,9 @@ def main_thread_frames(dump: str) -> tuple[PythonFrame, ...]:
     return next((tuple(frames) for current, frames in blocks if current), ())
 
 
-def where(frames: Sequence[PythonFrame]) -> str:
-    """``spin at test_it.py:5``: the innermost frame outside the standard library."""
-    frame = innermost_own_frame(frames)
-    return f"{frame.function} at {os.path.basename(frame.file)}:{frame.line}" if frame is not None else ""
+def where(frames: Sequence[PythonFrame]) -> PythonFrame | None:
+    """The innermost frame outside the standard library: where a computing rank computes."""
+    return innermost_own_frame(frames)
 
 
 def advice(threads: str) -> str:

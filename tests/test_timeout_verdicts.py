@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -384,3 +385,64 @@ def test_torchrun_ranks_tell_slow_from_deadlocked_and_keep_torchruns_thread_coun
             "returned from the call",
         ]
     )
+
+
+def _collective(name: str, group: tuple[int, ...]) -> Any:
+    from pytest_mnnvl.audit import Wait, WaitKind
+
+    return Wait(WaitKind.COLLECTIVE, f"torch.distributed.{name}(group={list(group)})", group)
+
+
+def _flag(peers: tuple[int, ...] | None) -> Any:
+    from pytest_mnnvl.audit import Wait, WaitKind
+
+    return Wait(WaitKind.PEER_FLAG, f"the sim dispatch kernel's wait for {peers}", peers)
+
+
+def test_the_verdict_rules_on_recorded_states() -> None:
+    """The rules of pytest_mnnvl.stall on states as the pool records them (the sessions above show each one
+    arising for real; these are the combinations too slow or too rare to stage)."""
+    from pytest_mnnvl.errors import PythonFrame, WorldDeadlock, WorldTooSlow
+    from pytest_mnnvl.stall import RankAtDeadline, diagnose
+
+    busy = PythonFrame("/x/kernels.py", 7, "combine")
+
+    def rank(r: int, wait: Any = None, cpu: float | None = 0.0, returned: bool = False) -> RankAtDeadline:
+        return RankAtDeadline.of(r, returned, wait, cpu, busy if cpu else None)
+
+    # Two ranks in different collectives, each needing the other: a cycle, whoever else computes.
+    cycle = diagnose(
+        [rank(0, _collective("barrier", (0, 1))), rank(1, _collective("all_reduce", (0, 1))), rank(2, cpu=1)]
+    )
+    assert not cycle.slow and cycle.stuck == (0, 1)
+    assert cycle.why == (
+        "rank 0 is blocked in torch.distributed.barrier(group=[0, 1]) and needs rank 1, which waits in "
+        "torch.distributed.all_reduce(group=[0, 1])"
+    )
+    # Waiting through a chain that ends in a computing rank is progress.
+    chain = diagnose([rank(0, _flag((1,))), rank(1, _collective("barrier", (1, 2))), rank(2, cpu=0.9)])
+    assert chain.slow and chain.stuck == ()
+    error = chain.error(5, {0: "", 1: "", 2: ""}, "in f()")
+    assert isinstance(error, WorldTooSlow) and not isinstance(error, WorldDeadlock)
+    assert str(error).startswith(
+        "slow, not deadlocked: every rank is computing or waiting for one that is (rank 2 in combine at "
+        "kernels.py:7; rank 0 in the sim dispatch kernel's wait for (1,); rank 1 in torch.distributed.barrier("
+        "group=[1, 2])); still running in f() after 5 s"
+    )
+    # Members already in the same collective have arrived; the one missing returned.
+    left = diagnose(
+        [rank(0, returned=True), rank(1, _collective("barrier", (0, 1, 2))), rank(2, _collective("barrier", (0, 1, 2)))]
+    )
+    assert not left.slow and left.why.endswith("needs rank 0, which returned from the call")
+    # A flag wait whose peers are unknown needs every other rank.
+    unknown = diagnose([rank(0, _flag(None)), rank(1, returned=True)])
+    assert not unknown.slow and unknown.why.endswith("needs rank 1, which returned from the call")
+    # On a GPU backend a busy host thread is no progress.
+    gpu = diagnose([rank(0, cpu=1.0), rank(1, _flag((0,)))], busy_is_progress=False)
+    assert not gpu.slow and "a busy host thread on a GPU backend may be spinning on the GPU" in gpu.why
+    # A rank asleep by itself is a hang; a rank whose main thread stays runnable computes, whatever its share.
+    assert diagnose([rank(0, returned=True), rank(1, cpu=0.0)]).why == (
+        "rank 1 idle: not computing, not in a collective or a flag wait"
+    )
+    starved = RankAtDeadline.of(1, False, None, 0.02, busy, runnable=True)
+    assert diagnose([rank(0, returned=True), starved]).slow
