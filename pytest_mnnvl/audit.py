@@ -42,6 +42,21 @@ COLLECTIVES = (
     "send",
     "recv",
 )
+#: The collectives after which every member has seen every other member enter (the others order one way).
+SYNCHRONISING = frozenset(
+    {
+        "barrier",
+        "monitored_barrier",
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "all_to_all",
+        "all_to_all_single",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+    }
+)
 
 
 @dataclass(frozen=True)

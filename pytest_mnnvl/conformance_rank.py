@@ -50,17 +50,6 @@ def _gather(ctx: Any, value: Any) -> list[Any]:
     return out
 
 
-def _ep_barrier(ctx: Any) -> None:
-    """This rank's kernels are done and so are every EP peer's: the order two round trips of
-    different payload layouts need on FlashInfer 0.7.2, whose combine region moves with them."""
-    import torch
-    import torch.distributed as dist
-
-    if ctx.device != "cpu":
-        torch.cuda.synchronize()
-    dist.barrier(group=ctx.cpu_group)
-
-
 def evict_workspaces() -> int:
     """Drop FlashInfer's leftover workspaces of this process, so each plan starts from a clean table
     (0.7.2: ``MoeAlltoAll._WORKSPACE_CACHE``; 0.7.4: the ``NVLinkOneSidedAlltoAll._WORKSPACES``
@@ -95,9 +84,10 @@ def _workspace_count() -> int:
 def round_trip(ctx: Any, adapter: Any, layer: LayerSpec, tokens: int | None = None) -> str:
     """One verified dispatch + combine of ``layer`` through the live handle; the outcome agreed by
     the EP group (``ok``, or the first line of this rank's error, or the peer's)."""
+    from pytest_mnnvl.roundtrip import ep_barrier
     from pytest_mnnvl.roundtrip import round_trip as verified_round_trip
 
-    _ep_barrier(ctx)
+    ep_barrier(ctx)
     a2a = adapter.moe_alltoall()
     outcome = OK
     if a2a is None:

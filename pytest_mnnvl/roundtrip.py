@@ -112,6 +112,17 @@ def build_alltoall(
         )
 
 
+def ep_barrier(ctx: Any) -> None:
+    """This rank's kernels are done and so are every EP peer's: the order two round trips of different
+    payload layouts need on FlashInfer 0.7.2, whose combine region moves with them (TensorRT-LLM #19312)."""
+    import torch
+    import torch.distributed as dist
+
+    if ctx.device != "cpu":
+        torch.cuda.synchronize()
+    dist.barrier(group=ctx.cpu_group)
+
+
 def experts_owned(num_experts: int, ep_size: int) -> list[range]:
     """FlashInfer's contiguous expert blocks: ranks below ``E % ep`` own one extra expert."""
     base, rem = divmod(num_experts, ep_size)

@@ -34,25 +34,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_mnnvl.audit import SYNCHRONISING
+
 from ._shm import SIDECAR_BYTES, sidecar_at
 
 RACES_ENV = "PYTEST_MNNVL_SIM_RACES"
 RACE_MODES = ("raise", "allow")
-#: Collectives after which every member has seen every other member enter.
-SYNCHRONISING = frozenset(
-    {
-        "barrier",
-        "monitored_barrier",
-        "all_reduce",
-        "all_gather",
-        "all_gather_into_tensor",
-        "all_gather_object",
-        "all_to_all",
-        "all_to_all_single",
-        "reduce_scatter",
-        "reduce_scatter_tensor",
-    }
-)
 
 # Sidecar layout, in int64 words: [0] owner's global rank + 1, [1] poisoned, [2] poison text bytes;
 # poison text from byte 64; one lease per reader EP rank from byte 4096: (round, start, end, valid).

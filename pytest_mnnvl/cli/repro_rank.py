@@ -109,6 +109,7 @@ def step(
 ) -> dict[str, Any] | None:
     """Initialize layer ``index`` of this rank's stage (``work[stage]``), then round-trip it at its full
     token count. ``None`` when this stage has no such layer or already failed."""
+    from pytest_mnnvl.roundtrip import ep_barrier
     from pytest_mnnvl.roundtrip import round_trip as do_round_trip
 
     s: _Session = ctx.scratch[SESSION_KEY]
@@ -143,7 +144,7 @@ def step(
         out["round_trip"] = {"ok": True, "same_as": same_as}
         return out
     try:
-        _ep_barrier(ctx)
+        ep_barrier(ctx)
         result = do_round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
     except Exception as exc:
         s.failed = True
@@ -152,17 +153,6 @@ def step(
     s.verified.setdefault(layer, index)
     out["round_trip"] = {"ok": True, "same_as": None, "combine_payload_offset": result.combine_payload_offset}
     return out
-
-
-def _ep_barrier(ctx: Any) -> None:
-    """Every EP peer is done with the previous round trip: the order consecutive payload layouts need
-    on FlashInfer 0.7.2 (TensorRT-LLM #19312), which the conformance suite also gives its round trips."""
-    import torch
-    import torch.distributed as dist
-
-    if ctx.device != "cpu":
-        torch.cuda.synchronize()
-    dist.barrier(group=ctx.cpu_group)
 
 
 def final_pass(ctx: Any, layers_by_stage: dict[int, tuple[LayerSpec, ...]]) -> dict[str, Any] | None:
