@@ -13,6 +13,7 @@ It only ever talks to the daemon it started: every command it runs names ROOT's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -59,10 +60,13 @@ def _term_with_keeper() -> None:
         pass
 
 
-def _quit(control: str, env: dict[str, str], daemon: subprocess.Popen[bytes]) -> str:
-    """``echo quit | CONTROL``, then wait; SIGTERM, then SIGKILL, whatever is still running."""
+def _quit(control: str, env: dict[str, str], daemon: subprocess.Popen[bytes], ask: bool = True) -> str:
+    """``echo quit | CONTROL``, then wait; SIGTERM, then SIGKILL, whatever is still running. A daemon that
+    has no socket yet cannot be asked (``ask=False``): it gets SIGTERM at once."""
     if daemon.poll() is not None:
         return f"the daemon had already exited ({daemon.returncode})"
+    if not ask:
+        return _signal_until_gone(daemon, "no socket yet", ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)))
     how = "quit"
     try:
         subprocess.run(
@@ -76,10 +80,17 @@ def _quit(control: str, env: dict[str, str], daemon: subprocess.Popen[bytes]) ->
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         how = f"quit failed ({type(exc).__name__})"
-    for sig, grace in ((None, EXIT_GRACE_S), (signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
+    steps = ((None, EXIT_GRACE_S), (signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0))
+    return _signal_until_gone(daemon, how, steps)
+
+
+def _signal_until_gone(
+    daemon: subprocess.Popen[bytes], how: str, steps: tuple[tuple[signal.Signals | None, float], ...]
+) -> str:
+    for sig, grace in steps:
         if sig is not None:
             daemon.send_signal(sig)
-            how += f", then {signal.Signals(sig).name}"
+            how += f", then {sig.name}"
         try:
             daemon.wait(timeout=grace)
             return how
@@ -88,25 +99,32 @@ def _quit(control: str, env: dict[str, str], daemon: subprocess.Popen[bytes]) ->
     return how + " (still running)"
 
 
-class _Terminated(Exception):
-    """SIGTERM reached the keeper: clean up as at the session's end."""
+class _TermFlag:
+    """SIGTERM only sets a flag and writes to a wake-up pipe the wait selects on: the handler never raises,
+    so a signal that lands anywhere (mid-``write``, before the wait) cannot skip the cleanup."""
+
+    def __init__(self) -> None:
+        self.got = False
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.got = True
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, b"t")
 
 
-def _on_term(signum: int, frame: object) -> None:
-    raise _Terminated
-
-
-def _wait_for_session(daemon: subprocess.Popen[bytes]) -> str:
-    try:
-        return _wait(daemon)
-    except _Terminated:
-        return "the keeper got SIGTERM"
-
-
-def _wait(daemon: subprocess.Popen[bytes]) -> str:
+def _wait(daemon: subprocess.Popen[bytes], term: _TermFlag) -> str:
     while True:
-        ready, _, _ = select.select([0], [], [], 0.5)
-        if ready:
+        if term.got:
+            return "the keeper got SIGTERM"
+        ready, _, _ = select.select([0, term.read_fd], [], [], 0.5)
+        if term.got:
+            return "the keeper got SIGTERM"
+        if 0 in ready:
             data = os.read(0, 4096)
             if not data:
                 return "the session is gone"
@@ -119,6 +137,8 @@ def _wait(daemon: subprocess.Popen[bytes]) -> str:
 def main(argv: list[str]) -> int:
     control, root, start_timeout = argv[0], argv[1], float(argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the session's to handle
+    term = _TermFlag()
+    term.install()
     pipe_dir, log_dir = os.path.join(root, "pipe"), os.path.join(root, "log")
     env = dict(os.environ, **{PIPE_ENV: pipe_dir, LOG_ENV: log_dir})
     try:
@@ -140,17 +160,21 @@ def main(argv: list[str]) -> int:
     deadline = time.monotonic() + start_timeout
     while not os.path.exists(os.path.join(pipe_dir, CONTROL_SOCKET)):
         code = daemon.poll()
+        if term.got:
+            how = _quit(control, env, daemon, ask=False)
+            shutil.rmtree(root, ignore_errors=True)
+            _say(f"stopped the keeper got SIGTERM while the daemon started: {how}")
+            return 0
         if code is not None or time.monotonic() >= deadline:
             what = f"exited with status {code}" if code is not None else f"made no socket in {start_timeout:g} s"
             if code is None:
-                _quit(control, env, daemon)
+                _quit(control, env, daemon, ask=False)
             _say(f"failed the daemon {what}; its output: {_log_tail(log_dir) or '(none)'}")
             shutil.rmtree(root, ignore_errors=True)
             return 1
         time.sleep(0.01)
-    signal.signal(signal.SIGTERM, _on_term)
     _say(f"ready {daemon.pid}")
-    why = _wait_for_session(daemon)
+    why = _wait(daemon, term)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup is what a SIGTERM asks for: let it finish
     how = _quit(control, env, daemon)
     shutil.rmtree(root, ignore_errors=True)

@@ -349,7 +349,7 @@ def _hypothesis_in_effect(config: pytest.Config) -> tuple[str, str]:
     seeded twin), which the option alone does not say."""
     from pytest_mnnvl import profiles
 
-    profile = config.getoption("hypothesis_profile", None) or "default"
+    profile = profiles.profile_in_effect(config.getoption("hypothesis_profile", None))
     if config.pluginmanager.hasplugin(CONFORMANCE_PLUGIN):
         from pytest_mnnvl.conformance_plugin import RECORDER_KEY
 

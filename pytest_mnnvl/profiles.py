@@ -3,6 +3,10 @@
 ``ci`` is derandomized (no database, no deadline, few examples) so CI is reproducible; when
 ``--hypothesis-seed`` is given, derandomization is switched off so that the seed takes effect
 (Hypothesis lets derandomize win over a forced seed).
+
+Every profile starts from Hypothesis' pristine ``default`` profile, never from whatever is in effect: under a
+CI environment variable Hypothesis loads its own derandomized ``ci`` profile at import, and ``dev`` must not
+inherit that (``--hypothesis-profile=dev`` means random draws on every machine).
 """
 
 from __future__ import annotations
@@ -32,13 +36,18 @@ def register() -> None:
         ],
         "phases": (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
     }
+    pristine = settings.get_profile("default")
     for name, values in PROFILES.items():
-        settings.register_profile(name, **common, **values)
-        settings.register_profile(
-            f"{name}-seeded",
-            **common,
-            **{**values, "derandomize": False},
-        )
+        settings.register_profile(name, pristine, **common, **values)
+        settings.register_profile(f"{name}-seeded", pristine, **common, **{**values, "derandomize": False})
+
+
+def profile_in_effect(asked: str | None) -> str:
+    """The profile Hypothesis has loaded (its own ``ci`` under a CI environment variable), else the one asked
+    for, else ``default``; never imports Hypothesis."""
+    hypothesis = sys.modules.get("hypothesis")
+    current = getattr(hypothesis.settings, "_current_profile", None) if hypothesis is not None else None
+    return str(current or asked or "default")
 
 
 def seed_in_effect(seed: object) -> str:

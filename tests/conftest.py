@@ -16,6 +16,17 @@ def _not_an_xdist_worker(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture
+def no_ci_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Inner sessions as on a developer's machine: Hypothesis loads its own derandomized ``ci`` profile when it
+    sees any CI variable (the project's CI sets ``CI``); tests set ``CI`` again to check what CI runs."""
+    from hypothesis._settings import _CI_VARS
+
+    for name in _CI_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:

@@ -237,8 +237,14 @@ def test_a_pp_that_fits_no_world_size_is_reported(pytester: pytest.Pytester) -> 
 
 
 @pytest.mark.skipif(not SUITE.exists(), reason="the conformance suite is not in this checkout")
-def test_the_header_names_the_hypothesis_profile_in_effect(pytester: pytest.Pytester) -> None:
-    """The suite loads its ``ci`` profile (derandomized); the header said ``profile=default, seed=random``."""
+@pytest.mark.parametrize("ci", [False, True], ids=["developer", "ci"])
+def test_the_header_names_the_hypothesis_profile_in_effect(
+    pytester: pytest.Pytester, no_ci_environment: pytest.MonkeyPatch, ci: bool
+) -> None:
+    """The suite loads its ``ci`` profile (derandomized); the header said ``profile=default, seed=random``. The
+    same on a CI machine, where ``dev`` once inherited Hypothesis' own derandomized ``ci`` profile."""
+    if ci:
+        no_ci_environment.setenv("CI", "true")
     for args, line in [
         ([], "mnnvl: hypothesis profile=ci, seed=derandomized (fixed per test)"),
         (["--hypothesis-seed=7"], "mnnvl: hypothesis profile=ci-seeded, seed=7"),

@@ -28,22 +28,23 @@ from tests.conftest import pid_alive
 
 STAND_IN = '''#!{python}
 """STAND-IN for NVIDIA's nvidia-cuda-mps-control (which only exists on GPU machines), written by tests/test_mps.py."""
-import os, socket, sys
+import os, socket, sys, time
 pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
 path = os.path.join(pipe, "control")
 if sys.argv[1:] == ["-f"]:
     if os.environ.get("MNNVL_TEST_MPS_FAIL"):
         print("An instance of this daemon is already running", flush=True)
         sys.exit(1)
+    record = os.environ.get("MNNVL_TEST_MPS_RECORD")
+    if record:
+        with open(record, "a") as f:
+            f.write(f"{{os.getpid()}} {{os.getppid()}} {{pipe}}\\n")
+    time.sleep(float(os.environ.get("MNNVL_TEST_MPS_SLOW_START", "0")))
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen(8)
     with open(os.path.join(pipe, "nvidia-cuda-mps-control.pid"), "w") as f:
         f.write(str(os.getpid()))
-    record = os.environ.get("MNNVL_TEST_MPS_RECORD")
-    if record:
-        with open(record, "a") as f:
-            f.write(f"{{os.getpid()}} {{os.getppid()}} {{pipe}}\\n")
     print(f"Starting control daemon using socket {{path}}", flush=True)
     while True:
         conn, _ = server.accept()
@@ -420,3 +421,28 @@ def test_a_keeper_that_gets_sigterm_still_quits_its_daemon_and_cleans_up(stand_i
     assert _gone_within(daemon.pid, 20)
     assert daemon.stop() == "the keeper got SIGTERM: quit"
     assert not pid_alive(keeper) and not Path(daemon.root).exists()
+
+
+def test_a_keeper_that_gets_sigterm_while_its_daemon_starts_ends_it_and_cleans_up(
+    stand_in: Path, tmp_path: Path
+) -> None:
+    """SIGTERM before the daemon's socket exists: no ``quit`` can reach it, so it is ended by signal at once."""
+    record, root = tmp_path / "record", tmp_path / "root"
+    env = dict(os.environ, MNNVL_TEST_MPS_RECORD=str(record), MNNVL_TEST_MPS_SLOW_START="60")
+    keeper = subprocess.Popen(
+        [sys.executable, "-I", "-S", mps._mps_keeper.__file__, _control(stand_in), str(root), "120"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while not _records(record):
+        assert time.monotonic() < deadline and keeper.poll() is None
+        time.sleep(0.02)
+    ((daemon_pid, _parent, _pipe),) = _records(record)
+    keeper.send_signal(signal.SIGTERM)
+    out, _ = keeper.communicate(timeout=20)
+    assert keeper.returncode == 0
+    said = out.decode().strip()
+    assert said == "stopped the keeper got SIGTERM while the daemon started: no socket yet, then SIGTERM"
+    assert _gone_within(daemon_pid, 5) and not root.exists()

@@ -68,7 +68,20 @@ def test_markers_are_registered(pytester: pytest.Pytester) -> None:
     )
 
 
-def test_header_names_what_matters(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize(
+    "ci, hypothesis_line",
+    [
+        (False, "mnnvl: hypothesis profile=default, seed=42"),
+        (True, "mnnvl: hypothesis profile=ci, seed=derandomized (fixed per test); --hypothesis-seed=42 has no effect"),
+    ],
+    ids=["developer", "ci"],
+)
+def test_header_names_what_matters(
+    pytester: pytest.Pytester, no_ci_environment: pytest.MonkeyPatch, ci: bool, hypothesis_line: str
+) -> None:
+    """Under a CI variable Hypothesis runs its own derandomized ``ci`` profile: the header says so."""
+    if ci:
+        no_ci_environment.setenv("CI", "true")
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_subprocess("-p", "pytest_mnnvl", "--hypothesis-seed=42")
     result.stdout.fnmatch_lines(
@@ -80,7 +93,7 @@ def test_header_names_what_matters(pytester: pytest.Pytester) -> None:
             "mnnvl: handle type: *",
             "mnnvl: fd exchange: *",
             "mnnvl: ptrace: *",
-            "mnnvl: hypothesis profile=default, seed=42",
+            hypothesis_line,
         ]
     )
 
