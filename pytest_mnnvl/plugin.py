@@ -349,6 +349,11 @@ def _hypothesis_in_effect(config: pytest.Config) -> tuple[str, str]:
     seeded twin), which the option alone does not say."""
     from pytest_mnnvl import profiles
 
+    if config.pluginmanager.hasplugin("hypothesispytest"):
+        # Hypothesis picks its profile at import (its own derandomized ``ci`` under a CI variable): import it
+        # now, once, so the header says what the tests will run with, not what an unimported module implies.
+        import hypothesis  # noqa: F401
+
     profile = profiles.profile_in_effect(config.getoption("hypothesis_profile", None))
     if config.pluginmanager.hasplugin(CONFORMANCE_PLUGIN):
         from pytest_mnnvl.conformance_plugin import RECORDER_KEY

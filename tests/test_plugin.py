@@ -69,21 +69,28 @@ def test_markers_are_registered(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.parametrize(
-    "ci, hypothesis_line",
+    "ci, args, hypothesis_line",
     [
-        (False, "mnnvl: hypothesis profile=default, seed=42"),
-        (True, "mnnvl: hypothesis profile=ci, seed=derandomized (fixed per test); --hypothesis-seed=42 has no effect"),
+        (False, ["--hypothesis-seed=42"], "mnnvl: hypothesis profile=default, seed=42"),
+        (
+            True,
+            ["--hypothesis-seed=42"],
+            "mnnvl: hypothesis profile=ci, seed=derandomized (fixed per test); --hypothesis-seed=42 has no effect",
+        ),
+        (False, [], "mnnvl: hypothesis profile=default, seed=random (printed on failure)"),
+        # No Hypothesis option: nothing has imported Hypothesis when the header is printed.
+        (True, [], "mnnvl: hypothesis profile=ci, seed=derandomized (fixed per test)"),
     ],
-    ids=["developer", "ci"],
+    ids=["developer-seeded", "ci-seeded", "developer", "ci"],
 )
 def test_header_names_what_matters(
-    pytester: pytest.Pytester, no_ci_environment: pytest.MonkeyPatch, ci: bool, hypothesis_line: str
+    pytester: pytest.Pytester, no_ci_environment: pytest.MonkeyPatch, ci: bool, args: list[str], hypothesis_line: str
 ) -> None:
     """Under a CI variable Hypothesis runs its own derandomized ``ci`` profile: the header says so."""
     if ci:
         no_ci_environment.setenv("CI", "true")
     pytester.makepyfile("def test_x(): pass")
-    result = pytester.runpytest_subprocess("-p", "pytest_mnnvl", "--hypothesis-seed=42")
+    result = pytester.runpytest_subprocess("-p", "pytest_mnnvl", *args)
     result.stdout.fnmatch_lines(
         [
             "mnnvl: backend=auto -> sim, timeout=60s, topologies=ws2-pp1 ws4-pp1 ws4-pp2*",
