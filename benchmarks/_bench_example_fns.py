@@ -13,9 +13,9 @@ def bare_plan(ctx: Any, factory: Any, plan_json: str, repeats: int) -> list[floa
     import torch
     import torch.distributed as dist
 
-    from pytest_mnnvl.conformance_rank import evict_workspaces
-    from pytest_mnnvl.layers import ModelPlan
-    from pytest_mnnvl.roundtrip import round_trip
+    from pytest_mnnvl.conformance.rank import evict_workspaces
+    from pytest_mnnvl.conformance.roundtrip import round_trip
+    from pytest_mnnvl.model.layers import ModelPlan
 
     plan = ModelPlan.from_json(plan_json)
     layers = plan.layers_of_stage(ctx.pp_stage)
@@ -53,8 +53,8 @@ def spawn_example_worker(rank: int, boot: dict[str, Any], factory: Any, plan_jso
 
     import torch.distributed as dist
 
-    from pytest_mnnvl.conformance_rank import run_plan
-    from pytest_mnnvl.rank import _start_world
+    from pytest_mnnvl.conformance.rank import run_plan
+    from pytest_mnnvl.worlds.rank import _start_world
 
     try:
         ctx = _start_world({**boot, "rank": rank, "status_path": f"{boot['dir']}/status-{rank}.txt"})

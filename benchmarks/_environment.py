@@ -30,7 +30,7 @@ def environment(backend: str) -> dict[str, Any]:
 
         env["flashinfer"] = getattr(flashinfer, "__version__", "unknown")
     if backend == "flashinfer":
-        from pytest_mnnvl import capabilities
+        from pytest_mnnvl.probes import capabilities
 
         env["cards"] = [g.name for g in capabilities.gpu_inventory().gpus]
     else:

@@ -48,7 +48,7 @@ def run_cases(ctx: Any, seed: int) -> list[dict[str, Any]]:
     ep, me, device = ctx.ep_size, ctx.ep_rank, ctx.device
     out = []
     for index, (name, experts, top_k, tokens, hidden, _fmt, options) in enumerate(CASES):
-        comm = create_communication(
+        comm: Any = create_communication(
             BootstrapConfig(world_size=ep, rank=me, process_group=ctx.cpu_group),
             MoEEpCommParams(experts, top_k, tokens, hidden, dtype=torch.bfloat16),
             NVLinkOneSidedConfig(comm_backend=TorchDistBackend(ctx.cpu_group), **options),
@@ -97,7 +97,7 @@ def _errors(ctx: Any) -> dict[str, Any]:
     from flashinfer.moe_ep import BootstrapConfig, MoEEpCommParams, NVLinkOneSidedConfig, create_communication
 
     ep, me, device = ctx.ep_size, ctx.ep_rank, ctx.device
-    comm = create_communication(
+    comm: Any = create_communication(
         BootstrapConfig(world_size=ep, rank=me, process_group=ctx.cpu_group),
         MoEEpCommParams(8, 2, 64, 1024, dtype=torch.bfloat16, dispatch_format=QuantFormat.NVFP4),
         NVLinkOneSidedConfig(comm_backend=TorchDistBackend(ctx.cpu_group)),

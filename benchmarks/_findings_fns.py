@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pytest_mnnvl.layers import LayerSpec
+from pytest_mnnvl.model.layers import LayerSpec
 
 
 def superseded_bytes(ctx: Any, factory: Any, layers: list[LayerSpec]) -> dict[str, Any]:
@@ -14,7 +14,7 @@ def superseded_bytes(ctx: Any, factory: Any, layers: list[LayerSpec]) -> dict[st
     import gc
 
     from pytest_mnnvl.backends import records
-    from pytest_mnnvl.conformance_rank import evict_workspaces
+    from pytest_mnnvl.conformance.rank import evict_workspaces
 
     evict_workspaces()
     manager = factory(ctx.cpu_group)
@@ -66,7 +66,7 @@ def layout_race(
     import torch
     import torch.distributed as dist
 
-    from pytest_mnnvl.roundtrip import build_alltoall, make_inputs, owner_of, selected_experts
+    from pytest_mnnvl.conformance.roundtrip import build_alltoall, make_inputs, owner_of, selected_experts
 
     ep, rank = ctx.ep_size, ctx.ep_rank
     need = max(first.need(ep), second.need(ep))

@@ -6,7 +6,7 @@ on every rank (fresh manager, ``initialize`` per layer with the collective audit
 back from the live handle, a verified round trip per layer, late round trips, probes, ``cleanup``
 and re-``initialize``), results back in the parent.
 
-- **warm**: on a started :class:`~pytest_mnnvl.pool.World`, per-example wall time in the parent.
+- **warm**: on a started :class:`~pytest_mnnvl.worlds.pool.World`, per-example wall time in the parent.
 - **spawn**: vLLM's test-helper shape (``torch.multiprocessing`` spawn, one process per rank, the
   process group and backend set up, the example, ``destroy_process_group``, join), per example.
   Target (DESIGN.md): spawn / warm ≥ 20×.
@@ -45,10 +45,10 @@ for _path in (HERE, ROOT):
 import _bench_example_fns as fns  # noqa: E402  (ranks and children import it by this name)
 from _environment import environment  # noqa: E402
 
-from pytest_mnnvl.conformance_rank import run_plan  # noqa: E402
-from pytest_mnnvl.layers import LayerSpec, ModelPlan, QuantFormat  # noqa: E402
+from pytest_mnnvl.conformance.rank import run_plan  # noqa: E402
 from pytest_mnnvl.managers import resolve  # noqa: E402
-from pytest_mnnvl.pool import World, WorldSpec  # noqa: E402
+from pytest_mnnvl.model.layers import LayerSpec, ModelPlan, QuantFormat  # noqa: E402
+from pytest_mnnvl.worlds.pool import World, WorldSpec  # noqa: E402
 
 CYCLE = (QuantFormat.NVFP4, QuantFormat.BF16, QuantFormat.FP8_BLOCK, QuantFormat.MXFP8)
 
@@ -70,7 +70,7 @@ def log(message: str) -> None:
 def devices_for(world_size: int, backend: str) -> tuple[str, ...] | None:
     if backend != "flashinfer":
         return None
-    from pytest_mnnvl import capabilities
+    from pytest_mnnvl.probes import capabilities
 
     missing = capabilities.missing_for_one_sided(world_size)
     if missing is not None:

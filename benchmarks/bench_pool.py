@@ -8,7 +8,7 @@ Writes ``pool-<machine>-<date>.json`` (every sample, the machine and versions) a
 next to it. Four measurements, each against a target of DESIGN.md ("Targets"):
 
 1. **per call**: one small realistic call (all-reduce of 4 KiB + barrier in the EP group) on a warm
-   :class:`~pytest_mnnvl.pool.World` (started once; start reported apart) versus spawning a world per
+   :class:`~pytest_mnnvl.worlds.pool.World` (started once; start reported apart) versus spawning a world per
    call the way vLLM's ``_spawn_workers`` does (``torch.multiprocessing`` spawn context, one ``Process``
    per rank, gloo over ``tcp://127.0.0.1:<free port>``, result through a queue,
    ``destroy_process_group``, parent joins all). World sizes 2 and 4, backends ``plain`` and ``sim``
@@ -53,7 +53,7 @@ for _path in (HERE, ROOT):
 import _bench_pool_fns as fns  # noqa: E402  (after the path set-up; ranks import it by this name)
 
 from pytest_mnnvl.errors import RankCrashed, WorldDeadlock  # noqa: E402
-from pytest_mnnvl.pool import World, WorldSpec  # noqa: E402
+from pytest_mnnvl.worlds.pool import World, WorldSpec  # noqa: E402
 
 #: DESIGN.md targets.
 TARGET_RATIO = 20.0

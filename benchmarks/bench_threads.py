@@ -40,7 +40,7 @@ for _path in (HERE, ROOT):
 
 from _environment import environment  # noqa: E402
 
-from pytest_mnnvl import threads  # noqa: E402
+from pytest_mnnvl.worlds import threads  # noqa: E402
 
 #: The configurations compared: what PYTEST_MNNVL_RANK_THREADS says.
 CONFIGS = ("share", "torch")

@@ -36,8 +36,8 @@ for _path in (HERE, ROOT):
 import _findings_fns as fns  # noqa: E402  (ranks import it by this name)
 from _environment import environment  # noqa: E402
 
-from pytest_mnnvl.layers import LayerSpec, QuantFormat  # noqa: E402
-from pytest_mnnvl.pool import World, WorldSpec  # noqa: E402
+from pytest_mnnvl.model.layers import LayerSpec, QuantFormat  # noqa: E402
+from pytest_mnnvl.worlds.pool import World, WorldSpec  # noqa: E402
 
 HIDDEN, TOP_K, EXPERTS = 7168, 8, 256  # DeepSeek-V3/R1 (examples/plans)
 
@@ -55,7 +55,7 @@ def growing_layers(count: int) -> list[LayerSpec]:
 def make_world(ep: int, backend: str) -> World:
     devices: tuple[str, ...] | None = None
     if backend == "flashinfer":
-        from pytest_mnnvl import capabilities
+        from pytest_mnnvl.probes import capabilities
 
         missing = capabilities.missing_for_one_sided(ep)
         if missing is not None:
@@ -109,7 +109,7 @@ def race(world: World, tokens: int, iterations: int) -> list[dict[str, Any]]:
         ("nvfp4 -> nvfp4 (same layout), no barrier, skewed batch", small, small, False, True),
         ("nvfp4 -> bf16, no barrier, equal batches", small, large, False, False),
     ]
-    out = []
+    out: list[dict[str, Any]] = []
     for label, first, second, barrier, skew in cases:
         try:
             results = world.call(fns.layout_race, (first, second, tokens, iterations, barrier, skew), {})

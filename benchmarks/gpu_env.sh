@@ -1,5 +1,5 @@
 # Source this on a GPU runner with no registry: restores the offline FlashInfer bundle carried in .gpu/
-# (see `python -m pytest_mnnvl.bundle`), the JIT cache, and keeps NVLink multicast off.
+# (see `python -m pytest_mnnvl.cli.bundle`), the JIT cache, and keeps NVLink multicast off.
 #
 # The JIT cache only hits when FlashInfer, tvm-ffi and the workspace sit at the paths the cache was built
 # with: ninja compares whole command lines (-I/tmp/fi/..., -isystem /tmp/site/tvm_ffi/include) and rebuilds

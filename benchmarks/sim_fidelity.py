@@ -1,4 +1,4 @@
-"""How faithful are ``pytest_mnnvl.sizing`` and the sim backend to the real FlashInfer all-to-all?
+"""How faithful are ``pytest_mnnvl.model.sizing`` and the sim backend to the real FlashInfer all-to-all?
 
 Run on a machine with ≥2 GPUs and FlashInfer (the JIT module builds on first use)::
 
@@ -8,7 +8,7 @@ Run on a machine with ≥2 GPUs and FlashInfer (the JIT module builds on first u
 Three comparisons, all written to the JSON file named on the command line, with the card, date and
 versions:
 
-1. **sizing**: ``pytest_mnnvl.sizing.workspace_size_per_rank``/``aux_size`` against FlashInfer's own
+1. **sizing**: ``pytest_mnnvl.model.sizing.workspace_size_per_rank``/``aux_size`` against FlashInfer's own
    ``moe_a2a_get_workspace_size_per_rank``/``moe_a2a_get_aux_data_size`` on a grid (ep, tokens 1…8192,
    hidden sizes, dispatch formats, EPLB off/on), evaluated inside rank 0 of each backend.
 2. **outcomes**: random workspaces, over- and under-sized for a layer at a random runtime batch: does
@@ -72,7 +72,7 @@ def bytes_per_token(fmt: str, hidden: int, top_k: int) -> list[int]:
 
 
 def sizing_grid(eps: list[int]) -> list[dict[str, Any]]:
-    from pytest_mnnvl import sizing
+    from pytest_mnnvl.model import sizing
 
     points = []
     for ep in sorted({*eps, 1, 3, 8, 16, 64}):
@@ -113,7 +113,7 @@ def sizing_grid(eps: list[int]) -> list[dict[str, Any]]:
 
 def random_cases(ep: int, count: int, seed: int, max_tokens_cap: int) -> list[dict[str, Any]]:
     """Layers on workspaces sized for themselves, for another format, or scaled by 0.25…1.3."""
-    from pytest_mnnvl import sizing
+    from pytest_mnnvl.model import sizing
 
     rng = random.Random(seed * 1000 + ep)
     cases = []
@@ -302,7 +302,7 @@ def _rank_main(rank: int, ep: int, backend: str, store: str, job: dict[str, Any]
         import torch
         import torch.distributed as dist
 
-        from pytest_mnnvl.topology import Layout, RankContext, build_groups
+        from pytest_mnnvl.worlds.layout import Layout, RankContext, build_groups
 
         device: Any = "cpu"
         if backend == "flashinfer":

@@ -83,7 +83,7 @@ def real(ep: int, seed: int, timeout: float) -> list[Any]:
 
 
 def sim(ep: int, seed: int, timeout: float) -> list[Any]:
-    from pytest_mnnvl.pool import World, WorldSpec
+    from pytest_mnnvl.worlds.pool import World, WorldSpec
 
     world = World(WorldSpec(ep, backend="sim"), timeout=timeout)
     try:

@@ -1,4 +1,4 @@
-"""Is ``pytest_mnnvl.sizing_v074`` FlashInfer 0.7.4's own layout arithmetic? Asked of the real module.
+"""Is ``pytest_mnnvl.model.sizing_v074`` FlashInfer 0.7.4's own layout arithmetic? Asked of the real module.
 
 Run where FlashInfer 0.7.4's ``nvlink_one_sided_alltoall`` JIT module loads (a CUDA machine; no second GPU
 needed: the layout functions are host code)::
@@ -20,7 +20,7 @@ from typing import Any
 
 from _environment import environment
 
-from pytest_mnnvl import sizing_v074 as model
+from pytest_mnnvl.model import sizing_v074 as model
 
 HIDDEN = (128, 2880, 4096, 7168)
 FORMATS = (("BF16", 2), ("NVFP4", 2), ("MXFP8", 2), ("FP16", 2))
@@ -92,10 +92,10 @@ def main() -> int:
         disagreements.append({"what": "index pairs", "real": real_pairs, "model": mine_pairs})
     layouts = 0
     for args in cases():
-        real, mine = _real_layout(module, args), _model_layout(args)
+        real, modelled = _real_layout(module, args), _model_layout(args)
         layouts += 1
-        if not _same(real, mine):
-            disagreements.append({"what": "layout", "args": list(args), "real": real, "model": mine})
+        if not _same(real, modelled):
+            disagreements.append({"what": "layout", "args": list(args), "real": real, "model": modelled})
     # The real function returns [payload bytes, scale bytes as received, dispatch blocks per token,
     # Lamport bytes per row] (read off the 2026-12-01 H200 run; the wire scale bytes are not among them).
     lamport_rows = []

@@ -6,4 +6,4 @@ node ids (``test_invariants.py``) and loads their hooks and fixtures here.
 
 from __future__ import annotations
 
-pytest_plugins = ["pytest_mnnvl.conformance_plugin"]
+pytest_plugins = ["pytest_mnnvl.conformance.plugin"]

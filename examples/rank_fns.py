@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pytest_mnnvl.layers import LayerSpec
+from pytest_mnnvl.model.layers import LayerSpec
 
 
 def build_moe_alltoall(ctx: Any, sized_for: LayerSpec) -> Any:
     """FlashInfer's own ``MoeAlltoAll`` on this rank's EP group, sized for one layer only."""
-    from pytest_mnnvl.roundtrip import build_alltoall
+    from pytest_mnnvl.conformance.roundtrip import build_alltoall
 
     return build_alltoall(
         ctx,
@@ -35,7 +35,7 @@ def ep_barrier(ctx: Any) -> None:
 def first_layer_sizing(ctx: Any, base: LayerSpec, head: LayerSpec, tokens: int, barrier: bool = True) -> dict[str, Any]:
     """Size the workspace from the base layer (the pre-fix manager), then round-trip the head layer
     (``barrier=False`` leaves out the EP barrier between the two layouts: a race)."""
-    from pytest_mnnvl.roundtrip import round_trip
+    from pytest_mnnvl.conformance.roundtrip import round_trip
 
     a2a = build_moe_alltoall(ctx, base)
     base_ok = round_trip(a2a, base, ctx.ep_rank, ctx.ep_size, base.max_num_tokens, ctx.device)
@@ -52,7 +52,7 @@ def first_layer_sizing(ctx: Any, base: LayerSpec, head: LayerSpec, tokens: int, 
 
 def union_sizing(ctx: Any, layers: list[LayerSpec]) -> list[int]:
     """Size the workspace for the largest need of all layers (the fix): every layer round-trips."""
-    from pytest_mnnvl.roundtrip import round_trip
+    from pytest_mnnvl.conformance.roundtrip import round_trip
 
     biggest = max(layers, key=lambda layer: layer.need(ctx.ep_size))
     a2a = build_moe_alltoall(ctx, biggest)

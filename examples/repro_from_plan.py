@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 from pytest_mnnvl.cli.main import main as cli
-from pytest_mnnvl.layers import LayerSpec, ModelPlan, QuantFormat
+from pytest_mnnvl.model.layers import LayerSpec, ModelPlan, QuantFormat
 
 
 def facts_plan() -> ModelPlan:

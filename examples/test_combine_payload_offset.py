@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import rank_fns
 
-from pytest_mnnvl import sizing
-from pytest_mnnvl.layers import LayerSpec
+from pytest_mnnvl.model import sizing
+from pytest_mnnvl.model.layers import LayerSpec
 
 COMBINE_CHECK = (
     "Check failed: (combinePayloadOffset >= 0 && combinePayloadOffset + payloadBytes <= sizePerRank) is false: "

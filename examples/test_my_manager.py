@@ -14,7 +14,7 @@ the live FlashInfer handle was *really* built with.
 What is used here: the ``mnnvl_world`` fixture (a warm pool of rank processes, one per EP rank;
 ``world.run(fn, ...)`` calls a module-level ``fn(ctx, ...)`` on every rank), the ``mnnvl`` and
 ``requires_one_sided`` markers, ``LayerSpec``/``ModelPlan`` (the plan JSON the CLI reads), and
-Hypothesis. ``pytest_mnnvl.strategies`` will carry ready-made strategies; the small one below is
+Hypothesis. ``pytest_mnnvl.conformance.strategies`` will carry ready-made strategies; the small one below is
 the same idea. When a test fails it saves the plan and prints the ``python -m pytest_mnnvl``
 commands that explain and reproduce it.
 """
@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pytest_mnnvl import model_plans
-from pytest_mnnvl.layers import SUPPORTED_KERNEL_TOP_K, LayerSpec, ModelPlan, QuantFormat
+from pytest_mnnvl.model import plans as model_plans
+from pytest_mnnvl.model.layers import SUPPORTED_KERNEL_TOP_K, LayerSpec, ModelPlan, QuantFormat
 
 #: The real-model plans shipped with pytest-mnnvl (this directory's ``plans`` links to them in a clone).
 PLANS = model_plans.PLANS_DIR
@@ -44,7 +44,7 @@ def initialize_each_layer(ctx: Any, factory: Any, plan: ModelPlan) -> list[dict[
     larger layer). All ranks of the EP group agree on each outcome before going on."""
     import torch.distributed as dist
 
-    from pytest_mnnvl.roundtrip import round_trip
+    from pytest_mnnvl.conformance.roundtrip import round_trip
 
     adapter = factory.adapter(factory(ctx.cpu_group))
     seen: list[dict[str, Any]] = []

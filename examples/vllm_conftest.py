@@ -79,7 +79,7 @@ def vllm_manager() -> Any:
 @pytest.fixture
 def nvfp4_then_bf16() -> list[Any]:
     """The plan of the field failure: NVFP4 decoder layers, then a bf16 MTP head (FACTS §1 sizes)."""
-    from pytest_mnnvl.layers import LayerSpec, QuantFormat
+    from pytest_mnnvl.model.layers import LayerSpec, QuantFormat
 
     return [
         LayerSpec(quant, hidden_size=4096, top_k=2, num_experts=8, max_num_tokens=256, name=name)
@@ -93,8 +93,8 @@ def example_plan() -> Any:
     list-plans`` names them), or ``NAME.json`` from ``directory``."""
     from pathlib import Path
 
-    from pytest_mnnvl import model_plans
-    from pytest_mnnvl.layers import ModelPlan
+    from pytest_mnnvl.model import plans as model_plans
+    from pytest_mnnvl.model.layers import ModelPlan
 
     def load(name: str, directory: str | None = None) -> ModelPlan:
         base = Path(directory) if directory else model_plans.PLANS_DIR

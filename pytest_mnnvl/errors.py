@@ -81,7 +81,7 @@ class WorldTimeout(MnnvlError):
 
     Never raised itself: the verdict is one of its two subclasses, :class:`WorldDeadlock` (some rank waits for
     a peer that will not come) or :class:`WorldTooSlow` (every rank still running computes, or waits for one
-    that does: :mod:`pytest_mnnvl.stall`). Catch this class for "did not finish in time", whatever the cause.
+    that does: :mod:`pytest_mnnvl.worlds.stall`). Catch this class for "did not finish in time", whatever the cause.
     """
 
     def __init__(

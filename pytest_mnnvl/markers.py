@@ -1,7 +1,7 @@
 """The plugin's markers: their signatures, argument checks and the skip reasons they give.
 
 Decided in the pytest process, never initialising CUDA: GPU facts come from
-:mod:`pytest_mnnvl.capabilities` (NVML and ``CUDA_VISIBLE_DEVICES``).
+:mod:`pytest_mnnvl.probes.capabilities` (NVML and ``CUDA_VISIBLE_DEVICES``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_mnnvl.errors import MnnvlUsageError
-from pytest_mnnvl.sharing import RanksPerGpu
+from pytest_mnnvl.worlds.sharing import RanksPerGpu
 
 #: Marker lines for ``config.addinivalue_line("markers", ...)``.
 MARKER_LINES = (
@@ -76,7 +76,7 @@ def skip_reason(
     """Why a test carrying marker ``name`` cannot run here, or ``None`` when it can. ``ranks_per_gpu`` is
     ``--mnnvl-ranks-per-gpu``: in shared mode one GPU serves a whole world (``requires_multi_gpu(n)`` still
     counts physical GPUs)."""
-    from pytest_mnnvl import capabilities
+    from pytest_mnnvl.probes import capabilities
 
     if name == "requires_multi_gpu":
         return capabilities.missing_for_multi_gpu(parse_gpu_count(args, kwargs))

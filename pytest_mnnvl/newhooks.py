@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from pytest_mnnvl.pool import WorldSpec
+    from pytest_mnnvl.worlds.pool import WorldSpec
 
 
 @pytest.hookspec(firstresult=True)

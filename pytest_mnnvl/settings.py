@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pytest_mnnvl.backends import BACKEND_CHOICES
 from pytest_mnnvl.errors import MnnvlUsageError
-from pytest_mnnvl.sharing import AUTO, RanksPerGpu
+from pytest_mnnvl.worlds.sharing import AUTO, RanksPerGpu
 
-BACKEND_CHOICES = ("auto", "sim", "flashinfer")
 LAUNCHER_CHOICES = ("spawn", "torchrun")
 MPS_CHOICES = ("auto", "off", "start")
 #: What a torchrun worker finds in its environment and a torchrun session cannot do without.
@@ -71,6 +71,45 @@ STARTUP_TIMEOUT_HELP = (
 
 
 @dataclass(frozen=True)
+class Option:
+    """One ``--mnnvl-*`` option and its ini twin: the one place each is named, for ``pytest_addoption`` and for
+    :func:`from_config` alike (``name`` is the dest and the ini key; the flag is it with dashes)."""
+
+    name: str
+    metavar: str | None
+    help: str
+    #: A flag (``store_true``); its ini twin is read as a boolean.
+    flag: bool = False
+    #: The ini value's type: ``paths`` makes a relative path relative to the ini file.
+    ini_type: str | None = None
+
+    @property
+    def flag_text(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+WAIVERS_HELP = (
+    "JSON or TOML file of waivers: known failures (by invariant or test id, manager glob, reason, expiry date) "
+    "reported as xfailed instead of failing the run."
+)
+OPTIONS = (
+    Option("mnnvl_backend", "auto|sim|flashinfer", BACKEND_HELP),
+    Option("mnnvl_timeout", "SECONDS", TIMEOUT_HELP),
+    Option("mnnvl_strict", None, STRICT_HELP, flag=True),
+    Option("mnnvl_world_sizes", "N[,N…]", WORLD_SIZES_HELP),
+    Option("mnnvl_pp", "N[,N…]", PP_HELP),
+    Option("mnnvl_report", "PATH", REPORT_HELP),
+    Option("mnnvl_manager", "SPEC", MANAGER_HELP),
+    Option("mnnvl_warm_worlds", "N", WARM_WORLDS_HELP),
+    Option("mnnvl_startup_timeout", "SECONDS", STARTUP_TIMEOUT_HELP),
+    Option("mnnvl_launcher", "spawn|torchrun", LAUNCHER_HELP),
+    Option("mnnvl_waivers", "FILE", WAIVERS_HELP, ini_type="paths"),
+    Option("mnnvl_ranks_per_gpu", "N|auto", RANKS_PER_GPU_HELP),
+    Option("mnnvl_mps", "auto|off|start", MPS_HELP),
+)
+
+
+@dataclass(frozen=True)
 class Settings:
     backend: str = "auto"
     timeout: float = DEFAULT_TIMEOUT_S
@@ -82,11 +121,11 @@ class Settings:
     warm_worlds: int = 2
     startup_timeout: float | None = None
     launcher: str = "spawn"
-    #: ``--mnnvl-waivers`` (read and validated by :mod:`pytest_mnnvl.waivers` at configure time).
+    #: ``--mnnvl-waivers`` (read and validated by :mod:`pytest_mnnvl.conformance.waivers` at configure time).
     waivers: str | None = None
-    #: ``--mnnvl-ranks-per-gpu``: an integer >= 1 or ``"auto"`` (:mod:`pytest_mnnvl.sharing`).
+    #: ``--mnnvl-ranks-per-gpu``: an integer >= 1 or ``"auto"`` (:mod:`pytest_mnnvl.worlds.sharing`).
     ranks_per_gpu: RanksPerGpu = 1
-    #: ``--mnnvl-mps``: one of :data:`MPS_CHOICES` (:mod:`pytest_mnnvl.mps`).
+    #: ``--mnnvl-mps``: one of :data:`MPS_CHOICES` (:mod:`pytest_mnnvl.worlds.mps`).
     mps: str = "auto"
     #: What the session should be warned about (a given PP size that no topology uses).
     notices: tuple[str, ...] = ()
@@ -235,30 +274,33 @@ def from_config(getoption: Any, getini: Any, environ: Mapping[str, str] | None =
     """Build :class:`Settings` from pytest's ``config.getoption``/``config.getini`` (and torchrun's environment)."""
     environ = os.environ if environ is None else environ
 
-    def pick(option: str, ini: str) -> Any:
-        value = getoption(option)
+    def pick(option: Option) -> Any:
+        value = getoption(option.name)
+        if option.flag:
+            return bool(value) or parse_bool(getini(option.name) or False, option.name)
         if value is None:
-            value = getini(ini)
+            value = getini(option.name)
             if value in ("", None, []):
                 return None
         return value
 
-    backend = pick("mnnvl_backend", "mnnvl_backend")
-    timeout = pick("mnnvl_timeout", "mnnvl_timeout")
-    world_sizes = pick("mnnvl_world_sizes", "mnnvl_world_sizes")
-    pp = pick("mnnvl_pp", "mnnvl_pp")
-    manager = pick("mnnvl_manager", "mnnvl_manager")
-    report = pick("mnnvl_report", "mnnvl_report")
-    warm = pick("mnnvl_warm_worlds", "mnnvl_warm_worlds")
-    startup = pick("mnnvl_startup_timeout", "mnnvl_startup_timeout")
-    waivers = pick("mnnvl_waivers", "mnnvl_waivers")
-    launcher = parse_launcher(str(pick("mnnvl_launcher", "mnnvl_launcher") or "spawn"), environ)
-    ranks_per_gpu = pick("mnnvl_ranks_per_gpu", "mnnvl_ranks_per_gpu")
-    mps = pick("mnnvl_mps", "mnnvl_mps")
+    given = {option.name: pick(option) for option in OPTIONS}
+    backend = given["mnnvl_backend"]
+    timeout = given["mnnvl_timeout"]
+    world_sizes = given["mnnvl_world_sizes"]
+    pp = given["mnnvl_pp"]
+    manager = given["mnnvl_manager"]
+    report = given["mnnvl_report"]
+    warm = given["mnnvl_warm_worlds"]
+    startup = given["mnnvl_startup_timeout"]
+    waivers = given["mnnvl_waivers"]
+    launcher = parse_launcher(str(given["mnnvl_launcher"] or "spawn"), environ)
+    ranks_per_gpu = given["mnnvl_ranks_per_gpu"]
+    mps = given["mnnvl_mps"]
+    strict = given["mnnvl_strict"]
     if launcher == "torchrun" and world_sizes is None:
         # Under torchrun the one world there is has torchrun's size.
         world_sizes = environ["WORLD_SIZE"]
-    strict = getoption("mnnvl_strict") or parse_bool(getini("mnnvl_strict") or False, "mnnvl_strict")
     settings = Settings(
         backend=parse_backend(backend) if backend is not None else "auto",
         timeout=parse_timeout(timeout) if timeout is not None else DEFAULT_TIMEOUT_S,

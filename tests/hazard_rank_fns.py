@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pytest_mnnvl.layers import LayerSpec
+from pytest_mnnvl.model.layers import LayerSpec
 
 #: How the two round trips are separated.
 SYNCS = ("none", "barrier", "all_gather", "harness_gather", "broadcast")
@@ -16,7 +16,7 @@ def two_round_trips(ctx: Any, first: LayerSpec, second: LayerSpec, sync: str, re
     import torch.distributed as dist
 
     from pytest_mnnvl.backends import _hazards
-    from pytest_mnnvl.roundtrip import build_alltoall, round_trip
+    from pytest_mnnvl.conformance.roundtrip import build_alltoall, round_trip
 
     errors: list[str | None] = []
     for _ in range(repeats):
@@ -50,7 +50,7 @@ def two_round_trips(ctx: Any, first: LayerSpec, second: LayerSpec, sync: str, re
 
 def _union_handle(ctx: Any, layers: list[LayerSpec]) -> Any:
     """FlashInfer 0.7.4's handle for the per-dimension union of ``layers`` (0.7.4 takes no byte size)."""
-    from pytest_mnnvl.roundtrip import build_alltoall
+    from pytest_mnnvl.conformance.roundtrip import build_alltoall
 
     return build_alltoall(
         ctx,
@@ -84,7 +84,7 @@ def v074_two_layouts(ctx: Any, first: LayerSpec, second: LayerSpec, repeats: int
     order between them, ``repeats`` times; the error each second round trip raised (or None)."""
     import torch.distributed as dist
 
-    from pytest_mnnvl.roundtrip import round_trip
+    from pytest_mnnvl.conformance.roundtrip import round_trip
 
     errors = []
     for _ in range(repeats):
@@ -105,8 +105,8 @@ def v074_reinitialize(ctx: Any, layer: LayerSpec, sync: str) -> str | None:
     the mutant ``reinitializes_live_workspace`` does); what the re-initialize raised on this rank (or None)."""
     import torch.distributed as dist
 
+    from pytest_mnnvl.conformance.roundtrip import round_trip
     from pytest_mnnvl.managers import handles
-    from pytest_mnnvl.roundtrip import round_trip
 
     a2a = _union_handle(ctx, [layer])
     try:

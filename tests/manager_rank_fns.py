@@ -1,6 +1,6 @@
 """What the manager tests share: small layers, plans as JSON, and readers of rank results.
 
-The rank functions themselves are the conformance suite's (:mod:`pytest_mnnvl.conformance_rank`:
+The rank functions themselves are the conformance suite's (:mod:`pytest_mnnvl.conformance.rank`:
 ``run_plan``, ``mismatch``, ``failed_rebuild``), so these tests exercise the very code that judges
 vendors' managers. What stays here is test-specific: the layer geometry (small, so the sim's host
 kernels stay fast), :func:`first_error`, which finds the first thing that went wrong in a
@@ -13,8 +13,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from pytest_mnnvl.layers import LayerSpec, ModelPlan
 from pytest_mnnvl.managers import ManagerFactory
+from pytest_mnnvl.model.layers import LayerSpec, ModelPlan
 
 H, K, E, T = 512, 2, 8, 32
 NV = LayerSpec("nvfp4", H, K, E, T, name="nv")
@@ -88,7 +88,7 @@ def require_sim(config: Any) -> None:
     """Skip unless this run's backend is the sim (the expectations here are the sim's arithmetic)."""
     import pytest
 
-    from pytest_mnnvl.plugin import resolve_backend
+    from pytest_mnnvl.session import resolve_backend
 
     backend = resolve_backend(config)
     if backend != "sim":

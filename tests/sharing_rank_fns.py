@@ -11,7 +11,7 @@ def shared_world_groups(ctx: Any) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from pytest_mnnvl.topology import Layout, build_groups
+    from pytest_mnnvl.worlds.layout import Layout, build_groups
 
     ep_group, cpu_group, world_group = build_groups(Layout(ctx.world_size, ctx.pp_size), ctx.rank, True, shared=True)
     total = torch.tensor([ctx.rank])

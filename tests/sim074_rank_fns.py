@@ -90,7 +90,7 @@ def round_trip(ctx: Any, num_experts: int, top_k: int, tokens: int, hidden: int,
     """Dispatch, check every delivered row, combine ones and scaled outputs, check the layout."""
     import torch.distributed as dist
 
-    from pytest_mnnvl import sizing_v074
+    from pytest_mnnvl.model import sizing_v074
 
     ep, me = ctx.ep_size, ctx.ep_rank
     eplb = options.get("eplb_stats_num_experts", 0)
@@ -223,7 +223,7 @@ def runtime_over_capacity(ctx: Any) -> dict[str, Any]:
 
 def destroy_frees(ctx: Any) -> dict[str, Any]:
     """Two instances of one layout share a workspace; the last ``destroy()`` (and last view) frees it."""
-    from pytest_mnnvl import audit
+    from pytest_mnnvl.worlds import audit
 
     out: dict[str, Any] = {"start": workspace_state()}
     with audit.recording() as calls:

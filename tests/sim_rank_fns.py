@@ -171,8 +171,8 @@ def round_trip(ctx: Any, num_experts: int, top_k: int, hidden: int, max_tokens: 
     """Dispatch three payloads, check every byte lands at the right rank, combine, check the sums."""
     import torch.distributed as dist
 
-    from pytest_mnnvl import sizing
     from pytest_mnnvl.backends.sim import moe_a2a_get_workspace_size_per_rank
+    from pytest_mnnvl.model import sizing
 
     ep, me = ctx.ep_size, ctx.ep_rank
     ws = moe_a2a_get_workspace_size_per_rank(ep, max_tokens, hidden * 2 + top_k * 8, hidden * 2)

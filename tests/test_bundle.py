@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mnnvl import bundle
+from pytest_mnnvl.cli import bundle
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_trim_and_restore_the_installed_flashinfer(tmp_path: Path) -> None:
 
 def test_restore_refuses_a_folder_without_a_bundle(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "pytest_mnnvl.bundle", "restore", str(tmp_path), "--into", str(tmp_path / "x")],
+        [sys.executable, "-m", "pytest_mnnvl.cli.bundle", "restore", str(tmp_path), "--into", str(tmp_path / "x")],
         capture_output=True,
         text=True,
         check=False,

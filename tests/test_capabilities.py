@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import capabilities as cap
-from pytest_mnnvl.capabilities import (
+from pytest_mnnvl.probes import capabilities as cap
+from pytest_mnnvl.probes.capabilities import (
     FabricState,
     FlashInferInfo,
     GpuInventory,
@@ -578,10 +578,10 @@ def test_header_with_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_import_is_light() -> None:
-    code = "import pytest_mnnvl.capabilities"
+    code = "import pytest_mnnvl.probes.capabilities"
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
-    assert "pytest_mnnvl.capabilities" in imported
+    assert "pytest_mnnvl.probes.capabilities" in imported
     heavy = {m for m in imported if m.split(".")[0] in {"torch", "flashinfer", "pynvml", "hypothesis"}}
     assert heavy == set()
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import sizing
-from pytest_mnnvl.layers import LayerSpec, ModelPlan, QuantFormat
+from pytest_mnnvl.model import sizing
+from pytest_mnnvl.model.layers import LayerSpec, ModelPlan, QuantFormat
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANS = ROOT / "examples" / "plans"
@@ -455,7 +455,7 @@ def test_bad_arguments(case: str) -> None:
 
 
 def test_flashinfer_backend_without_gpus_is_a_usage_error() -> None:
-    from pytest_mnnvl import capabilities
+    from pytest_mnnvl.probes import capabilities
 
     if capabilities.missing_for_one_sided(2) is None:
         pytest.skip("this machine can run the flashinfer backend")

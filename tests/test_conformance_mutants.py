@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import releases
 from pytest_mnnvl.managers import MUTANT_NAMES
 from pytest_mnnvl.managers.mutants import MUTANTS
+from pytest_mnnvl.model import releases
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "conformance" / "test_invariants.py"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mnnvl.layers import ModelPlan
+from pytest_mnnvl.model.layers import ModelPlan
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "conformance" / "test_invariants.py"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import sizing
+from pytest_mnnvl.model import sizing
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = json.loads((ROOT / "tests/golden/flashinfer_sizes_h100.json").read_text())["points"]

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from pytest_mnnvl import releases
 from pytest_mnnvl.backends import _hazards
-from pytest_mnnvl.layers import LayerSpec
-from pytest_mnnvl.plugin import WorldFactory
+from pytest_mnnvl.model import releases
+from pytest_mnnvl.model.layers import LayerSpec
+from pytest_mnnvl.worlds.factory import WorldFactory
 
 from . import hazard_rank_fns as fns
 

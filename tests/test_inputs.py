@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl.layers import MAX_PLAN_LAYERS
+from pytest_mnnvl.model.layers import MAX_PLAN_LAYERS
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTS_PLAN = ROOT / "examples" / "plans" / "facts-nvfp4-then-bf16.json"

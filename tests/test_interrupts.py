@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mnnvl import pool
+from pytest_mnnvl.worlds import pool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSEEK = ROOT / "examples" / "plans" / "deepseek-v3-r1-nvfp4-mtp.json"
@@ -131,7 +131,7 @@ def assert_nothing_left(tmpdir: Path) -> None:
 
 @pytest.fixture
 def project(pytester: pytest.Pytester) -> Path:
-    pytester.makeconftest('pytest_plugins = ["pytest_mnnvl.conformance_plugin"]\n')
+    pytester.makeconftest('pytest_plugins = ["pytest_mnnvl.conformance.plugin"]\n')
     pytester.makepyfile(test_busy=BUSY_TESTS)
     return pytester.path
 
@@ -343,7 +343,7 @@ def test_reap_keeps_what_it_cannot_prove_dead(tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", ["a directory", "under a file", "unwritable directory"])
 def test_unwritable_report_path_is_a_usage_error_before_any_test(pytester: pytest.Pytester, case: str) -> None:
     ran = pytester.path / "ran.txt"
-    pytester.makeconftest('pytest_plugins = ["pytest_mnnvl.conformance_plugin"]\n')  # a session that writes it
+    pytester.makeconftest('pytest_plugins = ["pytest_mnnvl.conformance.plugin"]\n')  # a session that writes it
     pytester.makepyfile(f"def test_x():\n    open({str(ran)!r}, 'w').close()\n")
     (pytester.path / "a-file").write_text("")
     path, why = {

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from pytest_mnnvl import sizing_v074 as lay
 from pytest_mnnvl.backends import _kernels_v074 as k074
+from pytest_mnnvl.model import sizing_v074 as lay
 
 MODULE = k074.SimNvlinkOneSidedModule()
 

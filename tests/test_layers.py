@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import releases
-from pytest_mnnvl.layers import (
+from pytest_mnnvl.model import releases
+from pytest_mnnvl.model.layers import (
     PLAN_SCHEMA_VERSION,
     SUPPORTED_KERNEL_TOP_K,
     DispatchPayload,
@@ -21,7 +21,7 @@ from pytest_mnnvl.layers import (
     QuantFormat,
     pp_partition,
 )
-from pytest_mnnvl.sizing import MAX_TOP_K
+from pytest_mnnvl.model.sizing import MAX_TOP_K
 
 H = 4096
 
@@ -430,7 +430,7 @@ def test_invalid_json_text() -> None:
 
 def test_the_suite_draws_only_layers_every_release_expresses() -> None:
     """strategies.py's routing shapes, pinned plans and pairs are valid on every supported FlashInfer release."""
-    from pytest_mnnvl import strategies
+    from pytest_mnnvl.conformance import strategies
 
     pinned = [
         layer for pp in (1, 2) for _why, plan in strategies.known_failures(pp) for _s, _i, layer in plan.iter_layers()

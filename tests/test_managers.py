@@ -12,9 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import releases
 from pytest_mnnvl.errors import MnnvlUsageError
-from pytest_mnnvl.layers import LayerSpec
 from pytest_mnnvl.managers import (
     BUILTIN_NAMES,
     MUTANT_NAMES,
@@ -26,6 +24,8 @@ from pytest_mnnvl.managers import (
     vllm_shape_for,
 )
 from pytest_mnnvl.managers.adapters import ShapeError, detect_shape, moe_ep_kwargs, pr42976_kwargs
+from pytest_mnnvl.model import releases
+from pytest_mnnvl.model.layers import LayerSpec
 
 # ---- classes for shape detection -----------------------------------------------------------
 

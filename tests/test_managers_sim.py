@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import releases
-from pytest_mnnvl.conformance_rank import failed_rebuild, mismatch, run_plan
+from pytest_mnnvl.conformance.rank import failed_rebuild, mismatch, run_plan
 from pytest_mnnvl.errors import MnnvlUsageError, WorldDeadlock
-from pytest_mnnvl.layers import LayerSpec
 from pytest_mnnvl.managers import ManagerFactory, mutants, resolve
-from pytest_mnnvl.oracle import need, trajectory
+from pytest_mnnvl.model import releases
+from pytest_mnnvl.model.layers import LayerSpec
+from pytest_mnnvl.model.oracle import need, trajectory
 from tests.manager_rank_fns import (
     BF,
     BF_2T,

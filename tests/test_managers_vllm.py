@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl.conformance_rank import mismatch, run_plan
+from pytest_mnnvl.conformance.rank import mismatch, run_plan
 from pytest_mnnvl.managers import ManagerFactory, installed_vllm, resolve
-from pytest_mnnvl.oracle import trajectory
+from pytest_mnnvl.model.oracle import trajectory
 from tests.manager_rank_fns import BF, GROW_PLAN, NV, NV_2T, NV_TOP4, first_error, layer, plan, raised, require_sim
 
 _FOUND = installed_vllm()

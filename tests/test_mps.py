@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mnnvl import mps
+from pytest_mnnvl.worlds import mps
 from tests.conftest import pid_alive
 
 STAND_IN = '''#!{python}
@@ -302,7 +302,7 @@ def test_xdist_workers_use_the_controllers_daemon(
     pytester.makepyfile(
         """
         import json, os
-        from pytest_mnnvl.plugin import mps_session
+        from pytest_mnnvl.session import mps_session
 
         def _state(request):
             state = json.dumps(mps_session(request.config).state.to_dict())
@@ -364,7 +364,7 @@ def test_gpu_a_sigkilled_session_leaves_no_real_daemon(pytester: pytest.Pytester
     pytester.makepyfile(
         """
         import time
-        from pytest_mnnvl.plugin import mps_session
+        from pytest_mnnvl.session import mps_session
 
         def test_sleeps(request):
             state = mps_session(request.config).state

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_mnnvl import oracle, oracle_v074, releases
-from pytest_mnnvl.layers import LayerSpec
+from pytest_mnnvl.model import oracle, oracle_v074, releases
+from pytest_mnnvl.model.layers import LayerSpec
 
 V072, V074 = releases.V072, releases.V074
 

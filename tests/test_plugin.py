@@ -281,7 +281,7 @@ def test_xdist_workers_each_get_a_pool(pytester: pytest.Pytester) -> None:
 
 def test_plugin_load_imports_no_heavy_modules() -> None:
     code = (
-        "import sys, pytest_mnnvl, pytest_mnnvl.plugin, pytest_mnnvl.capabilities;"
+        "import sys, pytest_mnnvl, pytest_mnnvl.plugin, pytest_mnnvl.probes.capabilities;"
         "heavy = [m for m in ('torch', 'flashinfer', 'hypothesis', 'pynvml', 'numpy') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

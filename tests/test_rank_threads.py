@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mnnvl import threads
+from pytest_mnnvl.worlds import threads
 
 RANKFNS = """
 import os

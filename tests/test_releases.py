@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from pytest_mnnvl import releases
 from pytest_mnnvl.backends import sim
+from pytest_mnnvl.model import releases
 
 
 def test_the_supported_releases_are_the_sims() -> None:

@@ -62,7 +62,7 @@ def _data(**changes: object) -> dict[str, object]:
 def test_write_replaces_the_files_whole_through_a_symlinked_path(tmp_path: Path) -> None:
     """Written through a temporary file and os.replace: the link itself stays a link, the file it points at
     gets the report, its mode is kept, and no temporary file is left."""
-    from pytest_mnnvl import report
+    from pytest_mnnvl.conformance import report
 
     real = tmp_path / "results" / "r.json"
     real.parent.mkdir()
@@ -80,7 +80,7 @@ def test_write_replaces_the_files_whole_through_a_symlinked_path(tmp_path: Path)
 def test_a_report_that_cannot_be_rendered_leaves_the_previous_one_whole(tmp_path: Path) -> None:
     """Both files are rendered before either is replaced: a failure in between leaves the old pair as it was
     (the old write truncated the JSON first, then failed on the Markdown)."""
-    from pytest_mnnvl import report
+    from pytest_mnnvl.conformance import report
 
     path = tmp_path / "r.json"
     report.write(str(path), _data())
@@ -116,7 +116,7 @@ def test_the_markdown_gives_the_counterexample_command_the_session_printed() -> 
         "command": command,
     }
     invariants = {"covers": {"level": "must", "status": "fail", "tests": [], "counterexample": violation}}
-    from pytest_mnnvl import report
+    from pytest_mnnvl.conformance import report
 
     text = report.markdown(_data(invariants=invariants))
     assert f"- plan file: `/tmp/ce/c.json` (`{command}`)" in text

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pytest_mnnvl.roundtrip import same_rows  # noqa: E402
+from pytest_mnnvl.conformance.roundtrip import same_rows  # noqa: E402
 
 
 def rows(n: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -41,7 +41,7 @@ def test_bytes_swapped_within_a_row_are_a_mismatch() -> None:
 
 # ---- the mismatch messages: where the data differs, not the first values (often right) ----------------------
 
-from pytest_mnnvl.roundtrip import combine_mismatch, dispatch_mismatch  # noqa: E402
+from pytest_mnnvl.conformance.roundtrip import combine_mismatch, dispatch_mismatch  # noqa: E402
 
 
 def test_a_right_combine_has_no_message() -> None:

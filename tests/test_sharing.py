@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mnnvl import capabilities as cap
 from pytest_mnnvl.errors import MnnvlUsageError
-from pytest_mnnvl.pool import World, WorldSpec
-from pytest_mnnvl.sharing import (
+from pytest_mnnvl.probes import capabilities as cap
+from pytest_mnnvl.worlds.layout import Layout
+from pytest_mnnvl.worlds.pool import World, WorldSpec
+from pytest_mnnvl.worlds.sharing import (
     NVLINK_NOT_EXERCISED,
     GpuPlan,
     SharingSummary,
@@ -23,7 +24,6 @@ from pytest_mnnvl.sharing import (
     group_backends,
     plan_gpus,
 )
-from pytest_mnnvl.topology import Layout
 
 GPUS = ["GPU-a", "GPU-b", "GPU-c", "GPU-d"]
 
@@ -201,7 +201,7 @@ def test_sharing_summary() -> None:
 
 
 def test_the_markdown_report_says_where_the_ranks_ran() -> None:
-    from pytest_mnnvl import report
+    from pytest_mnnvl.conformance import report
 
     one = GpuPlan(4, ("GPU-a",), 4)
     summary = SharingSummary(

@@ -19,7 +19,7 @@ from . import sim_rank_fns as fns
 from .conftest import pid_alive
 
 if TYPE_CHECKING:
-    from pytest_mnnvl.plugin import WorldFactory
+    from pytest_mnnvl.worlds.factory import WorldFactory
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

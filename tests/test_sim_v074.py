@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_mnnvl import sizing_v074
+from pytest_mnnvl.model import sizing_v074
 
 from . import sim074_rank_fns as fns
 
 if TYPE_CHECKING:
-    from pytest_mnnvl.plugin import WorldFactory
+    from pytest_mnnvl.worlds.factory import WorldFactory
 
 
 def _installed() -> str | None:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import sizing
-from pytest_mnnvl.layers import LayerSpec, QuantFormat
-from pytest_mnnvl.sizing import (
+from pytest_mnnvl.model import sizing
+from pytest_mnnvl.model.layers import LayerSpec, QuantFormat
+from pytest_mnnvl.model.sizing import (
     WorkspaceGeometry,
     align,
     aux_offsets,
@@ -411,7 +411,7 @@ def test_round_trip_function_matches_geometry(table_geometry: WorkspaceGeometry)
 
 def test_modules_import_no_heavy_packages() -> None:
     code = (
-        "import sys, pytest_mnnvl.sizing, pytest_mnnvl.layers\n"
+        "import sys, pytest_mnnvl.model.sizing, pytest_mnnvl.model.layers\n"
         "bad = [m for m in ('torch', 'flashinfer', 'hypothesis') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_mnnvl import sizing_v074 as s
+from pytest_mnnvl.model import sizing_v074 as s
 
 
 def test_metainfo_names_are_flashinfers_order() -> None:

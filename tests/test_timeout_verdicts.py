@@ -199,7 +199,8 @@ def test_it(mnnvl_world):
 FLAG_WAIT = """
 import sys, threading, time
 import torch
-from pytest_mnnvl import audit, sizing
+from pytest_mnnvl.worlds import audit
+from pytest_mnnvl.model import sizing
 from pytest_mnnvl.backends import _kernels, _kernels_v074
 
 status, kernel, group = sys.argv[1], sys.argv[2], [int(r) for r in sys.argv[3].split(",") if r]
@@ -388,22 +389,22 @@ def test_torchrun_ranks_tell_slow_from_deadlocked_and_keep_torchruns_thread_coun
 
 
 def _collective(name: str, group: tuple[int, ...]) -> Any:
-    from pytest_mnnvl.audit import Wait, WaitKind
+    from pytest_mnnvl.worlds.audit import Wait, WaitKind
 
     return Wait(WaitKind.COLLECTIVE, f"torch.distributed.{name}(group={list(group)})", group)
 
 
 def _flag(peers: tuple[int, ...] | None) -> Any:
-    from pytest_mnnvl.audit import Wait, WaitKind
+    from pytest_mnnvl.worlds.audit import Wait, WaitKind
 
     return Wait(WaitKind.PEER_FLAG, f"the sim dispatch kernel's wait for {peers}", peers)
 
 
 def test_the_verdict_rules_on_recorded_states() -> None:
-    """The rules of pytest_mnnvl.stall on states as the pool records them (the sessions above show each one
+    """The rules of pytest_mnnvl.worlds.stall on states as the pool records them (the sessions above show each one
     arising for real; these are the combinations too slow or too rare to stage)."""
     from pytest_mnnvl.errors import PythonFrame, WorldDeadlock, WorldTooSlow
-    from pytest_mnnvl.stall import RankAtDeadline, diagnose
+    from pytest_mnnvl.worlds.stall import RankAtDeadline, diagnose
 
     busy = PythonFrame("/x/kernels.py", 7, "combine")
 

@@ -31,19 +31,19 @@ pytestmark = pytest.mark.slow
 RECORDER = """
 import json, os
 
-import pytest_mnnvl.report
+import pytest_mnnvl.conformance.report
 
 def _path(kind):
     return os.path.join(os.environ["MNNVL_TEST_OUT"], f"{kind}-rank{os.environ['RANK']}.jsonl")
 
-_write = pytest_mnnvl.report.write
+_write = pytest_mnnvl.conformance.report.write
 
 def _logged_write(path, data):
     with open(_path("report"), "a") as f:
         f.write(json.dumps(path) + "\\n")
     return _write(path, data)
 
-pytest_mnnvl.report.write = _logged_write
+pytest_mnnvl.conformance.report.write = _logged_write
 
 def pytest_sessionstart(session):
     with open(_path("pid"), "a") as f:
@@ -233,7 +233,7 @@ def test_four_ranks_agree_and_rank_0_writes_report_and_junit(inner: pytest.Pytes
     run = torchrun(
         inner,
         "-p",
-        "pytest_mnnvl.conformance_plugin",
+        "pytest_mnnvl.conformance.plugin",
         "--mnnvl-pp=1,2",
         f"--mnnvl-report={report}",
         f"--junitxml={junit}",
@@ -381,7 +381,7 @@ def test_deadlock_and_python_hang_are_reported_by_the_peers(inner: pytest.Pytest
 def test_rank_crash_stops_the_session_with_a_verdict(inner: pytest.Pytester) -> None:
     inner.makepyfile(test_crash=CRASH_TESTS)
     report, junit = inner.path / "report.json", inner.path / "junit.xml"
-    run = torchrun(inner, "-p", "pytest_mnnvl.conformance_plugin", f"--mnnvl-report={report}", f"--junitxml={junit}")
+    run = torchrun(inner, "-p", "pytest_mnnvl.conformance.plugin", f"--mnnvl-report={report}", f"--junitxml={junit}")
     assert run.ret != 0
     run.lines.fnmatch_lines(["*RankCrashed: rank 1 crashed (exit status: see torchrun's log) during rank_one_exits()*"])
     for rank in (0, 2, 3):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import waivers
+from pytest_mnnvl.conformance import waivers
 from pytest_mnnvl.errors import MnnvlUsageError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_mnnvl.audit import SYNCHRONISING
+from pytest_mnnvl.worlds.audit import SYNCHRONISING
 
 from ._shm import SIDECAR_BYTES, sidecar_at
 

@@ -33,8 +33,7 @@ from typing import Any
 
 import torch
 
-from pytest_mnnvl import audit
-from pytest_mnnvl.sizing import (
+from pytest_mnnvl.model.sizing import (
     COMBINE_SIZE_CONDITION,
     COMBINE_SIZE_DETAIL,
     DISPATCH_SIZE_CONDITION,
@@ -47,6 +46,7 @@ from pytest_mnnvl.sizing import (
     check_failed_message,
     dispatch_size_detail,
 )
+from pytest_mnnvl.worlds import audit
 
 from . import _hazards
 from ._shm import memory_fence
@@ -79,7 +79,7 @@ def set_ep_group_ranks(ranks: Sequence[int]) -> None:
 
 
 def announce_wait(phase: str, me: int, pending: Sequence[int], ep: int) -> None:
-    """Write to the rank's status (:mod:`pytest_mnnvl.audit`) whose ``phase`` completion flags this rank still
+    """Write to the rank's status (:mod:`pytest_mnnvl.worlds.audit`) whose ``phase`` completion flags this rank still
     waits for: at a timeout the pool reads it, and a rank spinning on a peer's flag is waiting for that peer,
     not computing. Global ranks when the workspace spans this rank's EP group, else EP ranks only."""
     if len(_ep_group_ranks) == ep and 0 <= me < ep:

@@ -7,7 +7,7 @@ helpers are shared with the 0.7.2 twin in :mod:`._kernels`), then a host "kernel
 real bytes between the ranks' rows at 0.7.4's offsets (``nvlink_one_sided_alltoall.cu``,
 ``moeAlltoAllKernels.cu``):
 
-* The layout is fixed at allocation (:mod:`pytest_mnnvl.sizing_v074`): dispatch receives into
+* The layout is fixed at allocation (:mod:`pytest_mnnvl.model.sizing_v074`): dispatch receives into
   a fixed-capacity region, combine stages into a fixed region, and every offset dispatch
   returns is relative to the rank's row.
 * ``flag_val`` advances twice per round (``2N+1`` dispatch, ``2N+2`` combine); its round parity
@@ -42,9 +42,9 @@ from collections.abc import Sequence
 
 import torch
 
-from pytest_mnnvl import audit
-from pytest_mnnvl import sizing_v074 as lay
-from pytest_mnnvl.sizing_v074 import WorkspaceLayout
+from pytest_mnnvl.model import sizing_v074 as lay
+from pytest_mnnvl.model.sizing_v074 import WorkspaceLayout
+from pytest_mnnvl.worlds import audit
 
 from . import _hazards, _kernels
 from ._kernels import (

@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pytest_mnnvl import sizing_v074
+from pytest_mnnvl.model import sizing_v074
 
 _A2A_MODULE = "flashinfer.comm.trtllm_moe_alltoall"
 _ONE_SIDED_MODULE = "flashinfer.moe_ep.backends.split.comm.nvlink_one_sided.communication"

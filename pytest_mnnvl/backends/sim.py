@@ -51,8 +51,8 @@ exists.
 
 After :func:`install`, this module exposes FlashInfer's ``MoeAlltoAll`` (0.7.2.post1 only),
 ``Mapping``, ``MnnvlConfig`` and ``moe_a2a_get_workspace_size_per_rank``; the last is 0.7.2.post1's
-arithmetic and also works outside ranks, without install or FlashInfer (:mod:`pytest_mnnvl.sizing`;
-0.7.4's is :mod:`pytest_mnnvl.sizing_v074`).
+arithmetic and also works outside ranks, without install or FlashInfer (:mod:`pytest_mnnvl.model.sizing`;
+0.7.4's is :mod:`pytest_mnnvl.model.sizing_v074`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ import os
 from types import ModuleType
 from typing import Any
 
-from pytest_mnnvl import sizing
+from pytest_mnnvl.model import sizing
 
 from . import _sim_v072, _sim_v074
 
@@ -179,7 +179,7 @@ def install(ctx: Any) -> None:
         )
     import flashinfer.comm.mnnvl as mnnvl
 
-    from pytest_mnnvl import audit
+    from pytest_mnnvl.worlds import audit
 
     from . import _driver, _hazards, _kernels, _shm
 

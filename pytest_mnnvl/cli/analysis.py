@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from pytest_mnnvl import sizing
 from pytest_mnnvl.cli.inputs import LoadedPlan, stage_shape_error
 from pytest_mnnvl.cli.policy import ManagerModel
-from pytest_mnnvl.layers import LayerSpec
-from pytest_mnnvl.oracle import trajectory
+from pytest_mnnvl.model import sizing
+from pytest_mnnvl.model.layers import LayerSpec
+from pytest_mnnvl.model.oracle import trajectory
 
 Verdict = Literal["ok", "refused", "unreached", "tokens", "misaligned", "dispatch", "combine"]
 #: What a verdict means, for tables and JSON readers.
@@ -188,7 +188,7 @@ def first_failing_tokens(layer: LayerSpec, geometry: sizing.WorkspaceGeometry) -
     """Smallest runtime token count in ``1..layer.max_num_tokens`` at which the round trip fails.
 
     Alignment depends on ``ep * T * bytes`` only through divisibility, so it fails at ``T = 1`` or
-    never; the size checks grow with ``T`` (bisection in :mod:`pytest_mnnvl.sizing`); beyond the
+    never; the size checks grow with ``T`` (bisection in :mod:`pytest_mnnvl.model.sizing`); beyond the
     handle's max tokens the Python assert fires.
     """
     if sizing.misaligned_payload_error(

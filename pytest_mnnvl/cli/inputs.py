@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_mnnvl import sizing
-from pytest_mnnvl.layers import LayerSpec, LayerSpecError, ModelPlan, PlanError
+from pytest_mnnvl.model import sizing
+from pytest_mnnvl.model.layers import LayerSpec, LayerSpecError, ModelPlan, PlanError
 
 #: Exit statuses shared by every command.
 EXIT_OK = 0
@@ -54,7 +54,7 @@ def _entry_paths(prefix: str, entries: Any) -> list[str]:
 def plan_path(text: str) -> str:
     """A plan argument as a file path: a packaged plan's name (no separator, no ``.json``) is that plan's file; a
     path is itself. A name that no packaged plan has and no file has is an error listing the packaged ones."""
-    from pytest_mnnvl import model_plans
+    from pytest_mnnvl.model import plans as model_plans
 
     if not model_plans.looks_like_name(text):
         return text

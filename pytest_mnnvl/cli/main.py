@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from pytest_mnnvl.backends import SESSION_BACKENDS
 from pytest_mnnvl.cli.inputs import (
     EXIT_FAILS,
     EXIT_OK,
@@ -28,7 +29,7 @@ from pytest_mnnvl.cli.inputs import (
 )
 from pytest_mnnvl.cli.policy import SPEC_HELP, resolve_model
 from pytest_mnnvl.errors import MnnvlUsageError
-from pytest_mnnvl.oracle import POLICIES
+from pytest_mnnvl.model.oracle import POLICIES
 from pytest_mnnvl.settings import (
     MAX_TIMEOUT_S,
     MAX_WORLD_SIZE,
@@ -37,7 +38,7 @@ from pytest_mnnvl.settings import (
     parse_ranks_per_gpu,
     timeout_range,
 )
-from pytest_mnnvl.sharing import RanksPerGpu
+from pytest_mnnvl.worlds.sharing import RanksPerGpu
 
 PROG = "python -m pytest_mnnvl"
 DEFAULT_EP = 2
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 0: no failure; 1: a failure reproduced; 2: bad input; 3: the world itself failed.",
     )
     _common(repro, stage=False)
-    repro.add_argument("--backend", choices=("sim", "flashinfer"), default="sim", help="rank backend (default sim)")
+    repro.add_argument("--backend", choices=SESSION_BACKENDS, default="sim", help="rank backend (default sim)")
     repro.add_argument(
         "--ranks-per-gpu",
         type=_ranks_per_gpu,
@@ -228,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _list_plans(as_json: bool) -> int:
-    from pytest_mnnvl import model_plans
+    from pytest_mnnvl.model import plans as model_plans
 
     plans = model_plans.catalog()
     if as_json:
@@ -246,9 +247,9 @@ def _list_plans(as_json: bool) -> int:
 
 def run() -> int:
     """``main`` for ``python -m``: a closed pipe (``| head``), Ctrl-C or SIGTERM ends quietly, never in a
-    traceback; a signal stops the rank world first (:mod:`pytest_mnnvl.interrupts`) and the status is
+    traceback; a signal stops the rank world first (:mod:`pytest_mnnvl.worlds.interrupts`) and the status is
     128 + its number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal ended."""
-    from pytest_mnnvl import interrupts
+    from pytest_mnnvl.worlds import interrupts
 
     with interrupts.guarded() as guard:
         try:

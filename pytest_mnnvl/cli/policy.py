@@ -1,6 +1,6 @@
 """What a ``--manager`` spec stands for: an oracle policy, or the real manager observed on the sim.
 
-The oracle (:mod:`pytest_mnnvl.oracle`) knows three policies: ``total`` (vLLM PR #42976 / 0.32:
+The oracle (:mod:`pytest_mnnvl.model.oracle`) knows three policies: ``total`` (vLLM PR #42976 / 0.32:
 keep the largest total need), ``per_dimension`` (vLLM 0.33 and the reference manager: largest
 tokens, dispatch and combine bytes, sized for their product) and ``first_call`` (the pre-fix bug:
 the first layer sizes the workspace for good). The built-in specs map onto them:
@@ -25,7 +25,7 @@ from typing import Any
 
 from pytest_mnnvl.cli.inputs import UsageError
 from pytest_mnnvl.errors import MnnvlUsageError
-from pytest_mnnvl.oracle import POLICIES
+from pytest_mnnvl.model.oracle import POLICIES
 
 #: Mutants whose defect is exactly one of the oracle's policies.
 MUTANT_POLICIES = {"first_call_wins": "first_call", "total_need": "total"}

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pytest_mnnvl import sizing
 from pytest_mnnvl.cli.analysis import VERDICT_TEXT, LayerOutcome, PlanWalk, StageWalk
+from pytest_mnnvl.model import sizing
 
 JSON_SCHEMA_VERSION = 1
 

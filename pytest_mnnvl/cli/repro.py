@@ -1,6 +1,6 @@
 """``repro``: the plan run on a real rank world, first failure shown exactly as FlashInfer raises it.
 
-The world has ``ep × pp`` ranks (:mod:`pytest_mnnvl.pool`): ``sim`` runs FlashInfer's own Python on
+The world has ``ep × pp`` ranks (:mod:`pytest_mnnvl.worlds.pool`): ``sim`` runs FlashInfer's own Python on
 CPU ranks, ``flashinfer`` the real thing on GPUs. Every stage initializes its layers in order (the
 MTP head last on the last stage) and round-trips each one at its full token count right after its
 own ``initialize`` (a defect can hide behind a later, larger layer, FACTS §4). The parent drives
@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_mnnvl import sizing
 from pytest_mnnvl.cli import analysis, render, repro_rank
 from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_WORLD, LoadedPlan, UsageError
 from pytest_mnnvl.cli.policy import resolve_factory
 from pytest_mnnvl.errors import MnnvlError, RankError
-from pytest_mnnvl.layers import LayerSpec
-from pytest_mnnvl.sharing import RanksPerGpu
+from pytest_mnnvl.model import sizing
+from pytest_mnnvl.model.layers import LayerSpec
+from pytest_mnnvl.worlds.sharing import RanksPerGpu
 
 #: Seconds a rank world gets to start (spawn, imports, rendezvous), on top of the per-step timeout.
 STARTUP_TIMEOUT_S = 180.0
@@ -85,12 +85,12 @@ def _world(
     """The rank world; on flashinfer its GPUs follow ``ranks_per_gpu`` and its ranks get ``mps``'s environment."""
     import os
 
-    from pytest_mnnvl.pool import World, WorldSpec
+    from pytest_mnnvl.worlds.pool import World, WorldSpec
 
     world_size = ep * loaded.plan.pp
     if backend != "flashinfer":
         return World(WorldSpec(world_size, loaded.plan.pp, backend), timeout, max(STARTUP_TIMEOUT_S, timeout))
-    from pytest_mnnvl import capabilities
+    from pytest_mnnvl.probes import capabilities
 
     _check_gpus(world_size, ranks_per_gpu)
     plan = capabilities.world_gpu_plan(world_size, ranks_per_gpu, capabilities.gpu_inventory(), os.environ)
@@ -101,7 +101,7 @@ def _world(
 
 def _check_gpus(world_size: int, ranks_per_gpu: RanksPerGpu) -> None:
     """A usage error, before anything starts, when FlashInfer cannot run ``world_size`` ranks here."""
-    from pytest_mnnvl import capabilities
+    from pytest_mnnvl.probes import capabilities
 
     missing = capabilities.missing_for_one_sided_shared(world_size, ranks_per_gpu)
     if missing is not None:
@@ -116,7 +116,7 @@ def _open_mps(args: argparse.Namespace) -> Any:
         return None
     import os
 
-    from pytest_mnnvl import mps
+    from pytest_mnnvl.worlds import mps
 
     try:
         return mps.open_session(args.mps, True, os.environ, mps.find_control(), None)
@@ -127,7 +127,7 @@ def _open_mps(args: argparse.Namespace) -> Any:
 def _world_record(world: Any, mps: Any) -> tuple[str, dict[str, Any]] | None:
     """Where the ranks run, on GPUs: ``world: 4 ranks on 1 GPU, MPS off (...); NVLink itself is not exercised``
     and its JSON twin; None on the sim."""
-    from pytest_mnnvl.sharing import NVLINK_NOT_EXERCISED, GpuPlan
+    from pytest_mnnvl.worlds.sharing import NVLINK_NOT_EXERCISED, GpuPlan
 
     spec = world.spec
     if spec.devices is None or mps is None:

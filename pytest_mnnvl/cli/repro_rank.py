@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_mnnvl.layers import LayerSpec
+from pytest_mnnvl.model.layers import LayerSpec
 
 SESSION_KEY = "pytest_mnnvl.cli.repro"
 #: The phase of a failure in :func:`final_pass` (the others: ``initialize``, ``round_trip``).
@@ -55,7 +55,7 @@ def _error(exc: BaseException) -> dict[str, str]:
 
 def _build(ctx: Any, layer: LayerSpec, size_per_rank: int, max_num_tokens: int) -> Any:
     """A ``MoeAlltoAll`` on this rank's EP group with exactly these sizes (the policy driver)."""
-    from pytest_mnnvl.roundtrip import build_alltoall
+    from pytest_mnnvl.conformance.roundtrip import build_alltoall
 
     return build_alltoall(
         ctx,
@@ -109,8 +109,8 @@ def step(
 ) -> dict[str, Any] | None:
     """Initialize layer ``index`` of this rank's stage (``work[stage]``), then round-trip it at its full
     token count. ``None`` when this stage has no such layer or already failed."""
-    from pytest_mnnvl.roundtrip import ep_barrier
-    from pytest_mnnvl.roundtrip import round_trip as do_round_trip
+    from pytest_mnnvl.conformance.roundtrip import ep_barrier
+    from pytest_mnnvl.conformance.roundtrip import round_trip as do_round_trip
 
     s: _Session = ctx.scratch[SESSION_KEY]
     if s.failed or ctx.pp_stage not in work:
@@ -161,7 +161,7 @@ def final_pass(ctx: Any, layers_by_stage: dict[int, tuple[LayerSpec, ...]]) -> d
     handle's max tokens, so a layer that fit its own step can overflow a handle built later). Layers
     already round-tripped on this same handle are not repeated. ``None`` when this stage has nothing to do
     (not in ``layers_by_stage``, or an earlier step failed)."""
-    from pytest_mnnvl.roundtrip import round_trip as do_round_trip
+    from pytest_mnnvl.conformance.roundtrip import round_trip as do_round_trip
 
     s: _Session = ctx.scratch[SESSION_KEY]
     if s.failed or ctx.pp_stage not in layers_by_stage:

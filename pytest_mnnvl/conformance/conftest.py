@@ -4,4 +4,4 @@ file would come too late for the report header and never on an xdist controller,
 
 from __future__ import annotations
 
-pytest_plugins = ["pytest_mnnvl.conformance_plugin"]
+pytest_plugins = ["pytest_mnnvl.conformance.plugin"]

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl import invariants
-from pytest_mnnvl.conformance_plugin import DEADLOCK_TIMEOUT_S, Conformance
-from pytest_mnnvl.plugin import SETTINGS_KEY, Topology
+from pytest_mnnvl.conformance import invariants
+from pytest_mnnvl.conformance.driver import DEADLOCK_TIMEOUT_S, Conformance
+from pytest_mnnvl.session import SETTINGS_KEY
+from pytest_mnnvl.worlds.layout import Topology
 
 
 def _plan_test(invariant: str) -> Any:
@@ -48,8 +49,8 @@ test_minimal_rebuilds = _plan_test("minimal_rebuilds")
 def test_pp_deadlock_freedom(conformance: Conformance, pp_topology: Topology | None) -> None:
     """Stages that rebuild different numbers of times, and a stage without MoE layers, all finish;
     a hang is reported as a deadlock with every rank's stack within the timeout + 2 s."""
-    from pytest_mnnvl import strategies
-    from pytest_mnnvl.conformance_plugin import _Hang
+    from pytest_mnnvl.conformance import strategies
+    from pytest_mnnvl.conformance.driver import _Hang
 
     if pp_topology is None:
         pytest.skip("no topology with PP > 1 in --mnnvl-world-sizes × --mnnvl-pp")
@@ -79,9 +80,9 @@ def _mismatch(
     cls: type[invariants.InvariantViolation],
     env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    from pytest_mnnvl import strategies
-    from pytest_mnnvl.conformance_rank import mismatch
-    from pytest_mnnvl.layers import ModelPlan
+    from pytest_mnnvl.conformance import strategies
+    from pytest_mnnvl.conformance.rank import mismatch
+    from pytest_mnnvl.model.layers import ModelPlan
 
     first, second = strategies.mismatch_pair(field)
     world = conformance.world(topology, env=env) if env else conformance.world(topology)
@@ -103,9 +104,9 @@ def _json(layer: Any) -> str:
 @pytest.mark.conformance("failed_rebuild_consistent")
 def test_failed_rebuild_consistent(conformance: Conformance, mnnvl_topology: Topology) -> None:
     """A rebuild whose allocation fails leaves the previous working state, and a retry works."""
-    from pytest_mnnvl import strategies
-    from pytest_mnnvl.conformance_rank import failed_rebuild
-    from pytest_mnnvl.layers import ModelPlan
+    from pytest_mnnvl.conformance import strategies
+    from pytest_mnnvl.conformance.rank import failed_rebuild
+    from pytest_mnnvl.model.layers import ModelPlan
 
     first, second = strategies.growth_pair()
     results = conformance.world(mnnvl_topology).run(failed_rebuild, conformance.manager, _json(first), _json(second))

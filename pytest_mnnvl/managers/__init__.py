@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pytest_mnnvl.errors import MnnvlUsageError
+from pytest_mnnvl.managers.vllm import VLLM_CLASS
 
 if TYPE_CHECKING:
     from pytest_mnnvl.managers.adapters import ManagerAdapter
@@ -52,8 +53,6 @@ POLICIES = ("total", "per_dimension")
 
 _REFERENCE = ("pytest_mnnvl.managers.reference", "ReferenceManager")
 _MUTANTS_MODULE = "pytest_mnnvl.managers.mutants"
-#: vLLM's class; imported inside ranks only, after :mod:`pytest_mnnvl.managers.vllm` brought it up.
-VLLM_CLASS = ("vllm.distributed.device_communicators.all2all", "FlashInferNVLinkOneSidedManager")
 INSTALL_HINT = (
     "install it into a separate venv with `pytest_mnnvl/managers/install_vllm.sh 0.33.0 VENV REPO` "
     "(or 0.32.0), then run pytest from that venv"
@@ -108,8 +107,8 @@ class ManagerFactory:
 def _choices() -> str:
     names, where = list(MUTANT_NAMES), ""
     try:  # only the mutants whose defect can exist on the installed FlashInfer
-        from pytest_mnnvl import releases
         from pytest_mnnvl.managers import mutants as catalog
+        from pytest_mnnvl.model import releases
 
         release = releases.current()
         names, where = [n for n in MUTANT_NAMES if catalog.MUTANTS[n].applies_to(release)], f" on FlashInfer {release}"
@@ -195,7 +194,7 @@ def _resolve_custom(spec: str) -> ManagerFactory:
     if policy is not None and policy not in POLICIES:
         raise _usage(spec, f"{walked}.mnnvl_policy={policy!r} is not one of {', '.join(POLICIES)}")
     if policy is not None:
-        from pytest_mnnvl import oracle
+        from pytest_mnnvl.model import oracle
 
         try:
             oracle.check_policy(policy, _installed_release(spec))
@@ -206,7 +205,7 @@ def _resolve_custom(spec: str) -> ManagerFactory:
 
 def _installed_release(spec: str) -> str:
     """The installed FlashInfer's release (what the ranks will run), or a usage error naming it."""
-    from pytest_mnnvl import releases
+    from pytest_mnnvl.model import releases
 
     try:
         return releases.current()

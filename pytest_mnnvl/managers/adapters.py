@@ -30,9 +30,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_mnnvl.layers import LayerSpec, QuantFormat
 from pytest_mnnvl.managers import handles
 from pytest_mnnvl.managers.handles import InjectedBuildFailure
+from pytest_mnnvl.model.layers import LayerSpec, QuantFormat
 
 __all__ = [
     "InjectedBuildFailure",

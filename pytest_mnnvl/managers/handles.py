@@ -4,7 +4,7 @@ Every call the project makes on a FlashInfer handle goes through :func:`api`: bu
 capacity (the reference manager, ``roundtrip.build_alltoall``), reading what it was built for (the
 adapters), releasing it, a dispatch + combine (the verified round trip), failing its allocation on
 purpose and evicting leftovers between plans (the conformance ranks). The releases differ in all of
-these, so each has its module, selected from the installed version (:mod:`pytest_mnnvl.releases`):
+these, so each has its module, selected from the installed version (:mod:`pytest_mnnvl.model.releases`):
 
 - :mod:`.handles_v072`: FlashInfer 0.7.2.post1's ``MoeAlltoAll`` (one byte size per rank, a
   process-wide ``_WORKSPACE_CACHE`` that only ``_reset_workspace()`` empties);
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
-from pytest_mnnvl import releases
+from pytest_mnnvl.model import releases
 
 _MODULES = {
     releases.V072: "pytest_mnnvl.managers.handles_v072",

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pytest_mnnvl.managers.handles import Capacity, HandleFacts, InjectedBuildFailure
-from pytest_mnnvl.releases import V072
+from pytest_mnnvl.model.releases import V072
 
 RELEASE = V072
 HANDLE_CLASS = "MoeAlltoAll"

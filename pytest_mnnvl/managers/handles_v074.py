@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pytest_mnnvl import sizing_v074
-from pytest_mnnvl.layers import COMBINE_ELEMENT_SIZE, INT32_BYTES
 from pytest_mnnvl.managers.handles import Capacity, HandleFacts, InjectedBuildFailure
-from pytest_mnnvl.releases import V074
+from pytest_mnnvl.model import sizing_v074
+from pytest_mnnvl.model.layers import COMBINE_ELEMENT_SIZE, INT32_BYTES
+from pytest_mnnvl.model.releases import V074
 
 RELEASE = V074
 HANDLE_CLASS = "NVLinkOneSidedAlltoAll"
@@ -68,7 +68,7 @@ class Builder:
         self.ep_size = ep_size
 
     def layout(self, capacity: Capacity, top_k: int, max_num_tokens: int | None = None) -> sizing_v074.WorkspaceLayout:
-        """The layout :meth:`build` gets (0.7.4's own arithmetic, :mod:`pytest_mnnvl.sizing_v074`)."""
+        """The layout :meth:`build` gets (0.7.4's own arithmetic, :mod:`pytest_mnnvl.model.sizing_v074`)."""
         p = parameters(capacity, top_k, max_num_tokens)
         return sizing_v074.nvlink_one_sided_layout(
             self.ep_size,

@@ -25,10 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pytest_mnnvl import releases
-from pytest_mnnvl.invariants import INVARIANTS
-from pytest_mnnvl.invariants import SHOULD as SHOULD_INVARIANTS
+from pytest_mnnvl.conformance.catalog import INVARIANTS
+from pytest_mnnvl.conformance.catalog import SHOULD as SHOULD_INVARIANTS
 from pytest_mnnvl.managers.reference import Capacity, EpComm, ReferenceManager
+from pytest_mnnvl.model import releases
 
 #: Re-exported: the conformance invariants every mutant names one of.
 __all__ = ["INVARIANTS", "MUTANTS", "SHOULD_INVARIANTS", "Mutant", "OnRelease", "catalog"]

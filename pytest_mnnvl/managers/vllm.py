@@ -26,8 +26,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_mnnvl.managers import VLLM_CLASS
-
+#: vLLM's class; imported inside ranks only, after :func:`manager_class` set up what vLLM needs first.
+VLLM_CLASS = ("vllm.distributed.device_communicators.all2all", "FlashInferNVLinkOneSidedManager")
 #: vLLM releases checked here, by shape.
 SUPPORTED = {"0.33.0": "moe_ep", "0.32.0": "pr42976"}
 

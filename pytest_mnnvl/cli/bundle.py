@@ -7,8 +7,8 @@ include; with ``apache-tvm-ffi`` (the one dependency GPU images tend to lack) th
 ``tar.xz``. ``restore`` unpacks it, installs the wheels into a folder, restores a JIT cache if one is
 given (the first build drops from ~3 min to ~9 s), and prints the environment to use.
 
-    python -m pytest_mnnvl.bundle build --out bundle/           # where PyPI is reachable
-    python -m pytest_mnnvl.bundle restore bundle/ --into /opt/fi  # on the GPU runner
+    python -m pytest_mnnvl.cli.bundle build --out bundle/           # where PyPI is reachable
+    python -m pytest_mnnvl.cli.bundle restore bundle/ --into /opt/fi  # on the GPU runner
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def restore(bundle: Path, into: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pytest_mnnvl.bundle", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pytest_mnnvl.cli.bundle", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="download and trim FlashInfer into a folder (needs PyPI)")
     b.add_argument("--out", type=Path, required=True)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(build(args.out, args.flashinfer, args.tvm_ffi, args.python_version, args.jit_cache))
         return 0
     if not (args.bundle / ARCHIVE).is_file():
-        parser.error(f"{args.bundle}: no {ARCHIVE} there; build one with `python -m pytest_mnnvl.bundle build`")
+        parser.error(f"{args.bundle}: no {ARCHIVE} there; build one with `python -m pytest_mnnvl.cli.bundle build`")
     for name, value in restore(args.bundle, args.into).items():
         print(f"export {name}={shlex.quote(value)}")
     return 0

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from pytest_mnnvl.layers import LayerSpec
+    from pytest_mnnvl.model.layers import LayerSpec
 
 
 class RoundTripMismatch(AssertionError):
@@ -63,8 +63,8 @@ def build_alltoall(
     for the per-token capacities); ``extra`` goes to ``MoeAlltoAll`` as is. FlashInfer 0.7.4: an
     ``NVLinkOneSidedAlltoAll`` for ``dispatch_bytes_per_token`` (activations, scales, ids, weights, extra)
     and ``combine_bytes_per_token``; it takes no byte size, so ``size_per_rank`` is an error there."""
-    from pytest_mnnvl import releases
     from pytest_mnnvl.managers import handles
+    from pytest_mnnvl.model import releases
 
     release = releases.current()
     capacity = None

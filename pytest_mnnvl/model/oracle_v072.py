@@ -3,8 +3,8 @@
 0.7.2's workspace is one size per rank and a token count. The aux regions grow with the handle's
 max tokens, the dispatch payloads follow them packed, and the combine region starts right after
 *this call's* payloads: so whether a layer fits is FlashInfer's host-check arithmetic on the
-handle's real geometry (:func:`pytest_mnnvl.sizing.layer_round_trip`), never ``size >= need``.
-Selected by :mod:`pytest_mnnvl.oracle`; pure Python.
+handle's real geometry (:func:`pytest_mnnvl.model.sizing.layer_round_trip`), never ``size >= need``.
+Selected by :mod:`pytest_mnnvl.model.oracle`; pure Python.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pytest_mnnvl import sizing
-from pytest_mnnvl.layers import LayerSpec
-from pytest_mnnvl.releases import V072
+from pytest_mnnvl.model import sizing
+from pytest_mnnvl.model.layers import LayerSpec
+from pytest_mnnvl.model.releases import V072
 
 if TYPE_CHECKING:
-    from pytest_mnnvl.oracle import Capacity
+    from pytest_mnnvl.model.oracle import Capacity
 
 RELEASE = V072
 #: Every policy a 0.7.2 manager can follow: ``MoeAlltoAll`` takes any byte size.

@@ -16,7 +16,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from pytest_mnnvl.layers import LayerSpec, ModelPlan, QuantFormat
+from pytest_mnnvl.model.layers import LayerSpec, ModelPlan, QuantFormat
 
 HIDDEN_SIZES = (128, 256, 384, 512)
 MAX_TOKENS = (8, 16, 24, 32, 48, 64)

@@ -9,12 +9,12 @@ group), and the next call starts a fresh one, so every example after a failure s
 The pool never waits without a deadline: every receive is bounded by the call timeout, a crashed
 rank is seen through its socket closing (at once), and a timeout dumps every rank's Python stack
 (``faulthandler`` on a signal, which works while the main thread is stuck in C) plus what each rank
-waits in (a collective, a sim flag wait: :mod:`pytest_mnnvl.audit`) and its CPU time before the
-deadline, then kills the world: a deadlock, or a world that is merely slow (:mod:`pytest_mnnvl.stall`).
+waits in (a collective, a sim flag wait: :mod:`pytest_mnnvl.worlds.audit`) and its CPU time before the
+deadline, then kills the world: a deadlock, or a world that is merely slow (:mod:`pytest_mnnvl.worlds.stall`).
 
 Each world keeps its socket and files in a ``mnnvl-world-*`` directory that names its owner process
 (:class:`WorldOwner`). A teardown removes it, and a first SIGINT/SIGTERM cannot cut a teardown short
-(:mod:`pytest_mnnvl.interrupts`); what a SIGKILLed owner leaves behind is removed by the next world
+(:mod:`pytest_mnnvl.worlds.interrupts`); what a SIGKILLed owner leaves behind is removed by the next world
 started with the same temporary directory (:func:`reap_dead_worlds`), never a live owner's.
 """
 
@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
 
-from pytest_mnnvl import interrupts, stall, threads
 from pytest_mnnvl.errors import (
     MnnvlUsageError,
     PythonFrame,
@@ -49,7 +48,8 @@ from pytest_mnnvl.errors import (
     WorldStartError,
     describe_exit,
 )
-from pytest_mnnvl.topology import Layout
+from pytest_mnnvl.worlds import interrupts, stall, threads
+from pytest_mnnvl.worlds.layout import Layout
 
 #: Never enable NVLink multicast in a rank: MoeAlltoAll does not need it and it has harmed hosts.
 MULTICAST_OFF = {
@@ -85,7 +85,7 @@ class WorldSpec:
     backend: str = "sim"
     env: tuple[tuple[str, str], ...] = ()
     devices: tuple[str, ...] | None = None
-    #: Consecutive ranks per GPU of ``devices`` (:mod:`pytest_mnnvl.sharing`); 1: one GPU per rank.
+    #: Consecutive ranks per GPU of ``devices`` (:mod:`pytest_mnnvl.worlds.sharing`); 1: one GPU per rank.
     ranks_per_gpu: int = 1
 
     def __post_init__(self) -> None:
@@ -141,7 +141,7 @@ def _function_reference(fn: Callable[..., Any]) -> tuple[str, str | None, str]:
 
 class RankWorld:
     """What a test sees of a world, whichever launcher started its ranks (this pool, or torchrun:
-    :class:`pytest_mnnvl.spmd.SpmdWorld`): ``call`` is the launcher's, ``run`` is the same for both."""
+    :class:`pytest_mnnvl.worlds.spmd.SpmdWorld`): ``call`` is the launcher's, ``run`` is the same for both."""
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Call ``fn(ctx, *args, **kwargs)`` on every rank; results in rank order."""
@@ -259,7 +259,7 @@ class World(RankWorld):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTEST_MNNVL_RANK"] = str(boot["rank"])
-        from pytest_mnnvl.rank import BOOT_ENV
+        from pytest_mnnvl.worlds.rank import BOOT_ENV
 
         env[BOOT_ENV] = json.dumps(boot)
         return env
@@ -295,7 +295,7 @@ class World(RankWorld):
                 "ranks_per_gpu": self.spec.ranks_per_gpu,
             }
             process = subprocess.Popen(
-                [sys.executable, "-m", "pytest_mnnvl.rank"],
+                [sys.executable, "-m", "pytest_mnnvl.worlds.rank"],
                 env=self._rank_env(boot),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -431,10 +431,10 @@ class World(RankWorld):
         cpu_before: tuple[float, dict[int, float | None], dict[int, bool | None]] | None,
     ) -> NoReturn:
         """The call passed its deadline: :class:`WorldTooSlow` when every running rank gets somewhere, else
-        :class:`WorldDeadlock` (:mod:`pytest_mnnvl.stall`); every rank's stack attached, the world stopped."""
+        :class:`WorldDeadlock` (:mod:`pytest_mnnvl.worlds.stall`); every rank's stack attached, the world stopped."""
         __tracebackhide__ = True
-        from pytest_mnnvl import audit
-        from pytest_mnnvl.rank import DUMP_SIGNAL
+        from pytest_mnnvl.worlds import audit
+        from pytest_mnnvl.worlds.rank import DUMP_SIGNAL
 
         pending = [r.rank for r in self._ranks if r.rank not in results]
         waits = {r.rank: audit.waiting_in(r.status_path) for r in self._ranks if r.rank in pending}

@@ -1,4 +1,4 @@
-"""The rank side of the pool: ``python -m pytest_mnnvl.rank`` runs one rank of a world.
+"""The rank side of the pool: ``python -m pytest_mnnvl.worlds.rank`` runs one rank of a world.
 
 A rank connects back to the pool over a Unix socket, joins torch.distributed through a FileStore
 (no ports to race for), builds the PP × EP groups, installs the backend, then serves calls until
@@ -24,7 +24,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from pytest_mnnvl.sharing import gpu_of_rank
+from pytest_mnnvl.worlds.sharing import gpu_of_rank
 
 #: Environment variable carrying the boot parameters (JSON) from the pool to a rank.
 BOOT_ENV = "PYTEST_MNNVL_RANK_BOOT"
@@ -155,8 +155,8 @@ def _arm_fatal_dump(fatal_file: Any) -> None:
 def _start_world(boot: dict[str, Any]) -> Any:
     import torch.distributed as dist
 
-    from pytest_mnnvl import audit
-    from pytest_mnnvl.topology import Layout
+    from pytest_mnnvl.worlds import audit
+    from pytest_mnnvl.worlds.layout import Layout
 
     rank, world_size = boot["rank"], boot["world_size"]
     audit.install(boot["status_path"])
@@ -182,11 +182,11 @@ def init_world(
     """Join the default process group (gloo; NCCL + gloo on GPUs, gloo alone on a GPU that ranks ``shared``)
     and bind the rank's GPU.
 
-    Shared by the pool's ranks and by torchrun's (:mod:`pytest_mnnvl.spmd`); returns the rank's device.
+    Shared by the pool's ranks and by torchrun's (:mod:`pytest_mnnvl.worlds.spmd`); returns the rank's device.
     """
     import torch.distributed as dist
 
-    from pytest_mnnvl.sharing import group_backends
+    from pytest_mnnvl.worlds.sharing import group_backends
 
     extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if backend == "flashinfer":
@@ -202,7 +202,7 @@ def init_world(
 
 def make_context(layout: Any, rank: int, backend: str, device: Any, ranks_per_gpu: int = 1) -> Any:
     """Build the PP x EP groups of ``layout`` (collective on WORLD), the rank's context, and install the backend."""
-    from pytest_mnnvl.topology import RankContext, build_groups
+    from pytest_mnnvl.worlds.layout import RankContext, build_groups
 
     gpu = backend == "flashinfer"
     ep_group, cpu_group, world_cpu = build_groups(layout, rank, gpu, shared=gpu and ranks_per_gpu > 1)

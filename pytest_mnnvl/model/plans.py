@@ -46,7 +46,7 @@ class PackagedPlan:
 
 def catalog() -> list[PackagedPlan]:
     """Every packaged plan, read and validated (layer counts include the MTP head and every ``repeat``)."""
-    from pytest_mnnvl.layers import ModelPlan
+    from pytest_mnnvl.model.layers import ModelPlan
 
     out = []
     for name in names():

@@ -1,7 +1,7 @@
 """The conformance invariants (DESIGN.md): one exception type each, and the parent-side checks.
 
-Ranks return observations (:mod:`pytest_mnnvl.conformance_rank`); the checks here hold them against
-what every correct growth policy must do (:mod:`pytest_mnnvl.oracle`), never against one
+Ranks return observations (:mod:`pytest_mnnvl.conformance.rank`); the checks here hold them against
+what every correct growth policy must do (:mod:`pytest_mnnvl.model.oracle`), never against one
 implementation's numbers. A violation names the invariant, the layer (stage and index), the
 rank(s), expected vs observed, and the plan as JSON, saved to a file that ``python -m pytest_mnnvl
 explain|repro PLAN.json`` accepts. Distinct invariants raise distinct types, so Hypothesis keeps
@@ -18,28 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pytest_mnnvl import oracle
-from pytest_mnnvl.layers import LayerSpec, ModelPlan
-
-MUST = (
-    "covers",
-    "no_shrink",
-    "no_needless_rebuild",
-    "ep_symmetry",
-    "collective_scope",
-    "pp_deadlock_freedom",
-    "shape_mismatch",
-    "cleanup",
-    "workspace_race_free",
-)
-SHOULD = (
-    "frees_superseded",
-    "mismatch_survives_O",
-    "failed_rebuild_consistent",
-    "covers_cross_product",
-    "minimal_rebuilds",
-)
-INVARIANTS = MUST + SHOULD
+from pytest_mnnvl.model import oracle
+from pytest_mnnvl.model.layers import LayerSpec, ModelPlan
 
 
 class InvariantViolation(AssertionError):
@@ -273,7 +253,7 @@ def _geometry(state: Any) -> dict[str, Any]:
 
 def _release(results: Results) -> str:
     """The FlashInfer release the ranks ran (their results say; else this process's)."""
-    from pytest_mnnvl import releases
+    from pytest_mnnvl.model import releases
 
     found = next((r["release"] for r in results if r.get("release")), None)
     return releases.resolve(found)
@@ -402,7 +382,7 @@ def _by_group(results: Results) -> dict[tuple[int, ...], list[dict[str, Any]]]:
 
 def check_ep_symmetry(judge: Judge, results: Results) -> None:
     """Every rank of an EP group takes the same decisions and reaches the same state."""
-    from pytest_mnnvl.conformance_rank import _decisions
+    from pytest_mnnvl.conformance.rank import _decisions
 
     for group, members in _by_group(results).items():
         views = [tuple(map(tuple, _decisions(m))) for m in members]
@@ -602,7 +582,7 @@ def check_frees_superseded(judge: Judge, results: Results) -> None:
 
 def check_covers_cross_product(judge: Judge, results: Results) -> None:
     """The final handle covers max tokens × each layout seen (arithmetic and real round trips)."""
-    from pytest_mnnvl.conformance_rank import cross_product_probes
+    from pytest_mnnvl.conformance.rank import cross_product_probes
 
     ep = judge.ep_size
     release = _release(results)

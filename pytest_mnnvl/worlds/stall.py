@@ -2,7 +2,7 @@
 
 At the deadline each rank is in one of four states (:class:`State`): it returned from the call; it waits
 for peers (a torch.distributed collective, or the sim kernel's spin on a peer's completion flag: both write
-what they wait for to the rank's status file before they block, :mod:`pytest_mnnvl.audit`); it computes
+what they wait for to the rank's status file before they block, :mod:`pytest_mnnvl.worlds.audit`); it computes
 (its process used at least :data:`BUSY_SHARE` of a core over the last :data:`CPU_WINDOW_S`, or its main thread was
 runnable at both ends of that window: on a machine loaded far past its cores a computing rank may get little
 CPU, but it is never asleep); or it is idle
@@ -25,8 +25,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pytest_mnnvl.audit import Wait, WaitKind
 from pytest_mnnvl.errors import PythonFrame, WorldDeadlock, WorldTimeout, WorldTooSlow, innermost_own_frame
+from pytest_mnnvl.worlds.audit import Wait, WaitKind
 
 #: Seconds before the deadline from which each rank's CPU time is measured.
 CPU_WINDOW_S = 0.5
@@ -233,7 +233,7 @@ def cpu_shares(
 
 
 _DUMP_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<function>.+)$')
-_RANK_MAIN = os.path.join("pytest_mnnvl", "rank.py")
+_RANK_MAIN = os.path.join("pytest_mnnvl", "worlds", "rank.py")
 
 
 def main_thread_frames(dump: str) -> tuple[PythonFrame, ...]:

@@ -35,10 +35,6 @@ from pytest_mnnvl.errors import MnnvlUsageError
 STALE_EXIT = 6
 KEYS = ("invariant", "test", "manager", "reason", "expires", "issue")
 OPTION = "--mnnvl-waivers"
-HELP = (
-    "JSON or TOML file of waivers: known failures (by invariant or test id, manager glob, reason, expiry date) "
-    "reported as xfailed instead of failing the run."
-)
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -139,7 +135,7 @@ def parse(data: Any, head: str = OPTION) -> list[Waiver]:
 
 
 def _entry(index: int, entry: Any, head: str) -> Waiver:
-    from pytest_mnnvl.invariants import INVARIANTS
+    from pytest_mnnvl.conformance.catalog import INVARIANTS
 
     where = f"{head}: waivers[{index}]"
     if not isinstance(entry, Mapping):

@@ -1,7 +1,7 @@
 """The oracle's arithmetic on FlashInfer 0.7.4 (``NVLinkOneSidedAlltoAll``): fixed regions per layout.
 
 0.7.4 lays a rank's row out once, at allocation, from per-dimension capacities
-(:mod:`pytest_mnnvl.sizing_v074`): top-k tables of ``T × top_k``, a dispatch region of fixed
+(:mod:`pytest_mnnvl.model.sizing_v074`): top-k tables of ``T × top_k``, a dispatch region of fixed
 capacity and a combine input region at a fixed offset, sized ``ep × T × hidden × 2``. So on
 0.7.4 a handle **covers** a layer when, at the layer's full token count:
 
@@ -24,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pytest_mnnvl import sizing_v074
-from pytest_mnnvl.layers import COMBINE_ELEMENT_SIZE, INT32_BYTES, LayerSpec
-from pytest_mnnvl.releases import V074
-from pytest_mnnvl.sizing_v074 import WorkspaceLayout
+from pytest_mnnvl.model import sizing_v074
+from pytest_mnnvl.model.layers import COMBINE_ELEMENT_SIZE, INT32_BYTES, LayerSpec
+from pytest_mnnvl.model.releases import V074
+from pytest_mnnvl.model.sizing_v074 import WorkspaceLayout
 
 if TYPE_CHECKING:
-    from pytest_mnnvl.oracle import Capacity
+    from pytest_mnnvl.model.oracle import Capacity
 
 RELEASE = V074
 POLICIES = ("per_dimension", "first_call")

@@ -50,7 +50,7 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, NamedTuple
 
-from pytest_mnnvl import releases, sizing, sizing_v074
+from pytest_mnnvl.model import releases, sizing, sizing_v074
 
 PLAN_SCHEMA_VERSION = 1
 #: The most layers a plan may hold in all (every stage and the MTP head, each ``repeat`` counted). Real
@@ -76,7 +76,7 @@ class ReleaseRules(NamedTuple):
     experts_rule: str
 
 
-#: One entry per supported release (:mod:`pytest_mnnvl.releases`): a layer only one of them can express
+#: One entry per supported release (:mod:`pytest_mnnvl.model.releases`): a layer only one of them can express
 #: (``top_k`` 3 is 0.7.4's alone) fails on the other with that release's rule.
 RELEASE_RULES: dict[str, ReleaseRules] = {
     releases.V072: ReleaseRules(

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from pytest_mnnvl.spmd import SpmdSession, TorchrunEnv, WorldLost, shared_seed
+from pytest_mnnvl.session import SPMD_KEY
+from pytest_mnnvl.worlds.spmd import SpmdSession, TorchrunEnv, WorldLost, shared_seed
 
-SESSION_KEY = pytest.StashKey[SpmdSession]()
 JUNIT_KEY = pytest.StashKey[tuple[str, str]]()
 #: Characters of a peer's failure text carried into this rank's report.
 PEER_TEXT_CHARS = 6000
@@ -38,7 +38,7 @@ def install(config: pytest.Config, timeout: float) -> SpmdSession:
         )
     env = TorchrunEnv.from_environ()
     session = SpmdSession(env, backend="sim", timeout=timeout)
-    config.stash[SESSION_KEY] = session
+    config.stash[SPMD_KEY] = session
     xmlpath = getattr(config.option, "xmlpath", None)
     if xmlpath:
         # Every rank keeps its JUnit file aside; the writer moves its own into place at the end.
@@ -57,16 +57,6 @@ def install(config: pytest.Config, timeout: float) -> SpmdSession:
     return session
 
 
-def session_of(config: pytest.Config) -> SpmdSession | None:
-    return config.stash.get(SESSION_KEY, None)
-
-
-def writes_reports(config: pytest.Config) -> bool:
-    """Whether this process writes the session's reports (always, unless a torchrun rank other than the writer)."""
-    session = session_of(config)
-    return session is None or session.writer() == session.rank
-
-
 def _agree_timeout(session: SpmdSession) -> float:
     # Ranks run the same test in step; a rank this far behind is stuck outside any call (or gone).
     return max(2 * session.timeout, 60.0)
@@ -77,7 +67,7 @@ class SpmdHooks:
         self.session = session
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        from pytest_mnnvl.plugin import resolve_backend
+        from pytest_mnnvl.session import resolve_backend
 
         self.session.backend = resolve_backend(session.config)
         ids = "\n".join(item.nodeid for item in session.items)

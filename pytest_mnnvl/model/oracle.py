@@ -22,9 +22,9 @@ only answer the SHOULD questions: how many rebuilds the declared policy needs at
 the cross-product need is. Pure Python: the parent checks observations with it, and the
 explain/predict tools walk plans with it.
 
-The arithmetic is the installed FlashInfer release's (:mod:`pytest_mnnvl.releases`), one module
-each: :mod:`pytest_mnnvl.oracle_v072` (one byte size per rank, a combine region that moves with the
-dispatch bytes) and :mod:`pytest_mnnvl.oracle_v074` (fixed dispatch and combine regions, ``T × top_k``
+The arithmetic is the installed FlashInfer release's (:mod:`pytest_mnnvl.model.releases`), one module
+each: :mod:`pytest_mnnvl.model.oracle_v072` (one byte size per rank, a combine region that moves with the
+dispatch bytes) and :mod:`pytest_mnnvl.model.oracle_v074` (fixed dispatch and combine regions, ``T × top_k``
 tables, equal ``top_k``). The policies, the domination rule and the walk are shared; every function
 takes ``release=`` to ask about another release than the installed one.
 """
@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from pytest_mnnvl import releases, sizing
-from pytest_mnnvl.layers import LayerSpec
+from pytest_mnnvl.model import releases, sizing
+from pytest_mnnvl.model.layers import LayerSpec
 
 #: Every policy the oracle knows; :func:`policies` gives the ones a release lets a manager follow.
 POLICIES = ("total", "per_dimension", "first_call")
-_ARITHMETIC = {releases.V072: "pytest_mnnvl.oracle_v072", releases.V074: "pytest_mnnvl.oracle_v074"}
+_ARITHMETIC = {releases.V072: "pytest_mnnvl.model.oracle_v072", releases.V074: "pytest_mnnvl.model.oracle_v074"}
 
 
 def arithmetic(release: str | None = None) -> ModuleType:

@@ -18,7 +18,7 @@ module relies on, as seen with the CUDA 13.0 control program on that H200 (drive
   already): each rank's kernels then fit beside its peers' (:meth:`MpsState.rank_env`).
 * ``nvidia-cuda-mps-control -f`` runs the daemon in the foreground (it then logs to stdout, not to
   ``CUDA_MPS_LOG_DIRECTORY``); ``quit`` ends it and its server in under a second and leaves its socket files
-  behind. A private daemon is therefore kept by :mod:`pytest_mnnvl._mps_keeper`, a child process that quits it
+  behind. A private daemon is therefore kept by :mod:`pytest_mnnvl.worlds._mps_keeper`, a child process that quits it
   and removes its directories when the session ends or dies.
 
 ``auto`` (the default) starts nothing: the ranks inherit the session's environment, so a running daemon is used
@@ -42,8 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_mnnvl import _mps_keeper
-from pytest_mnnvl.capabilities import Probe
+from pytest_mnnvl.probes.capabilities import Probe
+from pytest_mnnvl.worlds import _mps_keeper
 
 MODES = ("auto", "off", "start")
 CONTROL = "nvidia-cuda-mps-control"
@@ -165,7 +165,7 @@ def make_root(base: str | None, prefix: str = "mnnvl-mps-") -> str:
 
 
 class PrivateDaemon:
-    """An MPS control daemon of this session, kept by :mod:`pytest_mnnvl._mps_keeper` in its own session so
+    """An MPS control daemon of this session, kept by :mod:`pytest_mnnvl.worlds._mps_keeper` in its own session so
     that it is quit and its directory removed at the end, also when this process is SIGKILLed."""
 
     def __init__(self, control: str, root: str, keeper: subprocess.Popen[bytes], pid: int) -> None:

@@ -1,6 +1,6 @@
 """The conformance report under pytest-xdist (``-n N``): the workers run the tests, the controller reports.
 
-A worker's :class:`~pytest_mnnvl.conformance_plugin.Recorder` sees only that worker's tests and the controller
+A worker's :class:`~pytest_mnnvl.conformance.recorder.Recorder` sees only that worker's tests and the controller
 runs none, so every report a worker makes of a conformance test carries what that test added to the worker's
 Recorder (:class:`Delta`), and the controller adds it to its own. The controller's Recorder then holds what one
 process running every test would hold, and only the controller writes the report and prints the summary.
@@ -26,7 +26,7 @@ import pytest
 from pytest_mnnvl.errors import FailureKind
 
 if TYPE_CHECKING:
-    from pytest_mnnvl.conformance_plugin import Failure, Halt, Recorder
+    from pytest_mnnvl.conformance.recorder import Failure, Halt, Recorder
 
 #: The Recorder's totals that add up over workers (attribute names of :class:`Recorder`).
 COUNTERS = ("examples", "plan_runs", "cache_hits", "plan_seconds", "initialize_calls", "rebuilds")
@@ -64,7 +64,7 @@ def _failure_wire(failure: Failure) -> dict[str, Any]:
 
 
 def _failure_from(data: dict[str, Any]) -> Failure:
-    from pytest_mnnvl.conformance_plugin import Failure
+    from pytest_mnnvl.conformance.recorder import Failure
 
     return Failure(FailureKind(data["kind"]), str(data["summary"]), str(data["detail"]))
 
@@ -82,7 +82,7 @@ def _halt_wire(key: tuple[int, int], halt: Halt) -> dict[str, Any]:
 
 
 def _halt_from(data: dict[str, Any]) -> tuple[tuple[int, int], Halt]:
-    from pytest_mnnvl.conformance_plugin import Halt
+    from pytest_mnnvl.conformance.recorder import Halt
 
     halt = Halt(data["nodeid"], data["topology"], FailureKind(data["kind"]), data["summary"], list(data["skipped"]))
     return (int(data["world_size"]), int(data["pp"])), halt
@@ -248,8 +248,8 @@ class Controller:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport, sched: Any) -> None:
-        from pytest_mnnvl.conformance_plugin import Failure
-        from pytest_mnnvl.invariants import INVARIANTS
+        from pytest_mnnvl.conformance.catalog import INVARIANTS
+        from pytest_mnnvl.conformance.recorder import Failure
 
         entry = self.recorder.tests.get(crashitem)
         invariant = entry.get("invariant") if entry else _invariant_of(crashitem, INVARIANTS)

@@ -6,7 +6,7 @@ collective a hung rank is blocked in. The second is written to a small per-rank 
 the call enters C, so the parent can read it even when the rank's main thread is stuck. The sim's
 kernels write the same status while they wait for a peer's completion flag (:class:`Wait`): at a
 timeout, a rank waiting for a peer tells a deadlock from a world that is merely slow
-(:mod:`pytest_mnnvl.stall`).
+(:mod:`pytest_mnnvl.worlds.stall`).
 """
 
 from __future__ import annotations

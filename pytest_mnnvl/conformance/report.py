@@ -42,16 +42,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest_mnnvl
+from pytest_mnnvl.conformance.catalog import INVARIANTS, SHOULD
 from pytest_mnnvl.errors import FailureKind
-from pytest_mnnvl.invariants import INVARIANTS, SHOULD
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     import pytest
 
-    from pytest_mnnvl.conformance_plugin import Halt, Recorder
-    from pytest_mnnvl.interrupts import Interruption
+    from pytest_mnnvl.conformance.recorder import Halt, Recorder
+    from pytest_mnnvl.worlds.interrupts import Interruption
 
 SCHEMA_VERSION = 1
 
@@ -123,7 +123,7 @@ def verdicts(recorder: Recorder) -> dict[str, dict[str, Any]]:
 def build(
     config: pytest.Config, recorder: Recorder, exit_status: int, interruption: Interruption | None = None
 ) -> dict[str, Any]:
-    from pytest_mnnvl.plugin import MANAGER_KEY, SETTINGS_KEY, resolve_backend
+    from pytest_mnnvl.session import MANAGER_KEY, SETTINGS_KEY, resolve_backend
 
     settings = config.stash[SETTINGS_KEY]
     manager = config.stash.get(MANAGER_KEY, None)
@@ -193,7 +193,7 @@ def _in_order(recorder: Recorder, halts: Iterable[Halt]) -> list[Halt]:
 
 
 def waivers(config: pytest.Config) -> dict[str, Any] | None:
-    from pytest_mnnvl.waivers import LEDGER_KEY
+    from pytest_mnnvl.conformance.waivers import LEDGER_KEY
 
     ledger = config.stash.get(LEDGER_KEY, None)
     return ledger.section() if ledger is not None else None
@@ -202,8 +202,7 @@ def waivers(config: pytest.Config) -> dict[str, Any] | None:
 def launcher(config: pytest.Config) -> dict[str, Any]:
     """How the ranks ran: ``spawn`` (the pool; on GPUs with ``gpu_sharing``: each topology's ranks per GPU, MPS,
     whether NVLink was exercised), or ``torchrun`` with its world, hosts and any plan disagreement."""
-    from pytest_mnnvl.plugin import sharing_summary
-    from pytest_mnnvl.spmd_plugin import session_of
+    from pytest_mnnvl.session import session_of, sharing_summary
 
     spmd = session_of(config)
     if spmd is None:
@@ -304,7 +303,7 @@ def markdown(data: dict[str, Any]) -> str:
             "```",
         ]
     if data.get("waivers"):
-        from pytest_mnnvl.waivers import describe
+        from pytest_mnnvl.conformance.waivers import describe
 
         w = data["waivers"]
         lines += ["", f"## Waivers (`{w['file']}`)", ""]
@@ -389,54 +388,3 @@ def check_path(path: str) -> None:
         raise MnnvlUsageError(f"{option}: cannot create a file in {where}: {why}") from None
     os.close(fd)
     os.unlink(probe)
-
-
-class ReportLock:
-    """``PATH.lock``, held (``flock``) for the session: a second session given the same report path finds it
-    held and is told by whom. Advisory: it only warns; the last session to finish writes the report."""
-
-    def __init__(self, path: str) -> None:
-        self.path = os.path.realpath(path) + ".lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> str | None:
-        """None when this session now holds the lock (or locks cannot be taken there); else who holds it."""
-        try:
-            import fcntl
-        except ImportError:
-            return None
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:
-                return None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace").strip() or "its pid not written yet"
-                os.close(fd)
-                return holder
-            except OSError:  # no locks on this filesystem (ENOLCK): nothing to warn with
-                os.close(fd)
-                return None
-            try:
-                current = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except OSError:
-                current = False
-            if not current:  # its holder released and removed it after we opened it: lock the new one
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            since = datetime.datetime.now().isoformat(timespec="seconds")
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
-            self._fd = fd
-            return None
-        return None
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)  # while still holding it: whoever opens the path next gets a new file
-        os.close(self._fd)
-        self._fd = None

@@ -9,7 +9,14 @@ what lets stages which rebuild a different number of times deadlock on a world-s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Topology(NamedTuple):
+    """One (world size, PP) pair of ``--mnnvl-world-sizes`` × ``--mnnvl-pp``."""
+
+    world_size: int
+    pp: int
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class RankContext:
     #: Consecutive ranks sharing one GPU (``--mnnvl-ranks-per-gpu``; 1: one GPU per rank, or CPU ranks).
     ranks_per_gpu: int = 1
     #: Platform queries the harness answered in place of FlashInfer in this rank, as ``"query -> answer"``
-    #: (a shared-GPU world: :mod:`pytest_mnnvl.sharing`); empty when FlashInfer answered everything itself.
+    #: (a shared-GPU world: :mod:`pytest_mnnvl.worlds.sharing`); empty when FlashInfer answered everything itself.
     answered_queries: tuple[str, ...] = ()
 
 
@@ -86,7 +93,7 @@ def build_groups(layout: Layout, rank: int, gpu: bool, shared: bool = False) -> 
     """
     import torch.distributed as dist
 
-    from pytest_mnnvl.sharing import group_backends
+    from pytest_mnnvl.worlds.sharing import group_backends
 
     device_backend = group_backends(gpu, shared).device
     mine: tuple[Any, Any] | None = None

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from pytest_mnnvl.sharing import GpuPlan, RanksPerGpu, plan_gpus, setting_text
+from pytest_mnnvl.worlds.sharing import GpuPlan, RanksPerGpu, plan_gpus, setting_text
 
 T = TypeVar("T")
 
@@ -1027,7 +1027,7 @@ def _worker_split(env: Mapping[str, str]) -> tuple[int, int]:
 def world_gpu_plan(
     world_size: int, ranks_per_gpu: RanksPerGpu, inventory: GpuInventory, env: Mapping[str, str]
 ) -> GpuPlan:
-    """The :class:`~pytest_mnnvl.sharing.GpuPlan` of a world of ``world_size`` ranks here (pure); raises
+    """The :class:`~pytest_mnnvl.worlds.sharing.GpuPlan` of a world of ``world_size`` ranks here (pure); raises
     ``ValueError`` with the reason when it does not fit this process's share of the GPUs."""
     index, count = _worker_split(env)
     available = [gpu.uuid or str(gpu.nvml_index) for gpu in inventory.gpus]

@@ -1,6 +1,6 @@
 """FlashInfer 0.7.4's one-sided MoE all-to-all workspace arithmetic, in pure Python.
 
-0.7.4 replaced 0.7.2's packed layout (see :mod:`pytest_mnnvl.sizing`) with fixed regions: the
+0.7.4 replaced 0.7.2's packed layout (see :mod:`pytest_mnnvl.model.sizing`) with fixed regions: the
 C++ ``calculateWorkspaceLayout`` lays out one rank's row from byte capacities that
 ``NVLinkOneSidedAlltoAll`` computes in Python, and the whole layout travels as a 33-field int64
 metainfo (offsets, capacities and the allocation-time configuration). The dispatch payloads
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pytest_mnnvl.sizing import check_failed_message
+from pytest_mnnvl.model.sizing import check_failed_message
 
 #: ``kMaxRanks``: EP sizes up to this many ranks (0.7.2: 64).
 MAX_RANKS = 256

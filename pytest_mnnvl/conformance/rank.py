@@ -1,7 +1,7 @@
 """Inside ranks: run one conformance plan on a manager and return plain observations.
 
 Every function here runs on every rank of a world (``world.run(fn, ...)``) and returns picklable
-data; the parent (:mod:`pytest_mnnvl.invariants`) judges it. What is observed:
+data; the parent (:mod:`pytest_mnnvl.conformance.invariants`) judges it. What is observed:
 
 - per ``initialize``: what it raised, the normalized state read from the live FlashInfer handle,
   whether the handle changed (by kept reference, never ``id()``), and every torch.distributed
@@ -27,9 +27,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from pytest_mnnvl import releases
-from pytest_mnnvl.layers import LayerSpec, ModelPlan
 from pytest_mnnvl.managers import ManagerFactory
+from pytest_mnnvl.model import releases
+from pytest_mnnvl.model.layers import LayerSpec, ModelPlan
 
 OK = "ok"
 
@@ -84,8 +84,8 @@ def _workspace_count() -> int:
 def round_trip(ctx: Any, adapter: Any, layer: LayerSpec, tokens: int | None = None) -> str:
     """One verified dispatch + combine of ``layer`` through the live handle; the outcome agreed by
     the EP group (``ok``, or the first line of this rank's error, or the peer's)."""
-    from pytest_mnnvl.roundtrip import ep_barrier
-    from pytest_mnnvl.roundtrip import round_trip as verified_round_trip
+    from pytest_mnnvl.conformance.roundtrip import ep_barrier
+    from pytest_mnnvl.conformance.roundtrip import round_trip as verified_round_trip
 
     ep_barrier(ctx)
     a2a = adapter.moe_alltoall()
@@ -108,7 +108,7 @@ def _collectives(calls: Sequence[Any]) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _initialize(ctx: Any, adapter: Any, layer: LayerSpec) -> tuple[str | None, list[tuple[str, tuple[int, ...]]]]:
-    from pytest_mnnvl import audit
+    from pytest_mnnvl.worlds import audit
 
     raised = None
     with audit.recording() as calls:

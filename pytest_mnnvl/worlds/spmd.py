@@ -7,16 +7,16 @@ Two planes, on purpose:
   run. Every exchange (collection digest, each test's outcome, each call's result, a plan to agree on)
   is a ``set`` plus a bounded poll, so a dead or hung peer costs a timeout, never a hang, and leaves the
   plane usable (a gloo group that timed out is not);
-- **data**: the process groups :mod:`pytest_mnnvl.rank` builds for the pool's ranks (``init_world`` +
+- **data**: the process groups :mod:`pytest_mnnvl.worlds.rank` builds for the pool's ranks (``init_world`` +
   ``make_context``), over the same store under ``gen<N>/``. Any failed call rebuilds them (destroy, then
   init a new generation) before the next call, as the pool starts a fresh world after a failure.
 
 A call runs ``fn(ctx, …)`` in each rank's main thread. A watchdog thread publishes the rank's stack, what
-it waits in (a collective, a sim flag wait: :mod:`pytest_mnnvl.audit`) and its CPU time over the last
+it waits in (a collective, a sim flag wait: :mod:`pytest_mnnvl.worlds.audit`) and its CPU time over the last
 half second when the deadline passes; every audited gloo collective gets the time left as its timeout, so
 a rank blocked in one is released just after the deadline. Each rank publishes exactly one status per call
 (its outcome, or "late" with that evidence), and every rank derives the same verdict from the same
-statuses: results, ``RankError``, ``WorldDeadlock`` or ``WorldTooSlow`` (:mod:`pytest_mnnvl.stall`), or
+statuses: results, ``RankError``, ``WorldDeadlock`` or ``WorldTooSlow`` (:mod:`pytest_mnnvl.worlds.stall`), or
 ``RankCrashed`` (a rank that published nothing: it is gone).
 """
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from pytest_mnnvl.errors import MnnvlError, PythonFrame, RankCrashed, RankError
-from pytest_mnnvl.pool import RankWorld, _function_reference
+from pytest_mnnvl.worlds.pool import RankWorld, _function_reference
 
 #: How long a rank waits after its own deadline for the statuses (stacks) of late peers.
 LATE_GRACE_S = 2.0
@@ -160,7 +160,7 @@ class SpmdSession:
 
         import torch.distributed as dist
 
-        from pytest_mnnvl.pool import MULTICAST_OFF
+        from pytest_mnnvl.worlds.pool import MULTICAST_OFF
 
         os.environ.update(MULTICAST_OFF)  # before any NCCL communicator exists in this process
         prefix = f"pytest_mnnvl/{self.env.run_id}/{self.env.restart_count}/"
@@ -176,7 +176,7 @@ class SpmdSession:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
             signal.signal(INTERRUPT_SIGNAL, self._on_interrupt)
-        from pytest_mnnvl import threads
+        from pytest_mnnvl.worlds import threads
 
         # The ranks are these pytest processes, torch is imported: the share of this host's ranks, in-process
         # (torchrun's own OMP_NUM_THREADS=1 for --nproc-per-node > 1, or the user's setting, is left alone).
@@ -280,8 +280,8 @@ class SpmdSession:
 
         import torch.distributed as dist
 
-        from pytest_mnnvl import audit
-        from pytest_mnnvl.rank import init_world
+        from pytest_mnnvl.worlds import audit
+        from pytest_mnnvl.worlds.rank import init_world
 
         store = dist.PrefixStore(f"gen{self.generation}/", self._store)
         try:
@@ -313,9 +313,9 @@ class SpmdSession:
         self._init_groups()
 
     def context(self, pp: int, startup_timeout: float = REBUILD_TIMEOUT_S) -> Any:
-        """The :class:`~pytest_mnnvl.topology.RankContext` of this rank in the PP layout ``pp``."""
-        from pytest_mnnvl.rank import make_context
-        from pytest_mnnvl.topology import Layout
+        """The :class:`~pytest_mnnvl.worlds.layout.RankContext` of this rank in the PP layout ``pp``."""
+        from pytest_mnnvl.worlds.layout import Layout
+        from pytest_mnnvl.worlds.rank import make_context
 
         if self._store is None:
             self.connect()
@@ -364,7 +364,7 @@ class SpmdSession:
         startup_timeout: float = REBUILD_TIMEOUT_S,
     ) -> Any:
         __tracebackhide__ = True
-        from pytest_mnnvl.rank import _outcome
+        from pytest_mnnvl.worlds.rank import _outcome
 
         if self.broken:
             raise WorldLost(f"the torchrun world cannot run calls any more: {self.broken}")
@@ -372,7 +372,7 @@ class SpmdSession:
         ctx = self.context(pp, startup_timeout)
         self.calls += 1
         seq = self._next_seq()
-        from pytest_mnnvl import stall
+        from pytest_mnnvl.worlds import stall
 
         state = _Call(f"c/{seq}", time.monotonic() + timeout, name)
         self._call = state
@@ -399,8 +399,8 @@ class SpmdSession:
 
     def _on_deadline(self, state: _Call, seq: int) -> None:
         """Watchdog: the call is still running here at its deadline; publish where, what it waits in and how
-        busy it was since the timer fired (:mod:`pytest_mnnvl.stall`), then interrupt it."""
-        from pytest_mnnvl import audit, stall
+        busy it was since the timer fired (:mod:`pytest_mnnvl.worlds.stall`), then interrupt it."""
+        from pytest_mnnvl.worlds import audit, stall
 
         main = threading.main_thread().native_id
         cpu0, t0, running0 = time.process_time(), time.monotonic(), stall.main_thread_runnable(os.getpid(), main)
@@ -440,7 +440,7 @@ class SpmdSession:
             self._needs_rebuild = True
         late = sorted(r for r, kind in kinds.items() if kind == "late")
         if late:
-            from pytest_mnnvl import audit, stall, threads
+            from pytest_mnnvl.worlds import audit, stall, threads
 
             stacks = {
                 r: (s[1] if s[0] == "late" else "(returned from the call; waiting for its peers)")
@@ -504,7 +504,7 @@ def _call_stack(frame: Any) -> str:
 
 def _where(frame: Any) -> PythonFrame | None:
     """The innermost frame of the main thread outside the standard library (where a computing rank is)."""
-    from pytest_mnnvl import stall
+    from pytest_mnnvl.worlds import stall
 
     if frame is None:
         return None
@@ -520,7 +520,7 @@ def _dumps_status(status: tuple[Any, ...]) -> bytes:
 
 
 class SpmdWorld(RankWorld):
-    """What ``mnnvl_world(...)`` returns under torchrun: the same surface as :class:`pytest_mnnvl.pool.World`."""
+    """What ``mnnvl_world(...)`` returns under torchrun: the same surface as :class:`pytest_mnnvl.worlds.pool.World`."""
 
     def __init__(self, session: SpmdSession, spec: Any, timeout: float, startup_timeout: float) -> None:
         self.session = session
@@ -595,7 +595,7 @@ class SpmdPool:
             _skip(reason)
         world = self._worlds.get(spec)
         if world is None:
-            from pytest_mnnvl.pool import DEFAULT_STARTUP_TIMEOUT_OTHER_S, DEFAULT_STARTUP_TIMEOUT_S
+            from pytest_mnnvl.worlds.pool import DEFAULT_STARTUP_TIMEOUT_OTHER_S, DEFAULT_STARTUP_TIMEOUT_S
 
             default = DEFAULT_STARTUP_TIMEOUT_S.get(spec.backend, DEFAULT_STARTUP_TIMEOUT_OTHER_S)
             startup = self.startup_timeout if self.startup_timeout is not None else max(default, self.timeout)
