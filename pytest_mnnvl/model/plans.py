@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 #: Where the packaged plans live: one ``NAME.json`` per plan (a clone's ``examples/plans`` links here).
-PLANS_DIR = Path(__file__).resolve().parent / "plans"
+PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
 
 
 def names() -> list[str]:
