@@ -15,8 +15,7 @@ from pytest_mnnvl.session import SETTINGS_KEY, gpu_plan_for, mps_session, pool, 
 from pytest_mnnvl.worlds.layout import Topology
 
 if TYPE_CHECKING:
-    from pytest_mnnvl.worlds.pool import World
-    from pytest_mnnvl.worlds.spmd import SpmdWorld
+    from pytest_mnnvl.worlds.world import RankWorld
 
 
 class WorldFactory:
@@ -33,10 +32,10 @@ class WorldFactory:
         backend: str | None = None,
         env: dict[str, str] | None = None,
         timeout: float | None = None,
-    ) -> World | SpmdWorld:
+    ) -> RankWorld:
         __tracebackhide__ = True
         from pytest_mnnvl.markers import parse_mnnvl_mark
-        from pytest_mnnvl.worlds.pool import WorldSpec
+        from pytest_mnnvl.worlds.world import WorldSpec
 
         config = self._request.config
         node_mark = self._request.node.get_closest_marker("mnnvl")

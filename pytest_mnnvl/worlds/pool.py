@@ -43,13 +43,11 @@ from typing import Any, NoReturn
 from pytest_mnnvl.errors import (
     MnnvlUsageError,
     PythonFrame,
-    RankCrashed,
-    RankError,
     WorldStartError,
     describe_exit,
 )
-from pytest_mnnvl.worlds import interrupts, stall, threads
-from pytest_mnnvl.worlds.layout import Layout
+from pytest_mnnvl.worlds import interrupts, stall, threads, verdict
+from pytest_mnnvl.worlds.world import RankWorld, WorldPool, WorldSpec, function_reference
 
 #: Never enable NVLink multicast in a rank: MoeAlltoAll does not need it and it has harmed hosts.
 MULTICAST_OFF = {
@@ -76,38 +74,6 @@ MAX_SOCKET_PATH = 107
 OWNER_FILE = "owner.json"
 
 
-@dataclass(frozen=True)
-class WorldSpec:
-    """Everything that makes two worlds interchangeable; the pool's cache key."""
-
-    world_size: int
-    pp: int = 1
-    backend: str = "sim"
-    env: tuple[tuple[str, str], ...] = ()
-    devices: tuple[str, ...] | None = None
-    #: Consecutive ranks per GPU of ``devices`` (:mod:`pytest_mnnvl.worlds.sharing`); 1: one GPU per rank.
-    ranks_per_gpu: int = 1
-
-    def __post_init__(self) -> None:
-        try:
-            Layout(self.world_size, self.pp)
-        except ValueError as exc:
-            raise MnnvlUsageError(str(exc)) from None
-        if isinstance(self.ranks_per_gpu, bool) or not isinstance(self.ranks_per_gpu, int) or self.ranks_per_gpu < 1:
-            raise MnnvlUsageError(f"WorldSpec(ranks_per_gpu={self.ranks_per_gpu!r}) is not valid; allowed: >= 1")
-        if self.devices is not None and len(self.devices) * self.ranks_per_gpu < self.world_size:
-            raise MnnvlUsageError(
-                f"WorldSpec: {len(self.devices)} GPU(s) at {self.ranks_per_gpu} rank(s) per GPU cannot hold "
-                f"{self.world_size} ranks"
-            )
-
-    def describe(self) -> str:
-        extra = f", env={dict(self.env)}" if self.env else ""
-        gpus = f", gpus={','.join(self.devices)}" if self.devices else ""
-        shared = f", {self.ranks_per_gpu} ranks per GPU" if self.ranks_per_gpu > 1 else ""
-        return f"world(size={self.world_size}, pp={self.pp}, backend={self.backend}{extra}{gpus}{shared})"
-
-
 @dataclass
 class _Rank:
     rank: int
@@ -122,41 +88,6 @@ class _Rank:
     @property
     def pid(self) -> int:
         return self.process.pid
-
-
-def _function_reference(fn: Callable[..., Any]) -> tuple[str, str | None, str]:
-    """(module, file, qualname) by which a rank imports ``fn``; refuses what it cannot import."""
-    module_name = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if not module_name or not qualname or "<locals>" in qualname or "<lambda>" in qualname:
-        raise MnnvlUsageError(
-            f"world.run() needs a function importable by name in every rank (defined at module level), "
-            f"got {fn!r}; move it to module level"
-        )
-    if module_name == "__main__":
-        raise MnnvlUsageError(f"world.run() cannot send {qualname!r} from __main__: ranks cannot import it")
-    module = sys.modules.get(module_name)
-    return module_name, getattr(module, "__file__", None), qualname
-
-
-class RankWorld:
-    """What a test sees of a world, whichever launcher started its ranks (this pool, or torchrun:
-    :class:`pytest_mnnvl.worlds.spmd.SpmdWorld`): ``call`` is the launcher's, ``run`` is the same for both."""
-
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
-        """Call ``fn(ctx, *args, **kwargs)`` on every rank; results in rank order."""
-        __tracebackhide__ = True
-        return self.call(fn, args, kwargs)
-
-    def call(
-        self,
-        fn: Callable[..., Any],
-        args: Iterable[Any] = (),
-        kwargs: dict[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> list[Any]:
-        """Like :meth:`run`, with an explicit per-call ``timeout`` (seconds)."""
-        raise NotImplementedError
 
 
 class World(RankWorld):
@@ -213,7 +144,7 @@ class World(RankWorld):
         timeout: float | None = None,
     ) -> list[Any]:
         __tracebackhide__ = True
-        reference = _function_reference(fn)
+        reference = function_reference(fn)
         try:
             payload = pickle.dumps((tuple(args), dict(kwargs or {})))
         except Exception as exc:
@@ -226,6 +157,10 @@ class World(RankWorld):
             with contextlib.suppress(OSError):  # a rank that is gone is reported as a crash below
                 r.conn.send_bytes(message)
         return self._collect(reference[2], self.timeout if timeout is None else timeout)
+
+    def agree(self, value: Any, what: str = "value") -> Any:
+        """``value`` itself: this one process draws what the ranks run and sends them the same."""
+        return value
 
     def close(self) -> None:
         """Stop the ranks politely if they are idle, then make sure they are gone."""
@@ -396,18 +331,9 @@ class World(RankWorld):
 
     def _verdict(self, name: str, results: dict[int, tuple[str, Any]]) -> list[Any]:
         __tracebackhide__ = True
-        if len(results) == self.world_size and all(kind == "ok" for kind, _ in results.values()):
-            return [results[rank][1] for rank in range(self.world_size)]
-        stuck = [rank for rank in range(self.world_size) if rank not in results]
-        self._teardown()
-        note = f"ranks {stuck} were still running and were stopped" if stuck else ""
-        errors = {rank: detail for rank, (kind, detail) in results.items() if kind == "error"}
-        if errors:
-            raise RankError(errors, self.world_size, note)
-        import pytest
-
-        rank, (_, reason) = next((rank, out) for rank, out in sorted(results.items()) if out[0] == "skip")
-        pytest.skip(f"[rank {rank}] {reason}" + (f" ({note})" if note else ""))
+        if verdict.failed(results, self.world_size):
+            self._teardown()
+        return verdict.outcomes(results, self.world_size)
 
     def _raise_crash(self, crashed: _Rank, name: str) -> NoReturn:
         __tracebackhide__ = True
@@ -418,10 +344,7 @@ class World(RankWorld):
         stack = _fatal_stack(crashed.fatal_path) if code < 0 else ()
         tails = self._output_tails(only=crashed.rank)
         self._teardown()
-        error = RankCrashed(crashed.rank, code, f"{name}()", stack)
-        if tails:
-            error.args = (error.args[0] + tails,)
-        raise error
+        raise verdict.crashed(crashed.rank, code, f"{name}()", stack, tails)
 
     def _raise_timeout(
         self,
@@ -463,8 +386,7 @@ class World(RankWorld):
             )
             for rank in range(self.world_size)
         ]
-        diagnosis = stall.diagnose(ranks, busy_is_progress=self.backend != "flashinfer")
-        raise diagnosis.error(timeout, stacks, f"in {name}()", stall.advice(self._threads))
+        raise verdict.late(ranks, self.backend, timeout, stacks, f"in {name}()", self._threads)
 
     def _cpu_sample(self, now: float) -> tuple[float, dict[int, float | None], dict[int, bool | None]]:
         """(when, each rank's CPU seconds so far, whether its main thread is runnable): one end of the window."""
@@ -735,7 +657,7 @@ def _read_stacks(ranks: list[_Rank], wait_s: float) -> dict[int, str]:
         time.sleep(0.02)
 
 
-class Pool:
+class Pool(WorldPool):
     """Warm worlds keyed by :class:`WorldSpec`, at most ``max_warm`` alive (least recently used go)."""
 
     def __init__(

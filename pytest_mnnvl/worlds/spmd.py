@@ -37,8 +37,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from pytest_mnnvl.errors import MnnvlError, PythonFrame, RankCrashed, RankError
-from pytest_mnnvl.worlds.pool import RankWorld, _function_reference
+from pytest_mnnvl.errors import MnnvlError, PythonFrame
+from pytest_mnnvl.worlds import verdict
+from pytest_mnnvl.worlds.world import RankWorld, WorldPool, WorldSpec, function_reference
 
 #: How long a rank waits after its own deadline for the statuses (stacks) of late peers.
 LATE_GRACE_S = 2.0
@@ -430,11 +431,9 @@ class SpmdSession:
         if missing:
             self.dead.update(missing)
             self.broken = f"rank {missing[0]} left the world during {during}"
-            error = RankCrashed(missing[0], None, during)
             others = f"; also gone: ranks {missing[1:]}" if missing[1:] else ""
             where = ", ".join(f"rank {r}: pid {self.pids[r]} on {self.hosts[r]}" for r in missing if self.pids)
-            error.args = (f"{error.args[0]}{others} ({where}); the other ranks stop here",)
-            raise error
+            raise verdict.crashed(missing[0], None, during, more=f"{others} ({where}); the other ranks stop here")
         kinds = {r: s[0] for r, s in statuses.items()}
         if any(kind != "done" or statuses[r][1][0] != "ok" for r, kind in kinds.items()):
             self._needs_rebuild = True
@@ -452,19 +451,9 @@ class SpmdSession:
                 else stall.RankAtDeadline.of(r, True, None, None)
                 for r, s in sorted(statuses.items())
             ]
-            diagnosis = stall.diagnose(ranks, busy_is_progress=self.backend != "flashinfer")
-            advice = stall.advice(threads.describe(os.environ, self.env.local_world_size) + " (ranks on this host)")
-            raise diagnosis.error(timeout, stacks, f"in {during}", advice)
-        outcomes = {r: s[1] for r, s in statuses.items()}
-        errors = {r: detail for r, (kind, detail) in outcomes.items() if kind == "error"}
-        if errors:
-            raise RankError(errors, self.world_size)
-        skips = sorted((r, detail) for r, (kind, detail) in outcomes.items() if kind == "skip")
-        if skips:
-            import pytest
-
-            pytest.skip(f"[rank {skips[0][0]}] {skips[0][1]}")
-        return [outcomes[r][1] for r in range(self.world_size)]
+            described = threads.describe(os.environ, self.env.local_world_size) + " (ranks on this host)"
+            raise verdict.late(ranks, self.backend, timeout, stacks, f"in {during}", described)
+        return verdict.outcomes({r: s[1] for r, s in statuses.items()}, self.world_size)
 
     # -- end ------------------------------------------------------------------------------------
     def writer(self) -> int:
@@ -520,9 +509,9 @@ def _dumps_status(status: tuple[Any, ...]) -> bytes:
 
 
 class SpmdWorld(RankWorld):
-    """What ``mnnvl_world(...)`` returns under torchrun: the same surface as :class:`pytest_mnnvl.worlds.pool.World`."""
+    """What ``mnnvl_world(...)`` returns under torchrun: a :class:`~pytest_mnnvl.worlds.world.RankWorld`."""
 
-    def __init__(self, session: SpmdSession, spec: Any, timeout: float, startup_timeout: float) -> None:
+    def __init__(self, session: SpmdSession, spec: WorldSpec, timeout: float, startup_timeout: float) -> None:
         self.session = session
         self.spec = spec
         self.timeout = timeout
@@ -566,7 +555,7 @@ class SpmdWorld(RankWorld):
         timeout: float | None = None,
     ) -> list[Any]:
         __tracebackhide__ = True
-        _function_reference(fn)  # the same rule as the pool's, so a test runs under both launchers
+        function_reference(fn)  # the same rule as the pool's, so a test runs under both launchers
         result: list[Any] = self.session.call(
             self.pp, fn, args, dict(kwargs or {}), self.timeout if timeout is None else timeout, self.startup_timeout
         )
@@ -580,16 +569,16 @@ class SpmdWorld(RankWorld):
         """Nothing to stop: the ranks are the pytest processes themselves."""
 
 
-class SpmdPool:
+class SpmdPool(WorldPool):
     """The pool's surface under torchrun: one world, of torchrun's size; other sizes are skipped."""
 
     def __init__(self, session: SpmdSession, timeout: float, startup_timeout: float | None) -> None:
         self.session = session
         self.timeout = timeout
         self.startup_timeout = startup_timeout
-        self._worlds: dict[Any, SpmdWorld] = {}
+        self._worlds: dict[WorldSpec, SpmdWorld] = {}
 
-    def world(self, spec: Any) -> SpmdWorld:
+    def world(self, spec: WorldSpec) -> SpmdWorld:
         reason = self.unsupported(spec)
         if reason:
             _skip(reason)
@@ -602,7 +591,7 @@ class SpmdPool:
             world = self._worlds[spec] = SpmdWorld(self.session, spec, self.timeout, startup)
         return world
 
-    def unsupported(self, spec: Any) -> str | None:
+    def unsupported(self, spec: WorldSpec) -> str | None:
         """Why this torchrun session cannot give ``spec`` (``None`` when it can)."""
         s = self.session
         if spec.world_size != s.world_size:
