@@ -22,14 +22,14 @@ if TYPE_CHECKING:
     from pytest_mnnvl.conformance.report_lock import ReportLock
     from pytest_mnnvl.managers import ManagerFactory
     from pytest_mnnvl.worlds.mps import MpsSession
-    from pytest_mnnvl.worlds.pool import Pool
     from pytest_mnnvl.worlds.sharing import GpuPlan, SharingSummary
-    from pytest_mnnvl.worlds.spmd import SpmdPool, SpmdSession
+    from pytest_mnnvl.worlds.spmd import SpmdSession
+    from pytest_mnnvl.worlds.world import WorldPool
 
 
 SETTINGS_KEY = pytest.StashKey["_settings.Settings"]()
 BACKEND_KEY = pytest.StashKey[str]()
-POOL_KEY = pytest.StashKey["Pool | SpmdPool"]()
+POOL_KEY = pytest.StashKey["WorldPool"]()
 MANAGER_KEY: pytest.StashKey[ManagerFactory] = pytest.StashKey()
 GUARD_KEY = pytest.StashKey[interrupts.Guard]()
 #: The conformance suite's plugin, as ``conformance/conftest.py`` and the packaged suite's conftest register it.
@@ -229,7 +229,7 @@ def uses_mnnvl(item: pytest.Item) -> bool:
     return "mnnvl_world" in fixturenames or "mnnvl_topology" in fixturenames
 
 
-def pool(config: pytest.Config) -> Pool | SpmdPool:
+def pool(config: pytest.Config) -> WorldPool:
     if POOL_KEY not in config.stash:
         from pytest_mnnvl.worlds.pool import Pool
 

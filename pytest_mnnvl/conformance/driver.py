@@ -29,7 +29,7 @@ from pytest_mnnvl.worlds.layout import Topology
 if TYPE_CHECKING:
     from pytest_mnnvl.managers import ManagerFactory
     from pytest_mnnvl.model.layers import ModelPlan
-    from pytest_mnnvl.worlds.pool import World
+    from pytest_mnnvl.worlds.world import RankWorld as World
 
 
 #: Seconds the PP deadlock check waits per call (DESIGN: reported within timeout + 2 s).
