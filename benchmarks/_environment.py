@@ -30,9 +30,9 @@ def environment(backend: str) -> dict[str, Any]:
 
         env["flashinfer"] = getattr(flashinfer, "__version__", "unknown")
     if backend == "flashinfer":
-        from pytest_mnnvl.probes import capabilities
+        from pytest_mnnvl.probes.gpus import gpu_inventory
 
-        env["cards"] = [g.name for g in capabilities.gpu_inventory().gpus]
+        env["cards"] = [g.name for g in gpu_inventory().gpus]
     else:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             env["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")

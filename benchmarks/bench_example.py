@@ -70,12 +70,13 @@ def log(message: str) -> None:
 def devices_for(world_size: int, backend: str) -> tuple[str, ...] | None:
     if backend != "flashinfer":
         return None
-    from pytest_mnnvl.probes import capabilities
+    from pytest_mnnvl.probes.backend import missing_for_one_sided
+    from pytest_mnnvl.probes.gpus import gpu_inventory
 
-    missing = capabilities.missing_for_one_sided(world_size)
+    missing = missing_for_one_sided(world_size)
     if missing is not None:
         raise RuntimeError(f"cannot run {world_size} GPU ranks here: {missing}")
-    return tuple(g.uuid or str(g.nvml_index) for g in capabilities.gpu_inventory().gpus)[:world_size]
+    return tuple(g.uuid or str(g.nvml_index) for g in gpu_inventory().gpus)[:world_size]
 
 
 def spawn_example(world_size: int, backend: str, devices: tuple[str, ...] | None, factory: Any, text: str) -> float:

@@ -55,12 +55,13 @@ def growing_layers(count: int) -> list[LayerSpec]:
 def make_world(ep: int, backend: str) -> World:
     devices: tuple[str, ...] | None = None
     if backend == "flashinfer":
-        from pytest_mnnvl.probes import capabilities
+        from pytest_mnnvl.probes.backend import missing_for_one_sided
+        from pytest_mnnvl.probes.gpus import gpu_inventory
 
-        missing = capabilities.missing_for_one_sided(ep)
+        missing = missing_for_one_sided(ep)
         if missing is not None:
             raise SystemExit(f"findings.py: --backend flashinfer cannot run {ep} ranks here: {missing}")
-        devices = tuple(gpu.uuid or str(gpu.nvml_index) for gpu in capabilities.gpu_inventory().gpus)[:ep]
+        devices = tuple(gpu.uuid or str(gpu.nvml_index) for gpu in gpu_inventory().gpus)[:ep]
     return World(WorldSpec(ep, 1, backend, devices=devices), timeout=300.0)
 
 

@@ -1,7 +1,7 @@
 """The plugin's markers: their signatures, argument checks and the skip reasons they give.
 
 Decided in the pytest process, never initialising CUDA: GPU facts come from
-:mod:`pytest_mnnvl.probes.capabilities` (NVML and ``CUDA_VISIBLE_DEVICES``).
+:mod:`pytest_mnnvl.probes` (NVML and ``CUDA_VISIBLE_DEVICES``).
 """
 
 from __future__ import annotations
@@ -76,21 +76,23 @@ def skip_reason(
     """Why a test carrying marker ``name`` cannot run here, or ``None`` when it can. ``ranks_per_gpu`` is
     ``--mnnvl-ranks-per-gpu``: in shared mode one GPU serves a whole world (``requires_multi_gpu(n)`` still
     counts physical GPUs)."""
-    from pytest_mnnvl.probes import capabilities
+    from pytest_mnnvl.probes.backend import missing_for_one_sided_shared
+    from pytest_mnnvl.probes.gpus import missing_for_multi_gpu
+    from pytest_mnnvl.probes.ptrace import missing_for_ptrace
 
     if name == "requires_multi_gpu":
-        return capabilities.missing_for_multi_gpu(parse_gpu_count(args, kwargs))
+        return missing_for_multi_gpu(parse_gpu_count(args, kwargs))
     if name == "requires_one_sided":
         if args or kwargs:
             raise MnnvlUsageError("@pytest.mark.requires_one_sided takes no arguments")
-        return capabilities.missing_for_one_sided_shared(2, ranks_per_gpu)
+        return missing_for_one_sided_shared(2, ranks_per_gpu)
     if name == "requires_ptrace":
         if args or kwargs:
             raise MnnvlUsageError("@pytest.mark.requires_ptrace takes no arguments")
-        return capabilities.missing_for_ptrace()
+        return missing_for_ptrace()
     if name == "mnnvl":
         mark = parse_mnnvl_mark(args, kwargs)
         if backend == "flashinfer":
-            return capabilities.missing_for_one_sided_shared(mark.world_size or 2, ranks_per_gpu)
+            return missing_for_one_sided_shared(mark.world_size or 2, ranks_per_gpu)
         return None
     raise AssertionError(name)

@@ -1,7 +1,7 @@
 """pytest-mnnvl's hooks: options, markers, report header, fixtures and xdist wiring only.
 
 The machinery lives in modules imported when first needed (:mod:`pytest_mnnvl.worlds.pool`,
-:mod:`pytest_mnnvl.probes.capabilities`, the backends), so loading the plugin imports neither torch nor
+:mod:`pytest_mnnvl.probes`, the backends), so loading the plugin imports neither torch nor
 FlashInfer nor Hypothesis.
 """
 

@@ -121,16 +121,16 @@ def resolve_backend(config: pytest.Config) -> str:
             allowed = ", ".join((*SESSION_BACKENDS, "None"))
             raise pytest.UsageError(f"pytest_mnnvl_select_backend returned {backend!r}; allowed: {allowed}")
         if not backend:
-            from pytest_mnnvl.probes import capabilities
+            from pytest_mnnvl.probes.backend import resolve_auto_backend
 
-            backend = capabilities.resolve_auto_backend(config.stash[SETTINGS_KEY].ranks_per_gpu).value
+            backend = resolve_auto_backend(config.stash[SETTINGS_KEY].ranks_per_gpu).value
     config.stash[BACKEND_KEY] = backend
     return backend
 
 
 def header_lines(config: pytest.Config) -> list[str]:
     """The report header's ``mnnvl:`` lines: what this session runs on and with."""
-    from pytest_mnnvl.probes import capabilities
+    from pytest_mnnvl.probes import header
 
     s = config.stash[SETTINGS_KEY]
     backend = resolve_backend(config)
@@ -140,7 +140,7 @@ def header_lines(config: pytest.Config) -> list[str]:
         f"mnnvl: backend={how}, timeout={s.timeout:g}s, topologies="
         + " ".join(f"ws{ws}-pp{pp}" for ws, pp in s.topologies())
         + f", manager={s.manager}, strict={'on' if s.strict else 'off'}",
-        *capabilities.header_lines(),
+        *header.header_lines(),
         *_sharing_lines(config, backend),
         _rank_threads_line(config),
         f"mnnvl: hypothesis profile={profile}, seed={seed}",
@@ -176,7 +176,8 @@ def _settings_text(s: _settings.Settings) -> str:
 
 def sharing_summary(config: pytest.Config) -> SharingSummary | None:
     """How this session's GPU worlds sit on the GPUs (per topology) and whether MPS is on; None off GPUs."""
-    from pytest_mnnvl.probes import capabilities
+    from pytest_mnnvl.probes.backend import world_gpu_plan
+    from pytest_mnnvl.probes.gpus import gpu_inventory
     from pytest_mnnvl.worlds.sharing import SharingSummary, WorldLayout
 
     s = config.stash[SETTINGS_KEY]
@@ -186,11 +187,11 @@ def sharing_summary(config: pytest.Config) -> SharingSummary | None:
     workers = getattr(config.option, "numprocesses", None)
     if not hasattr(config, "workerinput") and isinstance(workers, int) and workers > 0:
         env.update(PYTEST_XDIST_WORKER="gw0", PYTEST_XDIST_WORKER_COUNT=str(workers))  # as each worker will split
-    inventory = capabilities.gpu_inventory()
+    inventory = gpu_inventory()
     worlds = []
     for ws, pp in s.topologies():
         try:
-            plan = capabilities.world_gpu_plan(ws, s.ranks_per_gpu, inventory, env)
+            plan = world_gpu_plan(ws, s.ranks_per_gpu, inventory, env)
             worlds.append(WorldLayout(f"ws{ws}-pp{pp}", plan))
         except ValueError as exc:
             worlds.append(WorldLayout(f"ws{ws}-pp{pp}", None, str(exc)))
@@ -251,12 +252,11 @@ def gpu_plan_for(config: pytest.Config, world_size: int) -> GpuPlan:
     """The GPUs of a world (UUIDs: they survive any CUDA_DEVICE_ORDER; the inventory already applied
     CUDA_VISIBLE_DEVICES), from this xdist worker's share, with ``--mnnvl-ranks-per-gpu``; skips the test
     when the world does not fit, with the reason."""
-    from pytest_mnnvl.probes import capabilities
+    from pytest_mnnvl.probes.backend import world_gpu_plan
+    from pytest_mnnvl.probes.gpus import gpu_inventory
 
     try:
-        return capabilities.world_gpu_plan(
-            world_size, config.stash[SETTINGS_KEY].ranks_per_gpu, capabilities.gpu_inventory(), os.environ
-        )
+        return world_gpu_plan(world_size, config.stash[SETTINGS_KEY].ranks_per_gpu, gpu_inventory(), os.environ)
     except ValueError as exc:
         skip_at_test(str(exc))
 

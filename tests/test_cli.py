@@ -455,9 +455,9 @@ def test_bad_arguments(case: str) -> None:
 
 
 def test_flashinfer_backend_without_gpus_is_a_usage_error() -> None:
-    from pytest_mnnvl.probes import capabilities
+    from pytest_mnnvl.probes.backend import missing_for_one_sided
 
-    if capabilities.missing_for_one_sided(2) is None:
+    if missing_for_one_sided(2) is None:
         pytest.skip("this machine can run the flashinfer backend")
     assert_usage_error(cli("repro", FACTS_PLAN, "--backend", "flashinfer"), "--backend flashinfer: cannot run 2 ranks")
 

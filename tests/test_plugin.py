@@ -281,9 +281,11 @@ def test_xdist_workers_each_get_a_pool(pytester: pytest.Pytester) -> None:
 
 def test_plugin_load_imports_no_heavy_modules() -> None:
     code = (
-        "import sys, pytest_mnnvl, pytest_mnnvl.plugin, pytest_mnnvl.probes.capabilities;"
+        "import importlib, pkgutil, sys, pytest_mnnvl, pytest_mnnvl.plugin, pytest_mnnvl.probes as probes;"
+        "names = [m.name for m in pkgutil.iter_modules(probes.__path__)];"
+        "[importlib.import_module(f'pytest_mnnvl.probes.{name}') for name in names];"
         "heavy = [m for m in ('torch', 'flashinfer', 'hypothesis', 'pynvml', 'numpy') if m in sys.modules];"
-        "print(heavy); sys.exit(1 if heavy else 0)"
+        "print(names, heavy); sys.exit(1 if heavy or 'header' not in names else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from pytest_mnnvl.errors import MnnvlUsageError
-from pytest_mnnvl.probes import capabilities as cap
+from pytest_mnnvl.probes.backend import auto_backend, resolve_auto_backend, shared_one_sided_reason
+from pytest_mnnvl.probes.flashinfer import FlashInferInfo, flashinfer_info, flashinfer_info_at
+from pytest_mnnvl.probes.gpus import GpuInfo, GpuInventory
+from pytest_mnnvl.probes.probe import Probe
 from pytest_mnnvl.worlds.layout import Layout
 from pytest_mnnvl.worlds.pool import World, WorldSpec
 from pytest_mnnvl.worlds.sharing import (
@@ -124,56 +127,56 @@ def _fn(name: str) -> object:
 # ---- the auto backend and the markers, from probe records --------------------------------------------
 
 
-def _inventory(count: int) -> cap.GpuInventory:
-    gpus = tuple(cap.GpuInfo(i, "NVIDIA H200", GPUS[i], i) for i in range(count))
-    return cap.GpuInventory(gpus, count, None, "nvml", f"NVML: {count} GPU(s) present")
+def _inventory(count: int) -> GpuInventory:
+    gpus = tuple(GpuInfo(i, "NVIDIA H200", GPUS[i], i) for i in range(count))
+    return GpuInventory(gpus, count, None, "nvml", f"NVML: {count} GPU(s) present")
 
 
-INSTALLED = cap.FlashInferInfo(True, "0.7.4", "/site/flashinfer", True, True, "scm_rights", "flashinfer 0.7.4")
+INSTALLED = FlashInferInfo(True, "0.7.4", "/site/flashinfer", True, True, "scm_rights", "flashinfer 0.7.4")
 
 
 def test_shared_reason_from_probe_records() -> None:
-    def no_link_needed(indices: tuple[int, ...]) -> cap.Probe[bool | None]:
+    def no_link_needed(indices: tuple[int, ...]) -> Probe[bool | None]:
         raise AssertionError(f"one GPU needs no NVLink probe, asked for {indices}")
 
-    assert cap.shared_one_sided_reason(4, "auto", INSTALLED, _inventory(1), {}, no_link_needed) is None
+    assert shared_one_sided_reason(4, "auto", INSTALLED, _inventory(1), {}, no_link_needed) is None
     # Four ranks on three GPUs use two of them: NVLink between those two only.
     asked: list[tuple[int, ...]] = []
 
-    def no_nvlink(indices: tuple[int, ...]) -> cap.Probe[bool | None]:
+    def no_nvlink(indices: tuple[int, ...]) -> Probe[bool | None]:
         asked.append(indices)
-        return cap.Probe(False, "GPU0<->GPU1: no NVLink P2P")
+        return Probe(False, "GPU0<->GPU1: no NVLink P2P")
 
-    reason = cap.shared_one_sided_reason(4, "auto", INSTALLED, _inventory(3), {}, no_nvlink)
+    reason = shared_one_sided_reason(4, "auto", INSTALLED, _inventory(3), {}, no_nvlink)
     assert asked == [(0, 1)]
     assert reason == (
         "one-sided all-to-all, shared-GPU mode (--mnnvl-ranks-per-gpu=auto), 4 ranks on 2 GPUs: "
         "GPU0<->GPU1: no NVLink P2P"
     )
-    none = cap.shared_one_sided_reason(2, "auto", INSTALLED, _inventory(0), {}, no_link_needed)
+    none = shared_one_sided_reason(2, "auto", INSTALLED, _inventory(0), {}, no_link_needed)
     assert none is not None and "no GPU is visible to this process" in none and "shared-GPU mode" in none
-    absent = cap.shared_one_sided_reason(2, 2, cap.flashinfer_info_at(None, None), _inventory(1), {}, no_link_needed)
+    absent = shared_one_sided_reason(2, 2, flashinfer_info_at(None, None), _inventory(1), {}, no_link_needed)
     assert absent is not None and absent.startswith("shared-GPU mode (--mnnvl-ranks-per-gpu=2): flashinfer-python")
     # The xdist split applies: worker 1 of 2 owns no GPU of one.
     workers = {"PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": "2"}
-    split = cap.shared_one_sided_reason(2, "auto", INSTALLED, _inventory(1), workers, no_link_needed)
+    split = shared_one_sided_reason(2, "auto", INSTALLED, _inventory(1), workers, no_link_needed)
     assert split is not None and "split between 2 pytest-xdist worker(s)" in split
 
 
 def test_auto_backend_decision() -> None:
     nvlink_missing = "one-sided all-to-all needs 2 GPUs, 1 visible"
-    assert cap.auto_backend(1, None, None).value == "flashinfer"
-    assert cap.auto_backend(1, nvlink_missing, None) == cap.Probe("sim", nvlink_missing)
+    assert auto_backend(1, None, None).value == "flashinfer"
+    assert auto_backend(1, nvlink_missing, None) == Probe("sim", nvlink_missing)
     # One GPU: only with sharing allowed, and only when a shared world fits.
-    assert cap.auto_backend("auto", nvlink_missing, None).value == "flashinfer"
-    assert cap.auto_backend(2, nvlink_missing, None).value == "flashinfer"
-    assert cap.auto_backend("auto", nvlink_missing, "no GPU") == cap.Probe("sim", "no GPU")
+    assert auto_backend("auto", nvlink_missing, None).value == "flashinfer"
+    assert auto_backend(2, nvlink_missing, None).value == "flashinfer"
+    assert auto_backend("auto", nvlink_missing, "no GPU") == Probe("sim", "no GPU")
     # Two NVLink GPUs win whatever the setting.
-    assert cap.auto_backend("auto", None, "unused").value == "flashinfer"
+    assert auto_backend("auto", None, "unused").value == "flashinfer"
 
 
 def test_auto_backend_on_this_machine_is_the_sim_and_says_why() -> None:
-    probe = cap.resolve_auto_backend("auto")
+    probe = resolve_auto_backend("auto")
     assert probe.value == "sim"
     assert "shared-GPU mode (--mnnvl-ranks-per-gpu=auto)" in probe.reason
 
@@ -225,7 +228,7 @@ def test_the_one_gpu_benchmark_script_parses() -> None:
 
 #: The installed FlashInfer, and 0.7.4 where a checkout keeps it in .venv074 (the other supported release).
 FLASHINFER_RELEASES = [
-    Path(cap.flashinfer_info().location or "/nonexistent/flashinfer"),
+    Path(flashinfer_info().location or "/nonexistent/flashinfer"),
     *sorted((Path(__file__).resolve().parents[1] / ".venv074").glob("lib/python3*/site-packages/flashinfer")),
 ]
 

@@ -90,10 +90,11 @@ def _world(
     world_size = ep * loaded.plan.pp
     if backend != "flashinfer":
         return World(WorldSpec(world_size, loaded.plan.pp, backend), timeout, max(STARTUP_TIMEOUT_S, timeout))
-    from pytest_mnnvl.probes import capabilities
+    from pytest_mnnvl.probes.backend import world_gpu_plan
+    from pytest_mnnvl.probes.gpus import gpu_inventory
 
     _check_gpus(world_size, ranks_per_gpu)
-    plan = capabilities.world_gpu_plan(world_size, ranks_per_gpu, capabilities.gpu_inventory(), os.environ)
+    plan = world_gpu_plan(world_size, ranks_per_gpu, gpu_inventory(), os.environ)
     env = mps.state.rank_env(plan.ranks_per_gpu, os.environ) if mps is not None else ()
     spec = WorldSpec(world_size, loaded.plan.pp, backend, env, plan.devices, plan.ranks_per_gpu)
     return World(spec, timeout, startup_timeout=max(STARTUP_TIMEOUT_S, timeout))
@@ -101,9 +102,9 @@ def _world(
 
 def _check_gpus(world_size: int, ranks_per_gpu: RanksPerGpu) -> None:
     """A usage error, before anything starts, when FlashInfer cannot run ``world_size`` ranks here."""
-    from pytest_mnnvl.probes import capabilities
+    from pytest_mnnvl.probes.backend import missing_for_one_sided_shared
 
-    missing = capabilities.missing_for_one_sided_shared(world_size, ranks_per_gpu)
+    missing = missing_for_one_sided_shared(world_size, ranks_per_gpu)
     if missing is not None:
         for option, ours in (("--mnnvl-ranks-per-gpu=", "--ranks-per-gpu "), ("--mnnvl-backend=", "--backend ")):
             missing = missing.replace(option, ours)

@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_mnnvl.probes.capabilities import Probe
+from pytest_mnnvl.probes.probe import Probe
 from pytest_mnnvl.worlds import _mps_keeper
 
 MODES = ("auto", "off", "start")
