@@ -9,7 +9,7 @@ and re-``initialize``), results back in the parent.
 - **warm**: on a started :class:`~pytest_mnnvl.worlds.pool.World`, per-example wall time in the parent.
 - **spawn**: vLLM's test-helper shape (``torch.multiprocessing`` spawn, one process per rank, the
   process group and backend set up, the example, ``destroy_process_group``, join), per example.
-  Target (DESIGN.md): spawn / warm ≥ 20×.
+  Target (the project's): spawn / warm ≥ 20×.
 - **bare**: the manager's own work with no harness: ``initialize`` + one round trip per layer, the
   earlier layers' round trips again on the final handle (what ``run_plan`` does at least) + ``cleanup``,
   timed inside the ranks from barrier to barrier. Overhead = (warm_minimal − bare) / bare, the harness's
@@ -54,7 +54,7 @@ CYCLE = (QuantFormat.NVFP4, QuantFormat.BF16, QuantFormat.FP8_BLOCK, QuantFormat
 
 
 def plan_of(length: int) -> ModelPlan:
-    """``length`` layers of FACTS §1's shape (H 4096, top_k 2, 8 experts), formats cycling, tokens 128/256."""
+    """``length`` layers of the measured failure's shape (H 4096, top_k 2, 8 experts), formats cycling, T 128/256."""
     layers = [LayerSpec(CYCLE[i % len(CYCLE)], 4096, 2, 8, 128 * (1 + i % 2), name=f"l{i}") for i in range(length)]
     return ModelPlan((tuple(layers),), (), f"bench-{length}", "bench_example.py")
 

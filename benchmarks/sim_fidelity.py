@@ -51,7 +51,7 @@ TOP_K = (2, 8)
 
 
 def payload_layout(fmt: str, hidden: int, top_k: int) -> list[tuple[str, int]]:
-    """(dtype name, elements per token) of each dispatch payload, in vLLM's order (FACTS §1)."""
+    """(dtype name, elements per token) of each dispatch payload, in vLLM's order: activations, scales, ids, weights."""
     head = {
         "bf16": [("bfloat16", hidden)],
         "nvfp4": [("uint8", hidden // 2), ("uint8", hidden // 16)],

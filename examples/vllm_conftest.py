@@ -35,7 +35,7 @@ A test in this directory then reads::
     @pytest.mark.mnnvl(world_size=2)
     def test_workspace_grows_for_a_bf16_mtp_head(mnnvl_world, vllm_manager, nvfp4_then_bf16):
         sizes = mnnvl_world().run(_grow, vllm_manager, nvfp4_then_bf16)
-        assert sizes == [[5_427_584, 8_442_240]] * 2        # FACTS §1 numbers at ep=2 (0.32's total policy)
+        assert sizes == [[5_427_584, 8_442_240]] * 2        # measured on 2×H100 at ep=2 (0.32's total policy)
 
 To run pytest-mnnvl's full conformance suite against vLLM's manager from here::
 
@@ -78,7 +78,7 @@ def vllm_manager() -> Any:
 
 @pytest.fixture
 def nvfp4_then_bf16() -> list[Any]:
-    """The plan of the field failure: NVFP4 decoder layers, then a bf16 MTP head (FACTS §1 sizes)."""
+    """The plan of the field failure: NVFP4 decoder layers, then a bf16 MTP head (T=256, H=4096, top_k=2)."""
     from pytest_mnnvl.model.layers import LayerSpec, QuantFormat
 
     return [

@@ -2,7 +2,9 @@
 
 Exit statuses: 0 fits / nothing reproduced, 1 fails / reproduced, 2 bad input (one line on stderr,
 never a traceback). The verdicts asserted for the example plans are the table in
-examples/plans/README.md; the arithmetic is FACTS §1's measured example.
+examples/plans/README.md; the arithmetic is the measured example (ep=2, T=256, H=4096, top_k=2:
+NVFP4 workspace 5,427,584 B, bf16 8,442,240 B, payload offset 45,440), measured from FlashInfer's
+own function on 2×H100.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pytest_mnnvl.model.layers import LayerSpec, ModelPlan, QuantFormat
 ROOT = Path(__file__).resolve().parent.parent
 PLANS = ROOT / "examples" / "plans"
 DEEPSEEK = PLANS / "deepseek-v3-r1-nvfp4-mtp.json"
-FACTS_PLAN = PLANS / "facts-nvfp4-then-bf16.json"
+MEASURED_PLAN = PLANS / "facts-nvfp4-then-bf16.json"
 COMBINE_MESSAGE = (
     "Check failed: (combinePayloadOffset >= 0 && combinePayloadOffset + payloadBytes <= sizePerRank) is false: "
     "workspace insufficient for combine payload region"
@@ -52,11 +54,11 @@ def layers(document: dict[str, Any]) -> list[dict[str, Any]]:
     return [layer for stage in document["stages"] for layer in stage["layers"]]
 
 
-# ---- FACTS §1: ep=2, T=256, H=4096, top_k=2 ---------------------------------------------------------
+# ---- The measured example: ep=2, T=256, H=4096, top_k=2 ---------------------------------------------
 
 
-def test_facts_arithmetic_explained_exactly() -> None:
-    status, doc = cli_json("explain", FACTS_PLAN, *FIRST_CALL, "--ep", "2")
+def test_measured_arithmetic_explained_exactly() -> None:
+    status, doc = cli_json("explain", MEASURED_PLAN, *FIRST_CALL, "--ep", "2")
     assert status == 1
     base, head = layers(doc)
     assert (base["need"], head["need"]) == (5_427_584, 8_442_240)
@@ -90,8 +92,8 @@ def test_facts_arithmetic_explained_exactly() -> None:
     assert head["first_failing_tokens"] == expected_first == 165
 
 
-def test_facts_table_shows_the_arithmetic() -> None:
-    done = cli("explain", FACTS_PLAN, *FIRST_CALL)
+def test_measured_table_shows_the_arithmetic() -> None:
+    done = cli("explain", MEASURED_PLAN, *FIRST_CALL)
     assert done.returncode == 1, done.stderr
     out = done.stdout
     assert "payload offset        45,440" in out
@@ -103,8 +105,8 @@ def test_facts_table_shows_the_arithmetic() -> None:
 
 
 @pytest.mark.parametrize("manager", [["--manager", "reference"], ["--policy", "total"], ["--manager", "vllm"]])
-def test_facts_plan_fits_when_the_workspace_grows(manager: list[str]) -> None:
-    status, doc = cli_json("explain", FACTS_PLAN, *manager)
+def test_measured_plan_fits_when_the_workspace_grows(manager: list[str]) -> None:
+    status, doc = cli_json("explain", MEASURED_PLAN, *manager)
     assert status == 0 and doc["fits"] and doc["first_failure"] is None
     assert [layer["workspace"]["size_per_rank"] for layer in layers(doc)] == [5_427_584, 8_442_240]
 
@@ -230,7 +232,7 @@ def test_example_plans_hold_the_public_config_facts() -> None:
 
 
 def test_repro_first_call_reproduces_the_exact_combine_error() -> None:
-    done = cli("repro", FACTS_PLAN, *FIRST_CALL, "--ep", "2", "--json")
+    done = cli("repro", MEASURED_PLAN, *FIRST_CALL, "--ep", "2", "--json")
     assert done.returncode == 1, done.stderr
     doc = json.loads(done.stdout)
     failure = doc["first_failure"]
@@ -250,7 +252,7 @@ def test_repro_first_call_reproduces_the_exact_combine_error() -> None:
 
 @pytest.mark.parametrize("manager", [["--manager", "reference"], ["--policy", "total"]])
 def test_repro_passes_when_the_workspace_grows(manager: list[str]) -> None:
-    done = cli("repro", FACTS_PLAN, *manager)
+    done = cli("repro", MEASURED_PLAN, *manager)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "stage 0 layer 1 'head' (bf16): built 8,442,240 B/rank, max_num_tokens 256; round trip at T=256 ok" in (
         done.stdout
@@ -323,7 +325,7 @@ def test_explain_final_pass_text(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_explain_observes_a_manager_no_policy_models() -> None:
     """A mutant that leaves the scale bytes out (PR #44946's bug): its real workspace, read from the sim."""
-    status, doc = cli_json("explain", FACTS_PLAN, "--manager", "mutant:scale_bytes_left_out")
+    status, doc = cli_json("explain", MEASURED_PLAN, "--manager", "mutant:scale_bytes_left_out")
     assert status == 1 and doc["policy"] is None
     base, head = layers(doc)
     assert base["workspace"]["size_per_rank"] == 5_427_584 - 2 * 256 * 256  # the NVFP4 scales are missing
@@ -335,7 +337,7 @@ def test_repro_failure_text(capsys: pytest.CaptureFixture[str]) -> None:
     """How ``repro`` prints the first failure (rendering only: the run itself is tested above)."""
     from pytest_mnnvl.cli import analysis, inputs, repro
 
-    loaded = inputs.load_plan(str(FACTS_PLAN))
+    loaded = inputs.load_plan(str(MEASURED_PLAN))
     record = repro.StageRecord(0)
     record.states = [
         {"stamp": 1, "rebuilt": True, "size_per_rank": 5_427_584, "max_num_tokens": 256},
@@ -428,20 +430,26 @@ def test_bad_plan(tmp_path: Path, case: str) -> None:
 BAD_ARGUMENTS: dict[str, tuple[list[str | Path], str]] = {
     "missing file": (["explain", "no/such/plan.json"], "PLAN 'no/such/plan.json': no such file"),
     "directory": (["explain", "examples"], "is a directory"),
-    "ep 0": (["explain", FACTS_PLAN, "--ep", "0"], "argument --ep: 0 is not allowed: must be >= 1"),
-    "ep 65": (["predict", FACTS_PLAN, "--ep", "65"], "--ep 65: not allowed: must be an integer in 1..64"),
-    "ep text": (["explain", FACTS_PLAN, "--ep", "two"], "argument --ep: 'two' is not an integer"),
-    "ep experts": (["explain", FACTS_PLAN, "--ep", "3"], "stages[0][0].num_experts: 8 is not allowed with --ep 3"),
-    "stage": (["explain", FACTS_PLAN, "--stage", "1"], "--stage 1: not allowed: the plan has 1 stage(s), allowed 0..0"),
-    "manager": (["explain", FACTS_PLAN, "--manager", "bogus"], "--manager 'bogus': not allowed: must be reference"),
-    "mutant": (["explain", FACTS_PLAN, "--manager", "mutant:nope"], "there is no mutant named 'nope'"),
-    "module": (["predict", FACTS_PLAN, "--manager", "no_such_module:Cls"], "module 'no_such_module' not found"),
-    "policy": (["explain", FACTS_PLAN, "--policy", "max"], "argument --policy: invalid choice: 'max'"),
-    "policy and observe": (["explain", FACTS_PLAN, "--policy", "total", "--observe"], "not allowed together"),
-    "backend": (["repro", FACTS_PLAN, "--backend", "gpu"], "argument --backend: invalid choice: 'gpu' (choose from"),
-    "timeout": (["repro", FACTS_PLAN, "--timeout", "-1"], "argument --timeout: -1 is not allowed; allowed: 1..86400"),
+    "ep 0": (["explain", MEASURED_PLAN, "--ep", "0"], "argument --ep: 0 is not allowed: must be >= 1"),
+    "ep 65": (["predict", MEASURED_PLAN, "--ep", "65"], "--ep 65: not allowed: must be an integer in 1..64"),
+    "ep text": (["explain", MEASURED_PLAN, "--ep", "two"], "argument --ep: 'two' is not an integer"),
+    "ep experts": (["explain", MEASURED_PLAN, "--ep", "3"], "stages[0][0].num_experts: 8 is not allowed with --ep 3"),
+    "stage": (
+        ["explain", MEASURED_PLAN, "--stage", "1"],
+        "--stage 1: not allowed: the plan has 1 stage(s), allowed 0..0",
+    ),
+    "manager": (["explain", MEASURED_PLAN, "--manager", "bogus"], "--manager 'bogus': not allowed: must be reference"),
+    "mutant": (["explain", MEASURED_PLAN, "--manager", "mutant:nope"], "there is no mutant named 'nope'"),
+    "module": (["predict", MEASURED_PLAN, "--manager", "no_such_module:Cls"], "module 'no_such_module' not found"),
+    "policy": (["explain", MEASURED_PLAN, "--policy", "max"], "argument --policy: invalid choice: 'max'"),
+    "policy and observe": (["explain", MEASURED_PLAN, "--policy", "total", "--observe"], "not allowed together"),
+    "backend": (["repro", MEASURED_PLAN, "--backend", "gpu"], "argument --backend: invalid choice: 'gpu' (choose from"),
+    "timeout": (
+        ["repro", MEASURED_PLAN, "--timeout", "-1"],
+        "argument --timeout: -1 is not allowed; allowed: 1..86400",
+    ),
     "command": (
-        ["frobnicate", FACTS_PLAN],
+        ["frobnicate", MEASURED_PLAN],
         "invalid choice: 'frobnicate' (choose from 'explain', 'predict', 'repro', 'list-plans')",
     ),
     "no command": ([], "the following arguments are required"),
@@ -459,7 +467,9 @@ def test_flashinfer_backend_without_gpus_is_a_usage_error() -> None:
 
     if missing_for_one_sided(2) is None:
         pytest.skip("this machine can run the flashinfer backend")
-    assert_usage_error(cli("repro", FACTS_PLAN, "--backend", "flashinfer"), "--backend flashinfer: cannot run 2 ranks")
+    assert_usage_error(
+        cli("repro", MEASURED_PLAN, "--backend", "flashinfer"), "--backend flashinfer: cannot run 2 ranks"
+    )
 
 
 def test_a_saved_plan_round_trips_through_the_commands(tmp_path: Path) -> None:

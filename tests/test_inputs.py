@@ -20,7 +20,7 @@ import pytest
 from pytest_mnnvl.model.layers import MAX_PLAN_LAYERS
 
 ROOT = Path(__file__).resolve().parent.parent
-FACTS_PLAN = ROOT / "examples" / "plans" / "facts-nvfp4-then-bf16.json"
+MEASURED_PLAN = ROOT / "examples" / "plans" / "facts-nvfp4-then-bf16.json"
 SUITE = ROOT / "conformance" / "test_invariants.py"
 LAYER = {"quant": "bf16", "hidden_size": 1024, "top_k": 2, "num_experts": 8, "max_num_tokens": 8}
 
@@ -133,14 +133,14 @@ def test_a_plan_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "0.001", "1e9", "-inf"])
 def test_repro_timeout_is_checked_before_any_rank_starts(tmp_path: Path, value: str) -> None:
     t0 = time.monotonic()
-    line = assert_input_error(cli(tmp_path, "repro", FACTS_PLAN, f"--timeout={value}"), "argument --timeout")
+    line = assert_input_error(cli(tmp_path, "repro", MEASURED_PLAN, f"--timeout={value}"), "argument --timeout")
     assert "allowed: 1..86400 seconds" in line, line
     assert time.monotonic() - t0 < 20
 
 
 def test_cli_integers_take_ascii_digits_only(tmp_path: Path) -> None:
     """``int('١')`` is 1: an Arabic-Indic digit was taken as ``--ep 1``."""
-    assert_input_error(cli(tmp_path, "explain", FACTS_PLAN, "--ep", "١"), "argument --ep: '١' is not an integer")
+    assert_input_error(cli(tmp_path, "explain", MEASURED_PLAN, "--ep", "١"), "argument --ep: '١' is not an integer")
 
 
 BAD_INIT = """
@@ -158,7 +158,7 @@ def test_explain_names_the_exception_a_manager_constructor_raised(
 ) -> None:
     write(tmp_path / "bad_init.py", BAD_INIT)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    done = cli(tmp_path, "explain", FACTS_PLAN, "--manager", "bad_init:BadInit", timeout=120)
+    done = cli(tmp_path, "explain", MEASURED_PLAN, "--manager", "bad_init:BadInit", timeout=120)
     assert_input_error(done, "--manager 'bad_init:BadInit'", "RuntimeError: no NVLink fabric here (cluster UUID")
 
 

@@ -1,4 +1,4 @@
-"""The oracle's policy models against hand-worked cases (FACTS §1, research §1.1 and §4.4).
+"""The oracle's policy models against hand-worked cases (FlashInfer's sizing formula, vLLM's skip rule).
 
 The first part is FlashInfer 0.7.2.post1's arithmetic (``release=V072`` given, so it holds whichever
 release is installed); the second, 0.7.4's fixed regions."""

@@ -1,7 +1,7 @@
 """The sim backend: FlashInfer's own MoeAlltoAll and moe_ep on CPU ranks, with only the CUDA leaves replaced.
 
 Every rank function lives in :mod:`tests.sim_rank_fns`; the worlds are warm and shared between tests.
-Expected numbers come from FACTS (measured on 2×/4×H100 with the real FlashInfer), not from the sim.
+Expected numbers were measured on 2×/4×H100 with the real FlashInfer, not taken from the sim.
 """
 
 from __future__ import annotations

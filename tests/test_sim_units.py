@@ -21,7 +21,7 @@ from pytest_mnnvl.backends import flashinfer as real
     ],
 )
 def test_size_function_without_install(ep: int, dispatch: int, expected: int) -> None:
-    """FACTS §1/§2 numbers, measured with FlashInfer on H100s (T=256, H=4096, top_k=2)."""
+    """Numbers measured with FlashInfer on 2×/4×H100 (T=256, H=4096, top_k=2)."""
     assert not sim.installed()
     assert sim.moe_a2a_get_workspace_size_per_rank(ep, 256, dispatch, 8192) == expected
     assert sim.moe_a2a_get_workspace_size_per_rank(ep, 256, 0, 0, backend="trtllm") == 45_440

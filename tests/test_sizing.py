@@ -37,7 +37,7 @@ def golden_str(name: str, args: list[int]) -> str | None:
     return next(c["str"] for c in GOLDEN["checks"] if c["name"] == name and c["args"] == args)
 
 
-# ---- FACTS §1 hand examples (measured on 2xH100 / 4xH100) ----------------------------------------
+# ---- Hand examples, T=256, H=4096, top_k=2 (measured on 2xH100 / 4xH100) -------------------------
 
 
 def test_aux_size_hand_example() -> None:
@@ -61,7 +61,7 @@ def test_workspace_size_measured(ep: int, quant: str, expected: int) -> None:
 
 
 def test_the_bug_nvfp4_workspace_then_bf16_layer() -> None:
-    """FACTS §1 'The bug': dispatch passes, combine fails with FlashInfer's text."""
+    """The field failure (NVFP4 workspace, then a bf16 layer): dispatch passes, combine fails with FlashInfer's text."""
     nvfp4 = LayerSpec("nvfp4", H, 2, 8, 256)  # type: ignore[arg-type]
     bf16 = LayerSpec("bf16", H, 2, 8, 256)  # type: ignore[arg-type]
     geometry = WorkspaceGeometry(2, 256, nvfp4.need(2))
@@ -76,7 +76,7 @@ def test_the_bug_nvfp4_workspace_then_bf16_layer() -> None:
     trip.dispatch.raise_for_failure()  # passes: no exception
 
 
-# ---- research/flashinfer.md §3 worked example (ep=2, T=256, H=4096, top_k=8) ----------------------
+# ---- Worked example of the combinePayloadOffset check (ep=2, T=256, H=4096, top_k=8) --------------
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """``repro``: the plan run on a real rank world, first failure shown exactly as FlashInfer raises it.
 
-The world has ``ep × pp`` ranks (:mod:`pytest_mnnvl.worlds.pool`): ``sim`` runs FlashInfer's own Python on
-CPU ranks, ``flashinfer`` the real thing on GPUs. Every stage initializes its layers in order (the
-MTP head last on the last stage) and round-trips each one at its full token count right after its
-own ``initialize`` (a defect can hide behind a later, larger layer, FACTS §4). The parent drives
-one layer step per call, prints progress, and at the end puts the first failure next to what the
+The world has ``ep × pp`` ranks (:mod:`pytest_mnnvl.worlds.pool`): ``sim`` runs FlashInfer's own Python
+on CPU ranks, ``flashinfer`` the real thing on GPUs. Every stage initializes its layers in order (the
+MTP head last on the last stage) and round-trips each one at its full token count right after its own
+``initialize`` (a defect can hide behind a later, larger layer that grows the workspace). The parent
+drives one layer step per call, prints progress, and at the end puts the first failure next to what the
 arithmetic (:mod:`.analysis`) predicts for the workspace the ranks really held.
 
 :func:`observe` is the same walk without round trips, for ``explain``/``predict`` of managers no

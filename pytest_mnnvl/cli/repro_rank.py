@@ -4,7 +4,7 @@ A session lives in ``ctx.scratch`` between calls, so the parent can drive the pl
 at a time (one call per step, each under the per-call timeout) and print progress as it goes.
 Each rank works on its own PP stage's layers; a stage that failed stops there (FlashInfer's
 ``MoeAlltoAll`` stays in the dispatched phase after a failed combine, and the next dispatch would
-only report the cascade, FACTS §4).
+only report the cascade: ``dispatch called twice without combine``).
 
 Two drivers: ``("manager", factory)`` builds the real manager (``pytest_mnnvl.managers``) on the
 EP group and calls its ``initialize`` through the adapter of its shape; ``("policy", name)``

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from pytest_mnnvl.worlds.world import RankWorld as World
 
 
-#: Seconds the PP deadlock check waits per call (DESIGN: reported within timeout + 2 s).
+#: Seconds the PP deadlock check waits per call (the target: a deadlock is reported within timeout + 2 s).
 DEADLOCK_TIMEOUT_S = 10.0
 
 

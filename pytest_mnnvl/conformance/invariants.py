@@ -1,11 +1,12 @@
-"""The conformance invariants (DESIGN.md): one exception type each, and the parent-side checks.
+"""The conformance invariants (named in :mod:`.catalog`): one exception type each, and the parent-side checks.
 
 Ranks return observations (:mod:`pytest_mnnvl.conformance.rank`); the checks here hold them against
 what every correct growth policy must do (:mod:`pytest_mnnvl.model.oracle`), never against one
-implementation's numbers. A violation names the invariant, the layer (stage and index), the
-rank(s), expected vs observed, and the plan as JSON, saved to a file that ``python -m pytest_mnnvl
+implementation's numbers. A violation names the invariant, the layer (stage and index), the rank(s),
+expected vs observed, and the plan as JSON, saved to a file that ``python -m pytest_mnnvl
 explain|repro PLAN.json`` accepts. Distinct invariants raise distinct types, so Hypothesis keeps
-distinct bugs apart; the first failure of a run is reported, not its cascade (FACTS §4).
+distinct bugs apart; the first failure of a run is reported, not its cascade (after a failed combine
+FlashInfer's ``MoeAlltoAll`` stays dispatched, so every later dispatch fails too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pytest_mnnvl.model.layers import LayerSpec, ModelPlan
 
 
 class InvariantViolation(AssertionError):
-    """Base: one subclass per invariant (``invariant`` is its DESIGN.md name)."""
+    """Base: one subclass per invariant (``invariant`` is its name in :mod:`.catalog`)."""
 
     invariant: ClassVar[str] = ""
     level: ClassVar[str] = "must"

@@ -36,7 +36,9 @@ from pytest_mnnvl.conformance.recorder import ERROR_KINDS, RECORDER_KEY, Attribu
 def pytest_configure(config: pytest.Config) -> None:
     from pytest_mnnvl.conformance import profiles
 
-    config.addinivalue_line("markers", "conformance(invariant): the DESIGN.md invariant a conformance test checks")
+    config.addinivalue_line(
+        "markers", "conformance(invariant): the invariant the test checks, a name in pytest_mnnvl.conformance.catalog"
+    )
     config.addinivalue_line("markers", "conformance_first: run first within its topology (may recycle the world)")
     config.addinivalue_line("markers", "conformance_last: run after every topology (its own world)")
     recorder = Recorder()

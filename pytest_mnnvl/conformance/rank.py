@@ -7,10 +7,10 @@ data; the parent (:mod:`pytest_mnnvl.conformance.invariants`) judges it. What is
   whether the handle changed (by kept reference, never ``id()``), and every torch.distributed
   collective issued inside the call with the global ranks of its group;
 - a dispatch + combine round trip of each layer at its full token count right after its own
-  ``initialize`` (a defect can hide behind a later, larger layer: FACTS §4), and of every earlier
-  layer after the last ``initialize``; optionally "cross-product" probes (each layout at the largest
-  token count seen); the first failure ends the round trips (FlashInfer stays in the dispatched
-  phase after a failed combine, so later ones would only report the cascade);
+  ``initialize`` (a defect can hide behind a later, larger layer that grows the workspace), and of
+  every earlier layer after the last ``initialize``; optionally "cross-product" probes (each layout
+  at the largest token count seen); the first failure ends the round trips (FlashInfer stays in the
+  dispatched phase after a failed combine, so later ones would only report the cascade);
 - FlashInfer's workspace records (superseded ones leak there: 0.7.2's cache keeps what nobody
   evicts, 0.7.4's table what nobody destroyed), ``cleanup()`` and a re-``initialize``.
 

@@ -1,4 +1,4 @@
-"""Every invariant of DESIGN.md, one test each, on every topology of ``--mnnvl-world-sizes`` × ``--mnnvl-pp``.
+"""Every invariant of :mod:`.catalog`, one test each, on every topology of ``--mnnvl-world-sizes`` × ``--mnnvl-pp``.
 
 Shipped in the package (``pytest -p pytest_mnnvl --pyargs pytest_mnnvl.conformance``); a clone's
 ``conformance/test_invariants.py`` imports these tests and collects them under its own node ids.

@@ -1,6 +1,6 @@
 """One interface over both manager shapes: a ``LayerSpec`` in, a normalized state out.
 
-Two ``initialize`` signatures exist in the wild (DESIGN.md, Manager protocol):
+Two ``initialize`` signatures exist in the wild, and the suite must drive both:
 
 - ``pr42976`` (vLLM ≤ 0.32, the reference): ``initialize(max_num_tokens, top_k, num_experts,
   hidden_size, x_bytes_per_token, x_sf_bytes_per_token)``; at the PR itself the last two were
@@ -17,7 +17,7 @@ installed release's handle module (:mod:`pytest_mnnvl.managers.handles`): bytes 
 tokens the live handle was built with, its ``top_k`` and ``num_experts``, and on 0.7.4 its whole
 layout (where its fixed regions are: bytes per rank alone do not say whether a layer fits). The
 handle is identified by a kept (weak) reference and a per-process stamp, never by ``id()``, which
-CPython reuses as soon as the old handle is freed (FACTS §4).
+CPython reuses as soon as the old handle is freed.
 """
 
 from __future__ import annotations

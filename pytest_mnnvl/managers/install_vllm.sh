@@ -11,7 +11,7 @@
 # Why --no-deps everywhere: vllm==0.33.0's metadata pins torch==2.14.0 and ~190 CUDA packages (GBs);
 # flashinfer-python's pulls CUDA packages too. The sim backend needs only their Python. The dependency
 # lists below are the smallest sets for `import vllm.distributed.device_communicators.all2all` and for
-# `import flashinfer.comm, flashinfer.moe_ep` (research/vllm_cpu.md §2). pip warns about unmet
+# `import flashinfer.comm, flashinfer.moe_ep`, found one ModuleNotFoundError at a time. pip warns about unmet
 # requirements and still exits 0; do not run `pip check` on these venvs.
 set -euo pipefail
 VERSION=${1:?usage: install_vllm.sh VERSION VENV [REPO]}

@@ -2,10 +2,11 @@
 
 A conformance suite is only as good as the bugs it kills. Each class below changes one decision or
 action of :class:`~pytest_mnnvl.managers.reference.ReferenceManager` and names, in
-``mnnvl_invariant``, the invariant of DESIGN.md that must catch it (``mnnvl_also``: others that
-may). Several are bugs that shipped or nearly shipped (vLLM before PR #42976, PR #44946, PR #40893);
-the others sit where a weaker suite would look away: behind a later, larger layer; only on one
-rank; only with PP; only under ``python -O``; only after a failure; only after ``cleanup``.
+``mnnvl_invariant``, the invariant (a name in :mod:`~pytest_mnnvl.conformance.catalog`) that must
+catch it (``mnnvl_also``: others that may). Several are bugs that shipped or nearly shipped (vLLM
+before PR #42976, PR #44946, PR #40893); the others sit where a weaker suite would look away: behind
+a later, larger layer; only on one rank; only with PP; only under ``python -O``; only after a
+failure; only after ``cleanup``.
 
 Every mutant keeps declaring the reference's policy: it claims to be correct, as buggy code does.
 
@@ -88,7 +89,7 @@ class ScaleBytesLeftOut(Mutant):
     """The dispatch need omits the scale payload (``x_sf_bytes_per_token``), as the test fixed by
     PR #44946 under-declared it. Caught by **covers**, right after the quantized layer's own
     ``initialize``; a later bf16 layer grows the workspace and hides it, so a check only at the end
-    misses it (FACTS §4)."""
+    misses it (seen on 2×H100)."""
 
     mnnvl_mutant = "scale_bytes_left_out"
     mnnvl_invariant = "covers"

@@ -3,7 +3,7 @@
 Runs in rank processes only, after the backend's ``install`` (the sim already swaps FlashInfer's
 CUDA leaves and makes ``torch.accelerator.current_device_index``/``synchronize``/``empty_cache``
 host no-ops, which vLLM 0.33 calls). What is left is vLLM's side, and only the smallest part of it
-(research/vllm_cpu.md §4, the "groups" set-up):
+(gloo world, one ``new_group`` per EP group, then vLLM's real manager class on it):
 
 1. ``VLLM_HAS_FLASHINFER_CUBIN=1``: vLLM's ``has_flashinfer()`` otherwise wants ``flashinfer-cubin``
    or nvcc + ninja on PATH, and the class's ``__init__`` asserts it. Set before vLLM reads it.

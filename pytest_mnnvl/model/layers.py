@@ -2,10 +2,10 @@
 
 A manager only ever learns a layer through its sizes: hidden size, top_k, expert count, max tokens
 and how many bytes each dispatched token carries. :class:`LayerSpec` holds exactly that and derives
-the per-payload byte counts vLLM sends (FACTS §1, research/vllm.md §1.3–1.4), so the oracle, the
-sim backend and the explain tool agree on one layout. :class:`ModelPlan` orders layers into
-pipeline stages, with an optional MTP head that exists on the last stage only (vLLM builds the
-drafter there alone), which is what makes stages rebuild a different number of times.
+the per-payload byte counts vLLM sends (activations, scales, ``top_k`` int32 ids and fp32 weights),
+so the oracle, the sim backend and the explain tool agree on one layout. :class:`ModelPlan` orders
+layers into pipeline stages, with an optional MTP head that exists on the last stage only (vLLM
+builds the drafter there alone), which is what makes stages rebuild a different number of times.
 
 Plan JSON schema (version 1)
 ----------------------------
@@ -253,7 +253,7 @@ class LayerSpec:
         """vLLM's ``x_sf_bytes_per_token``: H/16 (nvfp4), padded_H/32 (mxfp8), (H/128)*4 (block fp8).
 
         mxfp8 pads H up to ``mx_alignment`` when that is > 0, as vLLM's
-        ``all2all_utils`` does (research/vllm.md §1.3); its activation payload stays H bytes.
+        ``all2all_utils`` does; its activation payload stays H bytes.
         """
         h = self.hidden_size
         if self.quant is QuantFormat.NVFP4:
