@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from pytest_mnnvl.conformance.observations import PlanObservation
 from pytest_mnnvl.managers import ManagerFactory
 from pytest_mnnvl.model.layers import LayerSpec, ModelPlan
 
@@ -45,28 +46,32 @@ def raised(text: str | None) -> str | None:
     return text.split(":", 1)[0] if text else None
 
 
-def first_error(result: dict[str, Any]) -> tuple[int, int, str] | None:
+def first_error(result: PlanObservation) -> tuple[int, int, str] | None:
     """(step, layer, what) of the first failure in a ``run_plan`` result: an ``initialize`` that raised,
     a failed round trip (its own layer, or an earlier one after it), a cleanup or re-initialize that
     raised. Probes (the cross product, a SHOULD) are left to the tests that want them."""
-    steps = result["steps"]
+    steps = result.steps
     for step in steps:
-        index = step["layer"]
-        if step["raised"] is not None:
-            return index, index, f"initialize raised {step['raised']}"
-        if step["round_trip"] not in (None, "ok"):
-            return index, index, step["round_trip"]
-        for earlier, outcome in step.get("earlier_round_trips", {}).items():
+        index = step.layer
+        if step.raised is not None:
+            return index, index, f"initialize raised {step.raised}"
+        if step.round_trip not in (None, "ok"):
+            return index, index, step.round_trip
+        for earlier, outcome in step.earlier_round_trips.items():
             if outcome != "ok":
                 return index, earlier, outcome
-    if result["stopped"] is not None:
-        return len(steps) - 1, len(steps) - 1, result["stopped"]
-    for earlier, outcome in result["late_round_trips"].items():
+    if result.stopped is not None:
+        return len(steps) - 1, len(steps) - 1, result.stopped
+    for earlier, outcome in result.late_round_trips.items():
         if outcome != "ok":
             return len(steps) - 1, earlier, outcome
-    for key in ("cleanup_raised", "reinit_raised", "second_cleanup_raised"):
-        if result.get(key):
-            return len(steps) - 1, 0, f"{key}: {result[key]}"
+    for key, raised in (
+        ("cleanup_raised", result.cleanup_raised),
+        ("reinit_raised", result.reinit_raised),
+        ("second_cleanup_raised", result.second_cleanup_raised),
+    ):
+        if raised:
+            return len(steps) - 1, 0, f"{key}: {raised}"
     return None
 
 

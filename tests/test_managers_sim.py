@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from pytest_mnnvl.conformance.observations import Collective
 from pytest_mnnvl.conformance.rank import failed_rebuild, mismatch, run_plan
 from pytest_mnnvl.errors import MnnvlUsageError, WorldDeadlock
 from pytest_mnnvl.managers import ManagerFactory, mutants, resolve
@@ -84,7 +85,7 @@ def _sim_backend(request: pytest.FixtureRequest) -> None:
 
 
 def _steps(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(result["steps"])
+    return list(result.steps)
 
 
 # ---- the reference ---------------------------------------------------------------------------
@@ -94,27 +95,27 @@ def _check_grow_plan(results: list[dict[str, Any]], world_size: int) -> None:
     expected = trajectory("per_dimension", GROW_PLAN, world_size)
     for result in results:
         steps = _steps(result)
-        assert [s["rebuilt"] for s in steps] == [e.rebuilt for e in expected]
-        assert [s["state"].size_per_rank for s in steps] == [e.capacity.size_per_rank for e in expected]
-        sizes = [s["state"].size_per_rank for s in steps]
-        tokens = [s["state"].max_num_tokens for s in steps]
+        assert [s.rebuilt for s in steps] == [e.rebuilt for e in expected]
+        assert [s.state.size_per_rank for s in steps] == [e.capacity.size_per_rank for e in expected]
+        sizes = [s.state.size_per_rank for s in steps]
+        tokens = [s.state.max_num_tokens for s in steps]
         assert sizes == sorted(sizes) and tokens == sorted(tokens)
         assert first_error(result) is None
         for step in steps:
-            assert all(ranks == tuple(range(world_size)) for _, ranks in step["collectives"]), step["collectives"]
-            if not step["rebuilt"]:
-                assert step["collectives"] == []
+            assert all(ranks == tuple(range(world_size)) for ranks in (c.group_ranks for c in step.collectives)), (
+                step.collectives
+            )
+            if not step.rebuilt:
+                assert step.collectives == ()
             else:
-                assert ("barrier", tuple(range(world_size))) in step["collectives"]
-        assert result["workspaces_before_cleanup"] == 1, "superseded workspaces must leave FlashInfer's cache"
-        assert not result["after_cleanup"].initialized and result["after_cleanup"].stamp is None
-        assert result["reinit"].size_per_rank == need(NV, world_size)
-        assert result["reinit_round_trip"] == "ok"
-        assert result["workspaces_at_end"] == 0
+                assert Collective("barrier", tuple(range(world_size))) in step.collectives
+        assert result.workspaces_before_cleanup == 1, "superseded workspaces must leave FlashInfer's cache"
+        assert not result.after_cleanup.initialized and result.after_cleanup.stamp is None
+        assert result.reinit.size_per_rank == need(NV, world_size)
+        assert result.reinit_round_trip == "ok"
+        assert result.workspaces_at_end == 0
     # EP symmetry: every rank reached the same sizes, tokens and decisions.
-    shapes = {
-        tuple((s["rebuilt"], s["state"].size_per_rank, s["state"].max_num_tokens) for s in r["steps"]) for r in results
-    }
+    shapes = {tuple((s.rebuilt, s.state.size_per_rank, s.state.max_num_tokens) for s in r.steps) for r in results}
     assert len(shapes) == 1
 
 
@@ -126,23 +127,23 @@ def test_reference_grows_skips_never_shrinks_2_ranks(mnnvl_world: Any) -> None:
 def test_reference_covers_the_cross_product(mnnvl_world: Any) -> None:
     # The probes: each layout at the largest max tokens, BF_2T (bf16 at 2T) first.
     results = mnnvl_world(2, 1).run(run_plan, resolve("reference"), plan([BF, NV_2T]), recheck=True)
-    assert all(r["probes"] == {0: "ok", 1: "ok"} and first_error(r) is None for r in results)
+    assert all(r.probes == {0: "ok", 1: "ok"} and first_error(r) is None for r in results)
 
 
 def test_reference_failed_rebuild_keeps_the_old_handle(mnnvl_world: Any) -> None:
     for result in mnnvl_world(2, 1).run(failed_rebuild, resolve("reference"), layer(NV), layer(BF)):
-        assert raised(result["raised"]) == "InjectedBuildFailure"
-        assert result["same_handle"] and result["after_failure"] == result["before"]
-        assert result["first_round_trip"] == "ok"
-        assert result["after_retry"].size_per_rank > result["before"].size_per_rank
-        assert result["retry_round_trip"] == "ok"
+        assert raised(result.raised) == "InjectedBuildFailure"
+        assert result.same_handle and result.after_failure == result.before
+        assert result.first_round_trip == "ok"
+        assert result.after_retry.size_per_rank > result.before.size_per_rank
+        assert result.retry_round_trip == "ok"
 
 
 @pytest.mark.parametrize("second", [NV_TOP4, NV_E16], ids=["top_k", "num_experts"])
 def test_reference_refuses_mismatch_without_changing_state(mnnvl_world: Any, second: LayerSpec) -> None:
     for result in mnnvl_world(2, 1).run(mismatch, resolve("reference"), layer(NV), layer(second)):
-        assert raised(result["raised"]) == "ShapeMismatch"
-        assert result["same_handle"] and result["after"] == result["before"]
+        assert raised(result.raised) == "ShapeMismatch"
+        assert result.same_handle and result.after == result.before
 
 
 # ---- the mutants, one defect each (2 ranks) --------------------------------------------------
@@ -151,7 +152,7 @@ def test_reference_refuses_mismatch_without_changing_state(mnnvl_world: Any, sec
 def test_first_call_wins_fails_the_bf16_combine(mnnvl_world: Any) -> None:
     results = mnnvl_world(2, 1).run(run_plan, mutant("first_call_wins"), plan([NV, BF]), probes=False)
     for result in results:
-        assert not result["steps"][1]["rebuilt"]
+        assert not result.steps[1].rebuilt
         step, layer, outcome = first_error(result) or (None, None, "")
         assert (step, layer) == (1, 1)
         assert SAYS["bf16_on_nvfp4"] in outcome
@@ -163,8 +164,8 @@ def test_scale_bytes_left_out_fails_its_own_layer_and_hides_behind_bf16(mnnvl_wo
     # At 64 tokens: on 0.7.4 the missing scale bytes (2 x 64 x H/32 beyond the narrowest format's row) exceed
     # the 4 x 256 bytes of alignment NVLinkOneSidedAlltoAll always adds (at 32 tokens they still fit).
     for result in world.run(run_plan, spec, plan([NV_2T]), probes=False):
-        assert result["steps"][0]["state"].size_per_rank < need(NV_2T, 2)
-        assert SAYS["too_few_bytes"] in result["steps"][0]["round_trip"]
+        assert result.steps[0].state.size_per_rank < need(NV_2T, 2)
+        assert SAYS["too_few_bytes"] in result.steps[0].round_trip
     # Grown by a bf16 layer first, every round trip passes: only a per-layer check catches it.
     for result in world.run(run_plan, spec, plan([BF, NV]), probes=False, recheck=True):
         assert first_error(result) is None
@@ -172,34 +173,34 @@ def test_scale_bytes_left_out_fails_its_own_layer_and_hides_behind_bf16(mnnvl_wo
 
 def test_tokens_not_grown_fails_the_token_bound(mnnvl_world: Any) -> None:
     for result in mnnvl_world(2, 1).run(run_plan, mutant("tokens_not_grown"), plan([NV, NV_2T]), probes=False):
-        assert result["steps"][1]["state"].max_num_tokens == T
+        assert result.steps[1].state.max_num_tokens == T
         assert SAYS["too_few_tokens"] in (first_error(result) or (0, 0, ""))[2]
 
 
 def test_combine_from_last_layer_breaks_an_earlier_wide_layer(mnnvl_world: Any) -> None:
     world = mnnvl_world(2, 1)
     for result in world.run(run_plan, mutant("combine_from_last_layer"), plan([WIDE, BF]), recheck=True):
-        assert result["steps"][1]["rebuilt"]
-        assert result["steps"][1]["earlier_round_trips"][0].startswith("error")
-        assert SAYS["narrow_combine"] in result["steps"][1]["earlier_round_trips"][0]
+        assert result.steps[1].rebuilt
+        assert result.steps[1].earlier_round_trips[0].startswith("error")
+        assert SAYS["narrow_combine"] in result.steps[1].earlier_round_trips[0]
     for result in world.run(run_plan, resolve("reference"), plan([WIDE, BF]), probes=False, recheck=True):
         assert first_error(result) is None
 
 
 def test_shrink_to_current_shrinks(mnnvl_world: Any) -> None:
     for result in mnnvl_world(2, 1).run(run_plan, mutant("shrink_to_current"), plan([BF, NV]), recheck=True):
-        first, second = (s["state"] for s in result["steps"])
-        assert result["steps"][1]["rebuilt"] and second.size_per_rank < first.size_per_rank
-        assert SAYS["shrunk_below_earlier"] in result["steps"][1]["earlier_round_trips"][0]
+        first, second = (s.state for s in result.steps)
+        assert result.steps[1].rebuilt and second.size_per_rank < first.size_per_rank
+        assert SAYS["shrunk_below_earlier"] in result.steps[1].earlier_round_trips[0]
 
 
 def test_rebuild_every_call_rebuilds_a_dominated_layer(mnnvl_world: Any) -> None:
     world = mnnvl_world(2, 1)
     for result in world.run(run_plan, mutant("rebuild_every_call"), plan([BF, NV]), probes=False, recheck=True):
-        assert result["steps"][1]["rebuilt"] and result["steps"][1]["collectives"]
+        assert result.steps[1].rebuilt and result.steps[1].collectives
         assert first_error(result) is None
     for result in world.run(run_plan, resolve("reference"), plan([BF, NV]), probes=False, recheck=True):
-        assert not result["steps"][1]["rebuilt"] and result["steps"][1]["collectives"] == []
+        assert not result.steps[1].rebuilt and result.steps[1].collectives == ()
 
 
 def test_rebuilds_unless_dominated_rebuilds_what_the_union_covers(mnnvl_world: Any) -> None:
@@ -207,11 +208,11 @@ def test_rebuilds_unless_dominated_rebuilds_what_the_union_covers(mnnvl_world: A
     expected = [e.rebuilt for e in trajectory("per_dimension", layers, 2)]
     world = mnnvl_world(2, 1)
     for result in world.run(run_plan, resolve("reference"), plan(layers), probes=False, recheck=True):
-        assert [s["rebuilt"] for s in result["steps"]] == expected == [True, True, False]
+        assert [s.rebuilt for s in result.steps] == expected == [True, True, False]
     for result in world.run(run_plan, mutant("rebuilds_unless_dominated"), plan(layers), probes=False, recheck=True):
-        steps = result["steps"]
-        assert [s["rebuilt"] for s in steps] == [True, True, True]
-        assert steps[2]["state"].size_per_rank == steps[1]["state"].size_per_rank
+        steps = result.steps
+        assert [s.rebuilt for s in steps] == [True, True, True]
+        assert steps[2].state.size_per_rank == steps[1].state.size_per_rank
         assert first_error(result) is None
 
 
@@ -219,23 +220,23 @@ def test_asymmetric_ranks_disagree(mnnvl_world: Any) -> None:
     results = mnnvl_world(2, 1).run(run_plan, mutant("asymmetric"), plan([NV_2T, BF]), probes=False)
     if RELEASE == releases.V074:
         # 0.7.4 sizes the workspace from the tokens: FlashInfer refuses rank 0's smaller allocation on both ranks.
-        assert [r["steps"][1]["raised"] for r in results] == ["AssertionError: Not all rank allocating same size."] * 2
-        assert all(r["steps"][1]["state"] == r["steps"][0]["state"] for r in results)
+        assert [r.steps[1].raised for r in results] == ["AssertionError: Not all rank allocating same size."] * 2
+        assert all(r.steps[1].state == r.steps[0].state for r in results)
         return
-    tokens = [r["steps"][1]["state"].max_num_tokens for r in results]
-    sizes = {r["steps"][1]["state"].size_per_rank for r in results}
+    tokens = [r.steps[1].state.max_num_tokens for r in results]
+    sizes = {r.steps[1].state.size_per_rank for r in results}
     assert tokens == [T, 2 * T] and len(sizes) == 1
 
 
 def test_accepts_mismatch_raises_nothing(mnnvl_world: Any) -> None:
     for result in mnnvl_world(2, 1).run(mismatch, mutant("accepts_mismatch"), layer(NV), layer(NV_TOP4)):
-        assert result["raised"] is None
+        assert result.raised is None
 
 
 def test_mismatch_raises_late_changes_the_handle(mnnvl_world: Any) -> None:
     for result in mnnvl_world(2, 1).run(mismatch, mutant("mismatch_raises_late"), layer(NV), layer(NV_TOP4)):
-        assert raised(result["raised"]) == "ShapeMismatch"
-        assert not result["same_handle"] and result["after"].top_k == 4
+        assert raised(result.raised) == "ShapeMismatch"
+        assert not result.same_handle and result.after.top_k == 4
 
 
 def test_cleanup_keeps_handle(mnnvl_world: Any) -> None:
@@ -248,9 +249,9 @@ def test_cleanup_keeps_handle(mnnvl_world: Any) -> None:
 
 def test_cleanup_stays_initialized(mnnvl_world: Any) -> None:
     for result in mnnvl_world(2, 1).run(run_plan, mutant("cleanup_stays_initialized"), plan([NV]), probes=False):
-        assert result["after_cleanup"].initialized and result["after_cleanup"].stamp is None
-        assert result["reinit"].stamp is None
-        assert result["reinit_round_trip"] == "error: no live FlashInfer handle"
+        assert result.after_cleanup.initialized and result.after_cleanup.stamp is None
+        assert result.reinit.stamp is None
+        assert result.reinit_round_trip == "error: no live FlashInfer handle"
 
 
 @pytest.mark.parametrize("name", ["leaks_superseded", "skips_destroy"])
@@ -260,16 +261,16 @@ def test_leaking_mutants_keep_every_workspace(mnnvl_world: Any, name: str) -> No
     layers = plan([NV, BF, NV_2T])
     world = mnnvl_world(2, 1)
     for result in world.run(run_plan, mutant(name), layers, probes=False, after_cleanup=False):
-        assert result["workspaces_before_cleanup"] == 3
+        assert result.workspaces_before_cleanup == 3
     for result in world.run(run_plan, resolve("reference"), layers, probes=False, after_cleanup=False):
-        assert result["workspaces_before_cleanup"] == 1
+        assert result.workspaces_before_cleanup == 1
 
 
 def test_half_updated_on_failure_skips_the_retry(mnnvl_world: Any) -> None:
     for result in mnnvl_world(2, 1).run(failed_rebuild, mutant("half_updated_on_failure"), layer(NV), layer(BF)):
-        assert raised(result["raised"]) == "InjectedBuildFailure"
-        assert result["after_retry"] == result["before"]  # the retry was skipped as "fits"
-        assert SAYS["retry_skipped"] in result["retry_round_trip"]
+        assert raised(result.raised) == "InjectedBuildFailure"
+        assert result.after_retry == result.before  # the retry was skipped as "fits"
+        assert SAYS["retry_skipped"] in result.retry_round_trip
 
 
 def test_total_need_misses_the_cross_product(mnnvl_world: Any) -> None:
@@ -277,16 +278,16 @@ def test_total_need_misses_the_cross_product(mnnvl_world: Any) -> None:
     results = mnnvl_world(2, 1).run(run_plan, mutant("total_need"), plan(layers), recheck=True)
     expected = trajectory("total", layers, 2)
     for result in results:
-        assert [s["state"].size_per_rank for s in result["steps"]] == [e.capacity.size_per_rank for e in expected]
+        assert [s.state.size_per_rank for s in result.steps] == [e.capacity.size_per_rank for e in expected]
         assert first_error(result) is None  # every MUST holds
-        assert "workspace" in result["probes"][0]  # the first probe, bf16 at max tokens (BF_2T), does not fit
+        assert "workspace" in result.probes[0]  # the first probe, bf16 at max tokens (BF_2T), does not fit
 
 
 def test_assert_only_mismatch_raises_without_O(mnnvl_world: Any) -> None:
     # Under -O the assert vanishes: shown without a rank world in test_managers.py
     # (an -O world recompiles torch's bytecode: 15-30 s here).
     for result in mnnvl_world(2, 1).run(mismatch, mutant("assert_only_mismatch"), layer(NV), layer(NV_TOP4)):
-        assert raised(result["raised"]) == "AssertionError" and result["optimize"] == 0
+        assert raised(result.raised) == "AssertionError" and result.optimize == 0
 
 
 # ---- 4 ranks, then 4 ranks in 2 PP stages ------------------------------------------------------
@@ -301,10 +302,10 @@ def test_reference_pp2_stages_rebuild_differently(mnnvl_world: Any) -> None:
     world = mnnvl_world(4, 2)
     results = world.run(run_plan, resolve("reference"), plan([NV], [NV, BF, NV_2T]), probes=False, recheck=True)
     for result in results:
-        group = (0, 1) if result["stage"] == 0 else (2, 3)
-        rebuilds = sum(s["rebuilt"] for s in result["steps"])
-        assert rebuilds == (1 if result["stage"] == 0 else 3)
-        assert all(ranks == group for s in result["steps"] for _, ranks in s["collectives"])
+        group = (0, 1) if result.stage == 0 else (2, 3)
+        rebuilds = sum(s.rebuilt for s in result.steps)
+        assert rebuilds == (1 if result.stage == 0 else 3)
+        assert all(ranks == group for s in result.steps for ranks in (c.group_ranks for c in s.collectives))
         assert first_error(result) is None
 
 
@@ -312,10 +313,10 @@ def test_world_comm_backend_allocates_over_the_world(mnnvl_world: Any) -> None:
     world = mnnvl_world(4, 2)
     results = world.run(run_plan, mutant("world_comm_backend"), plan([NV], [NV]), probes=False)
     for result in results:
-        assert (("all_gather_object", (0, 1, 2, 3))) in result["steps"][0]["collectives"]
+        assert Collective("all_gather_object", (0, 1, 2, 3)) in result.steps[0].collectives
     for result in world.run(run_plan, resolve("reference"), plan([NV], [NV]), probes=False):
         assert first_error(result) is None
-        assert all(len(ranks) == 2 for _, ranks in result["steps"][0]["collectives"])
+        assert all(len(ranks) == 2 for ranks in (c.group_ranks for c in result.steps[0].collectives))
 
 
 def test_world_barrier_deadlocks_pp2(mnnvl_world: Any) -> None:

@@ -43,16 +43,18 @@ def _expect(factory: ManagerFactory, results: list[dict[str, Any]], world_size: 
     assert factory.policy is not None
     expected = trajectory(factory.policy, GROW_PLAN, world_size)
     for result in results:
-        steps = result["steps"]
-        assert [s["rebuilt"] for s in steps] == [e.rebuilt for e in expected]
-        assert [s["state"].size_per_rank for s in steps] == [e.capacity.size_per_rank for e in expected]
-        assert [s["state"].max_num_tokens for s in steps] == [e.capacity.max_num_tokens for e in expected]
+        steps = result.steps
+        assert [s.rebuilt for s in steps] == [e.rebuilt for e in expected]
+        assert [s.state.size_per_rank for s in steps] == [e.capacity.size_per_rank for e in expected]
+        assert [s.state.max_num_tokens for s in steps] == [e.capacity.max_num_tokens for e in expected]
         assert first_error(result) is None
-        assert all(set(ranks) == set(range(world_size)) for s in steps for _, ranks in s["collectives"])
-        assert all(s["collectives"] == [] for s in steps if not s["rebuilt"])
-        assert not result["after_cleanup"].initialized and result["after_cleanup"].stamp is None
-        assert result["reinit_round_trip"] == "ok"
-    assert len({tuple((s["state"].size_per_rank, s["rebuilt"]) for s in r["steps"]) for r in results}) == 1
+        assert all(
+            set(ranks) == set(range(world_size)) for s in steps for ranks in (c.group_ranks for c in s.collectives)
+        )
+        assert all(s.collectives == () for s in steps if not s.rebuilt)
+        assert not result.after_cleanup.initialized and result.after_cleanup.stamp is None
+        assert result.reinit_round_trip == "ok"
+    assert len({tuple((s.state.size_per_rank, s.rebuilt) for s in r.steps) for r in results}) == 1
 
 
 def test_vllm_resolves_to_its_shape(factory: ManagerFactory) -> None:
@@ -65,10 +67,10 @@ def test_vllm_grows_skips_never_shrinks_2_ranks(mnnvl_world: Any, factory: Manag
     # run_plan starts from an empty workspace cache; recheck: every earlier layer after each initialize.
     results = mnnvl_world(2, 1).run(run_plan, factory, plan(GROW_PLAN), probes=False, recheck=True)
     _expect(factory, results, 2)
-    builds = sum(s["rebuilt"] for s in results[0]["steps"])
+    builds = sum(s.rebuilt for s in results[0].steps)
     # Known, and why the reference exists: vLLM drops superseded handles but FlashInfer's cache
     # keeps every workspace (the frees_superseded SHOULD).
-    assert all(r["workspaces_before_cleanup"] == builds for r in results)
+    assert all(r.workspaces_before_cleanup == builds for r in results)
 
 
 def test_vllm_cross_product_by_policy(mnnvl_world: Any, factory: ManagerFactory) -> None:
@@ -79,15 +81,15 @@ def test_vllm_cross_product_by_policy(mnnvl_world: Any, factory: ManagerFactory)
     for result in results:
         assert first_error(result) is None
         if factory.policy == "per_dimension":
-            assert result["probes"] == {0: "ok", 1: "ok"}
+            assert result.probes == {0: "ok", 1: "ok"}
         else:
-            assert "workspace" in result["probes"][0]
+            assert "workspace" in result.probes[0]
 
 
 def test_vllm_refuses_mismatch(mnnvl_world: Any, factory: ManagerFactory) -> None:
     for result in mnnvl_world(2, 1).run(mismatch, factory, layer(NV), layer(NV_TOP4)):
-        assert raised(result["raised"]) == "AssertionError"  # vLLM's check is an assert: python -O drops it
-        assert result["same_handle"] and result["after"] == result["before"]
+        assert raised(result.raised) == "AssertionError"  # vLLM's check is an assert: python -O drops it
+        assert result.same_handle and result.after == result.before
 
 
 def test_vllm_grows_skips_never_shrinks_4_ranks(mnnvl_world: Any, factory: ManagerFactory) -> None:
@@ -97,9 +99,9 @@ def test_vllm_grows_skips_never_shrinks_4_ranks(mnnvl_world: Any, factory: Manag
 def test_vllm_pp2_stages_rebuild_differently(mnnvl_world: Any, factory: ManagerFactory) -> None:
     results = mnnvl_world(4, 2).run(run_plan, factory, plan([NV], [NV, BF, NV_2T]), probes=False, recheck=True)
     for result in results:
-        group = {0, 1} if result["stage"] == 0 else {2, 3}
-        assert sum(s["rebuilt"] for s in result["steps"]) == (1 if result["stage"] == 0 else 3)
-        assert all(set(ranks) == group for s in result["steps"] for _, ranks in s["collectives"])
+        group = {0, 1} if result.stage == 0 else {2, 3}
+        assert sum(s.rebuilt for s in result.steps) == (1 if result.stage == 0 else 3)
+        assert all(set(ranks) == group for s in result.steps for ranks in (c.group_ranks for c in s.collectives))
         assert first_error(result) is None
 
 

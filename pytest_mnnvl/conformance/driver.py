@@ -27,6 +27,7 @@ from pytest_mnnvl.session import SETTINGS_KEY
 from pytest_mnnvl.worlds.layout import Topology
 
 if TYPE_CHECKING:
+    from pytest_mnnvl.conformance.observations import PlanObservation
     from pytest_mnnvl.managers import ManagerFactory
     from pytest_mnnvl.model.layers import ModelPlan
     from pytest_mnnvl.worlds.world import RankWorld as World
@@ -149,7 +150,7 @@ class Conformance:
             manager=self.manager.spec,
         )
 
-    def observe(self, topology: Topology, plan: ModelPlan, timeout: float | None = None) -> list[dict[str, Any]]:
+    def observe(self, topology: Topology, plan: ModelPlan, timeout: float | None = None) -> list[PlanObservation]:
         """Run ``plan`` on every rank (cached per manager, topology and plan)."""
         __tracebackhide__ = hide_for_attributed
         from pytest_mnnvl.conformance.rank import run_plan
@@ -163,7 +164,7 @@ class Conformance:
         world = self.world(topology)
         t0 = time.monotonic()
         try:
-            results = world.call(run_plan, (self.manager, text), {}, timeout=timeout)
+            results: list[PlanObservation] = world.call(run_plan, (self.manager, text), {}, timeout=timeout)
         except MnnvlUsageError:
             raise
         except WorldDeadlock as exc:
@@ -178,19 +179,17 @@ class Conformance:
         self.recorder.plan_runs += 1
         self.recorder.plan_seconds += time.monotonic() - t0
         for r in results:
-            if r["ep_rank"] == 0:
-                self.recorder.initialize_calls += len(r["steps"])
-                self.recorder.rebuilds += sum(1 for s in r["steps"] if s["rebuilt"])
-                for s in r["steps"]:
-                    self.recorder.max_size_per_rank = max(
-                        self.recorder.max_size_per_rank, s["state"].size_per_rank or 0
-                    )
+            if r.ep_rank == 0:
+                self.recorder.initialize_calls += len(r.steps)
+                self.recorder.rebuilds += sum(1 for s in r.steps if s.rebuilt)
+                for s in r.steps:
+                    self.recorder.max_size_per_rank = max(self.recorder.max_size_per_rank, s.state.size_per_rank or 0)
         self.recorder.cache[key] = results
         return results
 
     # -- Hypothesis ----------------------------------------------------------------------------
 
-    def explore(self, topology: Topology, check: Callable[[Judge, list[dict[str, Any]]], None]) -> None:
+    def explore(self, topology: Topology, check: Callable[[Judge, list[PlanObservation]], None]) -> None:
         """Hypothesis draws plans for ``topology``; each runs on the warm world and ``check`` judges
         it. Every invariant test draws the same derandomized sequence (one inner function, one
         digest), so observations are shared through the cache."""
@@ -227,13 +226,15 @@ class Conformance:
             except AttributedError as exc:
                 stopped.append(exc)
                 return
+            strategies.observed_events(plan, results)
             try:
                 check(self.judge(plan, topology), results)
             except InvariantViolation:
                 failed.append(text)
                 raise
 
-        test = given(plan=strategies.model_plans(topology.pp))(conformance_example)
+        ep_size = topology.world_size // topology.pp
+        test = given(plan=strategies.model_plans(topology.pp, ep_size=ep_size))(conformance_example)
         for _why, plan in reversed(pinned):
             test = example(plan=plan)(test)
         test = self._same_draws_on_every_rank(test)

@@ -11,6 +11,7 @@ FlashInfer's ``MoeAlltoAll`` stays dispatched, so every later dispatch fails too
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pytest_mnnvl.conformance.observations import (
+    OK,
+    Decision,
+    FailedRebuildObservation,
+    MismatchObservation,
+    PlanObservation,
+    decisions,
+    plain_collectives,
+)
+from pytest_mnnvl.managers.adapters import StateRecord
 from pytest_mnnvl.model import oracle
 from pytest_mnnvl.model.layers import LayerSpec, ModelPlan
 
@@ -245,28 +256,28 @@ class Judge:
         return cls(detail, plan=self.plan, plan_path=path, topology=self.topology, command=self.command(path), **kwargs)
 
 
-Results = Sequence[dict[str, Any]]
+Results = Sequence[PlanObservation]
 
 
-def _geometry(state: Any) -> dict[str, Any]:
+def _geometry(state: StateRecord) -> dict[str, Any]:
     return {"size_per_rank": state.size_per_rank, "max_num_tokens": state.max_num_tokens}
 
 
-def _release(results: Results) -> str:
+def _release(results: Results = ()) -> str:
     """The FlashInfer release the ranks ran (their results say; else this process's)."""
     from pytest_mnnvl.model import releases
 
-    found = next((r["release"] for r in results if r.get("release")), None)
+    found = next((r.release for r in results if r.release), None)
     return releases.resolve(found)
 
 
-def _capacity(state: Any, release: str) -> dict[str, Any]:
+def _capacity(state: StateRecord, release: str) -> dict[str, Any]:
     """A handle's capacity in the release's terms, for expected/observed."""
     return oracle.observed(oracle.capacity_of(state), release)
 
 
 def _failed(outcome: str | None) -> bool:
-    return outcome is not None and outcome != "ok"
+    return outcome is not None and outcome != OK
 
 
 # ---- MUST ---------------------------------------------------------------------------------
@@ -279,17 +290,17 @@ def check_covers(judge: Judge, results: Results) -> None:
     ep = judge.ep_size
     release = _release(results)
     for r in results:
-        layers = judge.layers(r["stage"])
-        for step in r["steps"]:
-            i, st = step["layer"], step["state"]
+        layers = judge.layers(r.stage)
+        for step in r.steps:
+            i, st = step.layer, step.state
             layer = layers[i]
-            where = {"stage": r["stage"], "layer": i, "ranks": [r["rank"]]}
-            if step["raised"] is not None:
+            where = {"stage": r.stage, "layer": i, "ranks": [r.rank]}
+            if step.raised is not None:
                 raise judge.fail(
                     CoversViolation,
                     "initialize raised for a valid layer",
                     expected="no exception",
-                    observed=step["raised"],
+                    observed=step.raised,
                     **where,
                 )
             expected = oracle.requirement(layer, ep, release)
@@ -309,22 +320,22 @@ def check_covers(judge: Judge, results: Results) -> None:
                     observed=_capacity(st, release),
                     **where,
                 )
-            if _failed(step["round_trip"]):
+            if _failed(step.round_trip):
                 raise judge.fail(
                     CoversViolation,
                     "round trip right after this layer's initialize failed",
                     expected="ok",
-                    observed=step["round_trip"],
+                    observed=step.round_trip,
                     **where,
                 )
-        for i, outcome in sorted(r["late_round_trips"].items()):
+        for i, outcome in sorted(r.late_round_trips.items()):
             if _failed(outcome):
                 raise judge.fail(
                     CoversViolation,
                     "round trip of an earlier layer after the last initialize failed",
-                    stage=r["stage"],
+                    stage=r.stage,
                     layer=i,
-                    ranks=[r["rank"]],
+                    ranks=[r.rank],
                     expected="ok",
                     observed=outcome,
                 )
@@ -335,17 +346,17 @@ def check_no_shrink(judge: Judge, results: Results) -> None:
     regions) never decrease while initialized."""
     release = _release(results)
     for r in results:
-        prev = None
-        for step in r["steps"]:
-            st = step["state"]
+        prev: StateRecord | None = None
+        for step in r.steps:
+            st = step.state
             held = prev is not None and prev.initialized and prev.size_per_rank is not None
-            if held and oracle.shrunk(oracle.capacity_of(prev), oracle.capacity_of(st), release):
+            if prev is not None and held and oracle.shrunk(oracle.capacity_of(prev), oracle.capacity_of(st), release):
                 raise judge.fail(
                     NoShrinkViolation,
                     "the handle shrank",
-                    stage=r["stage"],
-                    layer=step["layer"],
-                    ranks=[r["rank"]],
+                    stage=r.stage,
+                    layer=step.layer,
+                    ranks=[r.rank],
                     expected=f">= {_capacity(prev, release)}",
                     observed=_capacity(st, release),
                 )
@@ -355,114 +366,99 @@ def check_no_shrink(judge: Judge, results: Results) -> None:
 def check_no_needless_rebuild(judge: Judge, results: Results) -> None:
     """A layer dominated by one the live handle already serves keeps the handle, issues nothing."""
     for r in results:
-        layers = judge.layers(r["stage"])
+        layers = judge.layers(r.stage)
         served: list[LayerSpec] = []
-        for step in r["steps"]:
-            layer = layers[step["layer"]]
-            if served and oracle.dominated_by_any(layer, served) and (step["rebuilt"] or step["collectives"]):
+        for step in r.steps:
+            layer = layers[step.layer]
+            if served and oracle.dominated_by_any(layer, served) and (step.rebuilt or step.collectives):
                 big = next(i for i, other in enumerate(layers) if other in served and oracle.dominates(other, layer))
                 raise judge.fail(
                     NeedlessRebuildViolation,
                     f"layer dominated by layer {big}, which the live handle serves, changed the handle or issued "
                     "collectives",
-                    stage=r["stage"],
-                    layer=step["layer"],
-                    ranks=[r["rank"]],
+                    stage=r.stage,
+                    layer=step.layer,
+                    ranks=[r.rank],
                     expected="same handle, no collective",
-                    observed={"rebuilt": step["rebuilt"], "collectives": step["collectives"]},
+                    observed={"rebuilt": step.rebuilt, "collectives": plain_collectives(step.collectives)},
                 )
-            served = [layer] if step["rebuilt"] else [*served, layer]
+            served = [layer] if step.rebuilt else [*served, layer]
 
 
-def _by_group(results: Results) -> dict[tuple[int, ...], list[dict[str, Any]]]:
-    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+def _by_group(results: Results) -> dict[tuple[int, ...], list[PlanObservation]]:
+    groups: dict[tuple[int, ...], list[PlanObservation]] = {}
     for r in results:
-        groups.setdefault(tuple(r["ep_group"]), []).append(r)
+        groups.setdefault(tuple(r.ep_group), []).append(r)
     return groups
 
 
 def check_ep_symmetry(judge: Judge, results: Results) -> None:
     """Every rank of an EP group takes the same decisions and reaches the same state."""
-    from pytest_mnnvl.conformance.rank import _decisions
-
     for group, members in _by_group(results).items():
-        views = [tuple(map(tuple, _decisions(m))) for m in members]
-        gathered = {tuple(map(tuple, v)) for m in members for v in m.get("ep_view", [])}
+        views = [decisions(m.steps) for m in members]
+        gathered = {v for m in members for v in m.ep_view}
         if len(set(views)) > 1 or len(gathered) > 1:
             base = views[0]
             for m, view in zip(members, views, strict=True):
                 if view != base:
-                    step = next((a[0] for a, b in zip(base, view, strict=False) if a != b), None)
+                    step = next((a.layer for a, b in zip(base, view, strict=False) if a != b), None)
                     raise judge.fail(
                         EpSymmetryViolation,
                         f"ranks of EP group {list(group)} disagree (all-gathered decisions and states)",
-                        stage=m["stage"],
+                        stage=m.stage,
                         layer=step,
-                        ranks=[members[0]["rank"], m["rank"]],
+                        ranks=[members[0].rank, m.rank],
                         expected=_row(base, step),
                         observed=_row(view, step),
                     )
             raise judge.fail(
                 EpSymmetryViolation,
                 f"the all-gathered views of EP group {list(group)} disagree",
-                stage=members[0]["stage"],
+                stage=members[0].stage,
                 ranks=group,
                 expected="one view",
-                observed=sorted(gathered),
+                observed=sorted(tuple(d.row() for d in v) for v in gathered),
             )
-        for key in ("after_cleanup", "reinit"):
+        for key, seen in (
+            ("after_cleanup", [m.after_cleanup for m in members]),
+            ("reinit", [m.reinit for m in members]),
+        ):
             states = {
-                (s.initialized, s.stamp is not None, s.size_per_rank, s.max_num_tokens)
-                for s in (m.get(key) for m in members)
-                if s is not None
+                (s.initialized, s.stamp is not None, s.size_per_rank, s.max_num_tokens) for s in seen if s is not None
             }
             if len(states) > 1:
                 raise judge.fail(
                     EpSymmetryViolation,
                     f"ranks of EP group {list(group)} disagree {key.replace('_', ' ')}",
-                    stage=members[0]["stage"],
+                    stage=members[0].stage,
                     ranks=group,
                     expected="one state",
                     observed=sorted(states),
                 )
 
 
-_ROW = (
-    "layer",
-    "ok",
-    "rebuilt",
-    "initialized",
-    "handle",
-    "size_per_rank",
-    "max_num_tokens",
-    "top_k",
-    "num_experts",
-    "collectives",
-    "layout",
-)
-
-
-def _row(view: Sequence[Any], step: int | None) -> Any:
-    for row in view:
-        if row[0] == step:
-            return dict(zip(_ROW, row, strict=False))
+def _row(view: Sequence[Decision], step: int | None) -> dict[str, Any] | None:
+    """One step's decision as expected/observed show it (field name -> value)."""
+    for decision in view:
+        if decision.layer == step:
+            return dataclasses.asdict(decision)
     return None
 
 
 def check_collective_scope(judge: Judge, results: Results) -> None:
     """Every collective inside ``initialize`` stays within the EP group (by group membership)."""
     for r in results:
-        group = set(r["ep_group"])
-        calls = [(s["layer"], c) for s in r["steps"] for c in s["collectives"]]
-        calls += [(0, c) for c in r.get("reinit_collectives", [])]
-        for layer, (name, ranks) in calls:
+        group = set(r.ep_group)
+        calls = [(s.layer, c) for s in r.steps for c in s.collectives]
+        calls += [(0, c) for c in r.reinit_collectives]
+        for layer, (name, ranks) in ((layer, c.plain()) for layer, c in calls):
             if not set(ranks) <= group:
                 raise judge.fail(
                     CollectiveScopeViolation,
                     f"{name} inside initialize reached beyond the EP group",
-                    stage=r["stage"],
+                    stage=r.stage,
                     layer=layer,
-                    ranks=[r["rank"]],
+                    ranks=[r.rank],
                     expected=f"group within {sorted(group)}",
                     observed=f"{name}(group={list(ranks)})",
                 )
@@ -493,15 +489,15 @@ def check_cleanup(judge: Judge, results: Results) -> None:
     ep = judge.ep_size
     release = _release(results)
     for r in results:
-        if not r["steps"] or "after_cleanup" not in r:
+        after, st = r.after_cleanup, r.reinit
+        if not r.steps or after is None or st is None:
             continue
-        first = judge.layers(r["stage"])[0]
-        where = {"stage": r["stage"], "layer": 0, "ranks": [r["rank"]]}
-        if r.get("cleanup_raised"):
+        first = judge.layers(r.stage)[0]
+        where = {"stage": r.stage, "layer": 0, "ranks": [r.rank]}
+        if r.cleanup_raised:
             raise judge.fail(
-                CleanupViolation, "cleanup() raised", expected="no exception", observed=r["cleanup_raised"], **where
+                CleanupViolation, "cleanup() raised", expected="no exception", observed=r.cleanup_raised, **where
             )
-        after = r["after_cleanup"]
         if after.initialized or after.stamp is not None:
             raise judge.fail(
                 CleanupViolation,
@@ -510,32 +506,26 @@ def check_cleanup(judge: Judge, results: Results) -> None:
                 observed={"initialized": after.initialized, "handle": after.stamp is not None},
                 **where,
             )
-        st = r["reinit"]
         capacity = oracle.capacity_of(st)
-        if (
-            r.get("reinit_raised")
-            or not st.initialized
-            or st.stamp is None
-            or not oracle.covers(capacity, first, ep, release)
-        ):
+        if r.reinit_raised or not st.initialized or st.stamp is None or not oracle.covers(capacity, first, ep, release):
             raise judge.fail(
                 CleanupViolation,
                 "initialize after cleanup() did not give a working handle",
                 expected=f"initialized handle covering need {oracle.need(first, ep, release)}",
                 observed={
-                    "raised": r.get("reinit_raised"),
+                    "raised": r.reinit_raised,
                     "initialized": st.initialized,
                     "handle": st.stamp is not None,
                     **_geometry(st),
                 },
                 **where,
             )
-        if _failed(r.get("reinit_round_trip")):
+        if _failed(r.reinit_round_trip):
             raise judge.fail(
                 CleanupViolation,
                 "round trip after cleanup() + initialize failed",
                 expected="ok",
-                observed=r["reinit_round_trip"],
+                observed=r.reinit_round_trip,
                 **where,
             )
 
@@ -551,33 +541,33 @@ def check_frees_superseded(judge: Judge, results: Results) -> None:
     release = _release(results)
     rules = oracle.arithmetic(release)
     for r in results:
-        if not r["steps"]:
+        if not r.steps:
             continue
-        live = 1 if r.get("final_has_handle") else 0
-        if "tables" in r and rules.WORKSPACE_TABLE not in r["tables"] and r.get("workspaces_before_cleanup", 0) < live:
+        live = 1 if r.final_has_handle else 0
+        if r.tables is not None and rules.WORKSPACE_TABLE not in r.tables and r.workspaces_before_cleanup < live:
             # Not a verdict: the ranks could not read the table a leak would be in (nothing may pass for that).
             raise RuntimeError(
-                f"pytest-mnnvl: rank {r['rank']} holds a live handle but could not read FlashInfer {release}'s "
-                f"{rules.WORKSPACE_TABLE} (tables found: {r['tables'] or 'none'}); frees_superseded cannot be judged"
+                f"pytest-mnnvl: rank {r.rank} holds a live handle but could not read FlashInfer {release}'s "
+                f"{rules.WORKSPACE_TABLE} (tables found: {list(r.tables) or 'none'}); frees_superseded cannot be judged"
             )
-        leaked = r.get("workspaces_before_cleanup", 0) - live
+        leaked = r.workspaces_before_cleanup - live
         if leaked > 0:
             raise judge.fail(
                 FreesSupersededViolation,
                 f"superseded workspaces are still in {rules.WORKSPACE_TABLE} ({rules.LEAK_RULE})",
-                stage=r["stage"],
-                ranks=[r["rank"]],
+                stage=r.stage,
+                ranks=[r.rank],
                 expected=f"{live} cached workspace(s) (the live one)",
-                observed=f"{r['workspaces_before_cleanup']} cached, {leaked} superseded",
+                observed=f"{r.workspaces_before_cleanup} cached, {leaked} superseded",
             )
-        if r.get("workspaces_at_end", 0) > 0:
+        if r.workspaces_at_end > 0:
             raise judge.fail(
                 FreesSupersededViolation,
                 "workspaces still cached after cleanup()",
-                stage=r["stage"],
-                ranks=[r["rank"]],
+                stage=r.stage,
+                ranks=[r.rank],
                 expected=0,
-                observed=r["workspaces_at_end"],
+                observed=r.workspaces_at_end,
             )
 
 
@@ -588,21 +578,21 @@ def check_covers_cross_product(judge: Judge, results: Results) -> None:
     ep = judge.ep_size
     release = _release(results)
     for r in results:
-        layers = judge.layers(r["stage"])
-        if not r["steps"] or r["stopped"]:
+        layers = judge.layers(r.stage)
+        if not r.steps or r.stopped:
             continue
-        st = r["steps"][-1]["state"]
+        st = r.steps[-1].state
         capacity = oracle.capacity_of(st)
         probes = cross_product_probes(layers)
         for index, probe in enumerate(probes):
-            outcome = r["probes"].get(index)
+            outcome = r.probes.get(index)
             if not oracle.covers(capacity, probe, ep, release) or _failed(outcome):
                 raise judge.fail(
                     CrossProductViolation,
                     f"the final handle does not cover {probe.quant.value} H={probe.hidden_size} at "
                     f"{probe.max_num_tokens} tokens (max tokens x this layout)",
-                    stage=r["stage"],
-                    ranks=[r["rank"]],
+                    stage=r.stage,
+                    ranks=[r.rank],
                     expected=f"size_per_rank >= {oracle.cross_product_need(layers, ep, release)}",
                     observed={**_capacity(st, release), "round_trip": outcome},
                 )
@@ -613,20 +603,20 @@ def check_minimal_rebuilds(judge: Judge, results: Results) -> None:
     if judge.policy is None:
         return
     for r in results:
-        layers = judge.layers(r["stage"])
-        if not r["steps"] or r["stopped"]:
+        layers = judge.layers(r.stage)
+        if not r.steps or r.stopped:
             continue
-        observed = sum(1 for s in r["steps"] if s["rebuilt"])
+        observed = sum(1 for s in r.steps if s.rebuilt)
         least = oracle.minimal_rebuilds(judge.policy, layers, judge.ep_size, _release(results))
         if observed > least:
             expected = [s.rebuilt for s in oracle.trajectory(judge.policy, layers, judge.ep_size, _release(results))]
             raise judge.fail(
                 MinimalRebuildsViolation,
                 f"more builds than the declared policy {judge.policy!r} needs",
-                stage=r["stage"],
-                ranks=[r["rank"]],
+                stage=r.stage,
+                ranks=[r.rank],
                 expected=f"{least} builds {expected}",
-                observed=f"{observed} builds {[s['rebuilt'] for s in r['steps']]}",
+                observed=f"{observed} builds {[s.rebuilt for s in r.steps]}",
             )
 
 
@@ -634,22 +624,24 @@ def check_minimal_rebuilds(judge: Judge, results: Results) -> None:
 RACE_ERROR = "WorkspaceRace"
 
 
-def _race_outcomes(r: dict[str, Any]) -> Iterable[tuple[str, int | None, Any]]:
+def _race_outcomes(r: PlanObservation) -> Iterable[tuple[str, int | None, str | None]]:
     """(where, layer, outcome) of every call of one rank's plan that may have met a race."""
-    for step in r["steps"]:
-        yield "initialize", step["layer"], step["raised"]
-        yield "round trip after initialize", step["layer"], step["round_trip"]
-        for i, outcome in sorted(step.get("earlier_round_trips", {}).items()):
+    for step in r.steps:
+        yield "initialize", step.layer, step.raised
+        yield "round trip after initialize", step.layer, step.round_trip
+        for i, outcome in sorted(step.earlier_round_trips.items()):
             yield "round trip of an earlier layer", i, outcome
-    for i, outcome in sorted(r["late_round_trips"].items()):
+    for i, outcome in sorted(r.late_round_trips.items()):
         yield "round trip of an earlier layer after the last initialize", i, outcome
-    for i, outcome in sorted(r["probes"].items()):
+    for i, outcome in sorted(r.probes.items()):
         yield "cross-product probe", i, outcome
-    for key in ("cleanup_raised", "reinit_raised", "reinit_round_trip", "second_cleanup_raised"):
-        yield key.replace("_", " "), None, r.get(key)
+    yield "cleanup raised", None, r.cleanup_raised
+    yield "reinit raised", None, r.reinit_raised
+    yield "reinit round trip", None, r.reinit_round_trip
+    yield "second cleanup raised", None, r.second_cleanup_raised
 
 
-def _races(results: Results) -> list[tuple[dict[str, Any], str, int | None, str]]:
+def _races(results: Results) -> list[tuple[PlanObservation, str, int | None, str]]:
     found = []
     for r in results:
         for where, layer, outcome in _race_outcomes(r):
@@ -671,9 +663,9 @@ def check_workspace_race_free(judge: Judge, results: Results) -> None:
     raise judge.fail(
         WorkspaceRaceViolation,
         f"{where} wrote workspace bytes a peer may still be reading",
-        stage=r["stage"],
+        stage=r.stage,
         layer=layer,
-        ranks=[f[0]["rank"] for f in found],
+        ranks=[f[0].rank for f in found],
         expected="every write into a live workspace ordered after the peers' combine reads",
         observed=outcome,
     )
@@ -706,12 +698,16 @@ PLAN_CHECKS: dict[str, Callable[[Judge, Results], None]] = {
 
 
 def check_mismatch(
-    judge: Judge, results: Results, field_name: str, *, cls: type[InvariantViolation] = ShapeMismatchViolation
+    judge: Judge,
+    results: Sequence[MismatchObservation],
+    field_name: str,
+    *,
+    cls: type[InvariantViolation] = ShapeMismatchViolation,
 ) -> None:
     """A different ``top_k``/``num_experts`` raises on every rank and changes nothing."""
     for r in results:
-        where = {"stage": 0, "layer": 1, "ranks": [r["rank"]]}
-        if r["raised"] is None:
+        where = {"stage": 0, "layer": 1, "ranks": [r.rank]}
+        if r.raised is None:
             raise judge.fail(
                 cls,
                 f"initialize with a different {field_name} was accepted",
@@ -719,65 +715,65 @@ def check_mismatch(
                 observed="no exception",
                 **where,
             )
-        if not r["same_handle"] or r["after"] != r["before"] or r["collectives"]:
+        if not r.same_handle or r.after != r.before or r.collectives:
             raise judge.fail(
                 cls,
                 f"initialize with a different {field_name} raised but changed state",
-                expected={"state": r["before"], "collectives": []},
+                expected={"state": r.before, "collectives": []},
                 observed={
-                    "raised": r["raised"],
-                    "same_handle": r["same_handle"],
-                    "state": r["after"],
-                    "collectives": r["collectives"],
+                    "raised": r.raised,
+                    "same_handle": r.same_handle,
+                    "state": r.after,
+                    "collectives": plain_collectives(r.collectives),
                 },
                 **where,
             )
-        if _failed(r["round_trip_after"]):
+        if _failed(r.round_trip_after):
             raise judge.fail(
                 cls,
                 "the first layer no longer round-trips after the refused call",
                 expected="ok",
-                observed=r["round_trip_after"],
+                observed=r.round_trip_after,
                 **where,
             )
 
 
-def check_failed_rebuild(judge: Judge, results: Results) -> None:
+def check_failed_rebuild(judge: Judge, results: Sequence[FailedRebuildObservation]) -> None:
     """A rebuild that fails leaves the previous working state; a retry then rebuilds and works."""
     ep = judge.ep_size
-    release = _release(results)
+    release = _release()  # a failed-rebuild observation names no release: the ranks run this process's
     second = judge.layers(0)[1]
     for r in results:
-        where = {"stage": 0, "layer": 1, "ranks": [r["rank"]]}
-        if r["raised"] is not None and (not r["same_handle"] or r["after_failure"] != r["before"]):
+        where = {"stage": 0, "layer": 1, "ranks": [r.rank]}
+        if r.raised is not None and (not r.same_handle or r.after_failure != r.before):
             raise judge.fail(
                 FailedRebuildViolation,
                 "the failed rebuild changed the manager's state",
-                expected=r["before"],
-                observed=r["after_failure"],
+                expected=r.before,
+                observed=r.after_failure,
                 **where,
             )
-        if _failed(r["first_round_trip"]):
+        if _failed(r.first_round_trip):
             raise judge.fail(
                 FailedRebuildViolation,
                 "the previous layer no longer works after the failed rebuild",
                 expected="ok",
-                observed=r["first_round_trip"],
+                observed=r.first_round_trip,
                 stage=0,
                 layer=0,
-                ranks=[r["rank"]],
+                ranks=[r.rank],
             )
-        st = r["after_retry"]
+        st = r.after_retry
         capacity = oracle.capacity_of(st)
-        if r["retry_raised"] or not oracle.covers(capacity, second, ep, release) or _failed(r["retry_round_trip"]):
+        if r.retry_raised or not oracle.covers(capacity, second, ep, release) or _failed(r.retry_round_trip):
             raise judge.fail(
                 FailedRebuildViolation,
                 "retrying the layer after a failed rebuild did not serve it",
                 expected=f"handle covering need {oracle.need(second, ep, release)}, round trip ok",
                 observed={
-                    "raised": r["retry_raised"],
+                    "raised": r.retry_raised,
                     **_capacity(st, release),
-                    "round_trip": r["retry_round_trip"],
+                    "round_trip": r.retry_round_trip,
                 },
                 **where,
             )

@@ -27,16 +27,24 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from pytest_mnnvl.conformance.observations import (
+    OK,
+    CallError,
+    Collective,
+    FailedRebuildObservation,
+    LayerStep,
+    MismatchObservation,
+    Phase,
+    PlanObservation,
+    decisions,
+)
 from pytest_mnnvl.managers import ManagerFactory
 from pytest_mnnvl.model import releases
 from pytest_mnnvl.model.layers import LayerSpec, ModelPlan
 
-OK = "ok"
-
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return CallError.of(exc).first_line
 
 
 def _gather(ctx: Any, value: Any) -> list[Any]:
@@ -81,33 +89,47 @@ def _workspace_count() -> int:
     return records.snapshot().workspace_count
 
 
-def round_trip(ctx: Any, adapter: Any, layer: LayerSpec, tokens: int | None = None) -> str:
-    """One verified dispatch + combine of ``layer`` through the live handle; the outcome agreed by
-    the EP group (``ok``, or the first line of this rank's error, or the peer's)."""
+def _round_trip(
+    ctx: Any, adapter: Any, layer: LayerSpec, tokens: int | None = None
+) -> tuple[str, CallError | None, int | None]:
+    """One verified dispatch + combine of ``layer`` through the live handle: the outcome agreed by the EP
+    group (``ok``, or the first line of this rank's error, or the peer's), this rank's own error in full,
+    and the combine payload's offset FlashInfer reported."""
     from pytest_mnnvl.conformance.roundtrip import ep_barrier
     from pytest_mnnvl.conformance.roundtrip import round_trip as verified_round_trip
 
     ep_barrier(ctx)
     a2a = adapter.moe_alltoall()
-    outcome = OK
+    outcome, error, offset = OK, None, None
     if a2a is None:
         outcome = "error: no live FlashInfer handle"
+        error = CallError("RuntimeError", "no live handle after initialize")
     else:
         try:
-            verified_round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, tokens or layer.max_num_tokens, ctx.device)
+            result = verified_round_trip(
+                a2a, layer, ctx.ep_rank, ctx.ep_size, tokens or layer.max_num_tokens, ctx.device
+            )
+            offset = result.combine_payload_offset
         except Exception as exc:
-            outcome = "error: " + _first_line(exc)
+            error = CallError.of(exc)
+            outcome = "error: " + error.first_line
     everyone = _gather(ctx, outcome)
     if outcome == OK and any(o != OK for o in everyone):
-        return "error: failed on a peer: " + next(o for o in everyone if o != OK)
-    return outcome
+        return "error: failed on a peer: " + next(o for o in everyone if o != OK), None, offset
+    return outcome, error, offset
 
 
-def _collectives(calls: Sequence[Any]) -> list[tuple[str, tuple[int, ...]]]:
-    return [(c.name, tuple(c.group_ranks)) for c in calls]
+def round_trip(ctx: Any, adapter: Any, layer: LayerSpec, tokens: int | None = None) -> str:
+    """One verified dispatch + combine of ``layer`` through the live handle; the outcome agreed by
+    the EP group (``ok``, or the first line of this rank's error, or the peer's)."""
+    return _round_trip(ctx, adapter, layer, tokens)[0]
 
 
-def _initialize(ctx: Any, adapter: Any, layer: LayerSpec) -> tuple[str | None, list[tuple[str, tuple[int, ...]]]]:
+def _collectives(calls: Sequence[Any]) -> tuple[Collective, ...]:
+    return tuple(Collective(c.name, tuple(c.group_ranks)) for c in calls)
+
+
+def _initialize(ctx: Any, adapter: Any, layer: LayerSpec) -> tuple[CallError | None, tuple[Collective, ...]]:
     from pytest_mnnvl.worlds import audit
 
     raised = None
@@ -115,8 +137,12 @@ def _initialize(ctx: Any, adapter: Any, layer: LayerSpec) -> tuple[str | None, l
         try:
             adapter.initialize(layer)
         except Exception as exc:
-            raised = _first_line(exc)
+            raised = CallError.of(exc)
     return raised, _collectives(calls)
+
+
+def _first_line_of(error: CallError | None) -> str | None:
+    return None if error is None else error.first_line
 
 
 def cross_product_probes(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
@@ -140,6 +166,92 @@ def load_manager(ctx: Any, factory: ManagerFactory) -> str:
     return factory.load().__qualname__
 
 
+@dataclasses.dataclass
+class Walk:
+    """One rank's walk through its stage's layers on one manager (through its adapter): what the next
+    :func:`layer_step` compares with. The suite's ``run_plan`` and ``repro`` both walk with it."""
+
+    adapter: Any
+    #: The manager's state before the next ``initialize`` (it keeps the handle it names alive).
+    previous: Any
+    #: A round trip failed: FlashInfer stays in the dispatched phase, so no more round trips (their
+    #: errors would only be the cascade: ``dispatch called twice without combine``).
+    failed: bool = False
+    #: Layers that round-tripped fine on the live handle: layer -> step of the first one.
+    verified: dict[LayerSpec, int] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def start(cls, adapter: Any) -> Walk:
+        return cls(adapter, adapter.state())
+
+
+def layer_step(
+    ctx: Any,
+    walk: Walk,
+    index: int,
+    layer: LayerSpec,
+    *,
+    round_trip: bool = True,
+    recheck: Sequence[LayerSpec] = (),
+    reuse_verified: bool = False,
+) -> LayerStep:
+    """One layer step, on every rank of the EP group together: ``initialize(layer)``, the state it left (did
+    the handle change, which collectives it issued), whether any peer raised (all-gathered), then unless
+    someone raised or an earlier round trip failed, a round trip of ``layer`` at its full token count, and
+    of each of ``recheck`` (earlier layers) after it.
+
+    ``reuse_verified``: a layer that already passed on this same handle is not round-tripped again
+    (``same_as`` says which step it passed in), as ``repro`` does unless ``--every-layer``."""
+    adapter = walk.adapter
+    error, collectives = _initialize(ctx, adapter, layer)
+    state = adapter.state()
+    rebuilt = state.handle is not None and not state.same_handle(walk.previous)
+    if rebuilt:
+        walk.verified.clear()
+    walk.previous = state
+    record = state.record()
+    del state
+    raised = _first_line_of(error)
+    peer_raised = next((r for r in _gather(ctx, raised) if r is not None), None)
+    step = LayerStep(
+        index,
+        raised,
+        record,
+        rebuilt,
+        collectives,
+        peer_raised=peer_raised,
+        error=error,
+        phase=None if error is None else Phase.INITIALIZE,
+    )
+    if peer_raised is not None or not round_trip or walk.failed:
+        return step
+    same_as = walk.verified.get(layer) if reuse_verified else None
+    if same_as is not None and adapter.moe_alltoall() is not None:
+        return dataclasses.replace(step, round_trip=OK, same_as=same_as)
+    # No handle to round-trip through is the initialize's failure (the round trip still runs its EP
+    # barrier and agreement, so every peer issues the same collectives).
+    phase = Phase.INITIALIZE if adapter.moe_alltoall() is None else Phase.ROUND_TRIP
+    outcome, error, offset = _round_trip(ctx, adapter, layer)
+    walk.failed = outcome != OK
+    if not walk.failed:
+        walk.verified.setdefault(layer, index)
+    earlier: dict[int, str] = {}
+    if recheck and not walk.failed:
+        for position, other in enumerate(recheck):
+            earlier[position] = again = _round_trip(ctx, adapter, other)[0]
+            if again != OK:
+                walk.failed = True
+                break
+    return dataclasses.replace(
+        step,
+        round_trip=outcome,
+        earlier_round_trips=earlier,
+        error=error,
+        phase=None if error is None else phase,
+        combine_payload_offset=offset,
+    )
+
+
 def run_plan(
     ctx: Any,
     factory: ManagerFactory,
@@ -148,135 +260,88 @@ def run_plan(
     probes: bool = True,
     after_cleanup: bool = True,
     recheck: bool = False,
-) -> dict[str, Any]:
+) -> PlanObservation:
     """Run this rank's PP stage of ``plan_json`` on a fresh manager; see the module docstring.
 
     ``recheck``: after each ``initialize``, also round-trip every earlier layer
-    (``step["earlier_round_trips"]``), not only after the last one: a stricter check the manager tests
+    (``LayerStep.earlier_round_trips``), not only after the last one: a stricter check the manager tests
     use, which the suite skips for time."""
     plan = ModelPlan.from_json(plan_json)
     layers = list(plan.layers_of_stage(ctx.pp_stage)) if plan.pp > ctx.pp_stage else []
     evict_workspaces()
     workspaces_before = _workspace_count()
-    result: dict[str, Any] = {
-        "rank": ctx.rank,
-        "stage": ctx.pp_stage,
-        "ep_rank": ctx.ep_rank,
-        "ep_group": tuple(_ep_members(ctx)),
-        "steps": [],
-        "late_round_trips": {},
-        "probes": {},
-        "stopped": None,
-        # What the ranks run: the workspace tables and the leak expectation follow it.
-        "release": releases.current(),
-    }
+    identity = PlanObservation(ctx.rank, ctx.pp_stage, ctx.ep_rank, tuple(_ep_members(ctx)), releases.current())
     if not layers:
-        return result
+        return identity
     manager = factory(ctx.cpu_group)
     adapter = factory.adapter(manager)
-    previous = adapter.state()
-    failed = False
+    walk = Walk.start(adapter)
+    steps: list[LayerStep] = []
+    stopped = None
     for index, layer in enumerate(layers):
-        raised, collectives = _initialize(ctx, adapter, layer)
-        state = adapter.state()
-        rebuilt = state.handle is not None and not state.same_handle(previous)
-        step: dict[str, Any] = {
-            "layer": index,
-            "raised": raised,
-            "state": state.record(),
-            "rebuilt": rebuilt,
-            "collectives": collectives,
-            "round_trip": None,
-        }
-        previous = state
-        del state
-        result["steps"].append(step)
-        anyone_raised = [r for r in _gather(ctx, raised) if r is not None]
-        if anyone_raised:
-            result["stopped"] = f"initialize of layer {index} raised: {anyone_raised[0]}"
+        step = layer_step(ctx, walk, index, layer, recheck=layers[:index] if recheck else ())
+        steps.append(step)
+        if step.peer_raised is not None:
+            stopped = f"initialize of layer {index} raised: {step.peer_raised}"
             break
-        if not failed:
-            step["round_trip"] = round_trip(ctx, adapter, layer)
-            failed = step["round_trip"] != OK
-        if recheck and not failed and index:
-            step["earlier_round_trips"] = {}
-            for earlier in range(index):
-                outcome = round_trip(ctx, adapter, layers[earlier])
-                step["earlier_round_trips"][earlier] = outcome
-                if outcome != OK:
-                    failed = True
-                    break
-    if result["stopped"] is None and not failed and recheck:
+    late: dict[int, str] = {}
+    if stopped is None and not walk.failed and recheck:
         # The last step already round-tripped every earlier layer after the last initialize.
-        result["late_round_trips"] = dict(result["steps"][-1].get("earlier_round_trips", {}))
-    elif result["stopped"] is None and not failed:
+        late = dict(steps[-1].earlier_round_trips)
+    elif stopped is None and not walk.failed:
         for index in range(len(layers) - 1):
-            outcome = round_trip(ctx, adapter, layers[index])
-            result["late_round_trips"][index] = outcome
+            late[index] = outcome = round_trip(ctx, adapter, layers[index])
             if outcome != OK:
-                failed = True
+                walk.failed = True
                 break
-    if probes and result["stopped"] is None and not failed:
+    probed: dict[int, str] = {}
+    if probes and stopped is None and not walk.failed:
         for index, probe in enumerate(cross_product_probes(layers)):
-            outcome = round_trip(ctx, adapter, probe)
-            result["probes"][index] = outcome
+            probed[index] = outcome = round_trip(ctx, adapter, probe)
             if outcome != OK:
                 break
-    final = adapter.state()
-    result["final_has_handle"] = final.handle is not None
-    del final, previous
-    result["workspaces_before_cleanup"] = _workspace_count() - workspaces_before
-    result["tables"] = _workspace_tables()
+    final_has_handle = adapter.state().handle is not None
+    walk.previous = None
+    workspaces_before_cleanup = _workspace_count() - workspaces_before
+    tables = tuple(_workspace_tables())
+    cleanup: dict[str, Any] = {}
     if after_cleanup:
         try:
             adapter.cleanup()
-            result["cleanup_raised"] = None
+            cleanup["cleanup_raised"] = None
         except Exception as exc:
-            result["cleanup_raised"] = _first_line(exc)
-        result["after_cleanup"] = adapter.state().record()
-        raised, collectives = _initialize(ctx, adapter, layers[0])
-        result["reinit_raised"] = raised
-        result["reinit"] = adapter.state().record()
-        result["reinit_collectives"] = collectives
+            cleanup["cleanup_raised"] = _first_line(exc)
+        cleanup["after_cleanup"] = adapter.state().record()
+        error, collectives = _initialize(ctx, adapter, layers[0])
+        raised = _first_line_of(error)
+        cleanup.update(reinit_raised=raised, reinit=adapter.state().record(), reinit_collectives=collectives)
         if not [r for r in _gather(ctx, raised) if r is not None]:
-            result["reinit_round_trip"] = round_trip(ctx, adapter, layers[0])
+            cleanup["reinit_round_trip"] = round_trip(ctx, adapter, layers[0])
         try:
             adapter.cleanup()
         except Exception as exc:
-            result["second_cleanup_raised"] = _first_line(exc)
+            cleanup["second_cleanup_raised"] = _first_line(exc)
     else:
         adapter.cleanup()
-    result["workspaces_at_end"] = _workspace_count() - workspaces_before
+    mine = tuple(steps)
     # EP symmetry is all-gathered here, not assumed: every rank sees what its peers decided.
-    result["ep_view"] = _gather(ctx, _decisions(result))
-    return result
+    return dataclasses.replace(
+        identity,
+        steps=mine,
+        late_round_trips=late,
+        probes=probed,
+        stopped=stopped,
+        final_has_handle=final_has_handle,
+        workspaces_before_cleanup=workspaces_before_cleanup,
+        workspaces_at_end=_workspace_count() - workspaces_before,
+        tables=tables,
+        ep_view=tuple(_gather(ctx, decisions(mine))),
+        **cleanup,
+    )
 
 
 def _ep_members(ctx: Any) -> list[int]:
     return [int(r) for r in ctx.ep_group_ranks]
-
-
-def _decisions(result: dict[str, Any]) -> list[Any]:
-    """What every rank of an EP group must agree on (stamps are per process, so left out)."""
-    out: list[Any] = []
-    for step in result["steps"]:
-        s = step["state"]
-        out.append(
-            (
-                step["layer"],
-                step["raised"] is None,
-                step["rebuilt"],
-                s.initialized,
-                s.stamp is not None,
-                s.size_per_rank,
-                s.max_num_tokens,
-                s.top_k,
-                s.num_experts,
-                len(step["collectives"]),
-                s.layout,  # FlashInfer 0.7.4's regions (None on 0.7.2): peers must agree on them too
-            )
-        )
-    return out
 
 
 def _initialized_on_first(
@@ -291,34 +356,36 @@ def _initialized_on_first(
     return adapter, first, second
 
 
-def mismatch(ctx: Any, factory: ManagerFactory, first_json: str, second_json: str) -> dict[str, Any]:
+def mismatch(ctx: Any, factory: ManagerFactory, first_json: str, second_json: str) -> MismatchObservation:
     """Initialize ``first``, then ``second`` (another top_k or num_experts): what was raised, and
     whether state, handle or collectives moved."""
     import sys
 
     adapter, first, second = _initialized_on_first(ctx, factory, first_json, second_json)
     before = adapter.state()
-    raised, collectives = _initialize(ctx, adapter, second)
+    error, collectives = _initialize(ctx, adapter, second)
     after = adapter.state()
-    out: dict[str, Any] = {
-        "rank": ctx.rank,
-        "raised": raised,
-        "same_handle": after.same_handle(before),
-        "before": before.record(),
-        "after": after.record(),
-        "collectives": collectives,
-        "optimize": sys.flags.optimize,
-    }
-    unchanged = out["same_handle"] and out["after"] == out["before"]
+    same_handle = after.same_handle(before)
+    before_record, after_record = before.record(), after.record()
+    unchanged = same_handle and after_record == before_record
     del before, after
     # A handle that already moved is a verdict by itself; round-tripping it could hang the sim.
     everyone = _gather(ctx, unchanged)
-    out["round_trip_after"] = round_trip(ctx, adapter, first) if all(everyone) else None
+    round_trip_after = round_trip(ctx, adapter, first) if all(everyone) else None
     adapter.cleanup()
-    return out
+    return MismatchObservation(
+        rank=ctx.rank,
+        raised=_first_line_of(error),
+        same_handle=same_handle,
+        before=before_record,
+        after=after_record,
+        collectives=collectives,
+        optimize=sys.flags.optimize,
+        round_trip_after=round_trip_after,
+    )
 
 
-def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_json: str) -> dict[str, Any]:
+def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_json: str) -> FailedRebuildObservation:
     """Grow from ``first`` to ``second`` with FlashInfer's workspace allocation made to fail, then
     retry ``second`` normally."""
     from pytest_mnnvl.managers.adapters import inject_build_failure
@@ -326,30 +393,36 @@ def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_js
     adapter, first, second = _initialized_on_first(ctx, factory, first_json, second_json)
     before = adapter.state()
     with inject_build_failure():
-        raised, _ = _initialize(ctx, adapter, second)
+        error, _ = _initialize(ctx, adapter, second)
     after = adapter.state()
-    out: dict[str, Any] = {
-        "rank": ctx.rank,
-        "raised": raised,
-        "same_handle": after.same_handle(before),
-        "before": before.record(),
-        "after_failure": after.record(),
-    }
+    same_handle = after.same_handle(before)
+    before_record, after_failure = before.record(), after.record()
     has_handle = [h for h in _gather(ctx, after.handle is not None) if h]
     del before, after
-    out["first_round_trip"] = round_trip(ctx, adapter, first) if len(has_handle) == ctx.ep_size else None
-    retry_raised, _ = _initialize(ctx, adapter, second)
-    out["retry_raised"] = retry_raised
-    out["after_retry"] = adapter.state().record()
+    first_round_trip = round_trip(ctx, adapter, first) if len(has_handle) == ctx.ep_size else None
+    retry_error, _ = _initialize(ctx, adapter, second)
+    retry_raised = _first_line_of(retry_error)
+    after_retry = adapter.state().record()
+    retry_round_trip = None
     if not [r for r in _gather(ctx, retry_raised) if r is not None]:
-        out["retry_round_trip"] = round_trip(ctx, adapter, second)
-    else:
-        out["retry_round_trip"] = None
+        retry_round_trip = round_trip(ctx, adapter, second)
+    cleanup_raised = None
     try:
         adapter.cleanup()
     except Exception as exc:
-        out["cleanup_raised"] = _first_line(exc)
-    return out
+        cleanup_raised = _first_line(exc)
+    return FailedRebuildObservation(
+        rank=ctx.rank,
+        raised=_first_line_of(error),
+        same_handle=same_handle,
+        before=before_record,
+        after_failure=after_failure,
+        first_round_trip=first_round_trip,
+        retry_raised=retry_raised,
+        after_retry=after_retry,
+        retry_round_trip=retry_round_trip,
+        cleanup_raised=cleanup_raised,
+    )
 
 
 def _layer_dict(text: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pytest
 
 from pytest_mnnvl.conformance import invariants
 from pytest_mnnvl.conformance.driver import DEADLOCK_TIMEOUT_S, Conformance
+from pytest_mnnvl.conformance.observations import MismatchObservation
 from pytest_mnnvl.session import SETTINGS_KEY
 from pytest_mnnvl.worlds.layout import Topology
 
@@ -79,14 +80,14 @@ def _mismatch(
     field: str,
     cls: type[invariants.InvariantViolation],
     env: dict[str, str] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[MismatchObservation]:
     from pytest_mnnvl.conformance import strategies
     from pytest_mnnvl.conformance.rank import mismatch
     from pytest_mnnvl.model.layers import ModelPlan
 
     first, second = strategies.mismatch_pair(field)
     world = conformance.world(topology, env=env) if env else conformance.world(topology)
-    results = world.run(mismatch, conformance.manager, _json(first), _json(second))
+    results: list[MismatchObservation] = world.run(mismatch, conformance.manager, _json(first), _json(second))
     judge = conformance.judge(ModelPlan(((first, second),) * topology.pp), topology)
     try:
         invariants.check_mismatch(judge, results, field, cls=cls)
@@ -125,7 +126,7 @@ def test_mismatch_survives_O(conformance: Conformance, field: str) -> None:
     results = _mismatch(
         conformance, Topology(2, 1), field, invariants.MismatchUnderOViolation, env={"PYTHONOPTIMIZE": "1"}
     )
-    assert all(r["optimize"] == 1 for r in results), "the ranks did not run under -O"
+    assert all(r.optimize == 1 for r in results), "the ranks did not run under -O"
 
 
 #: What ``from pytest_mnnvl.conformance.test_invariants import *`` gives (a clone's ``conformance/`` collects the
