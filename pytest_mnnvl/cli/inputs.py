@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_mnnvl.model import sizing
-from pytest_mnnvl.model.layers import LayerSpec, LayerSpecError, ModelPlan, PlanError
+from pytest_mnnvl.model import releases
+from pytest_mnnvl.model.layers import RELEASE_RULES, LayerSpec, LayerSpecError, ModelPlan, PlanError
 
 #: Exit statuses shared by every command.
 EXIT_OK = 0
@@ -108,13 +108,39 @@ def load_plan(path: str) -> LoadedPlan:
     return LoadedPlan(plan, os.fspath(path), tuple(origins))
 
 
-def check_ep(loaded: LoadedPlan, ep: int) -> None:
-    """Every layer must be runnable at this EP size (experts split evenly, a kernel top_k)."""
-    if not 1 <= ep <= sizing.MAX_RANKS:
-        raise UsageError(f"--ep {ep}: not allowed: must be an integer in 1..{sizing.MAX_RANKS}")
+#: ``--flashinfer``'s help: the releases the commands can model.
+FLASHINFER_HELP = (
+    f"the FlashInfer release whose workspace arithmetic and rules to model: {' or '.join(releases.SUPPORTED)} "
+    "(default: the installed one)"
+)
+
+
+def choose_release(release: str | None) -> tuple[str, str]:
+    """The release a command models (``--flashinfer``, else the installed one) and why that one.
+
+    An installed release pytest-mnnvl does not know is an input error too: the commands would
+    otherwise model a workspace that is not the one the user runs."""
+    if release is None:
+        try:
+            return releases.current(), "installed"
+        except releases.UnsupportedRelease as exc:
+            raise UsageError(f"{exc}; pass --flashinfer {{{','.join(releases.SUPPORTED)}}} to model one") from None
+    if release not in releases.SUPPORTED:
+        raise UsageError(f"--flashinfer {release!r}: not allowed: must be one of {', '.join(releases.SUPPORTED)}")
+    return release, "--flashinfer"
+
+
+def check_ep(loaded: LoadedPlan, ep: int, release: str | None = None) -> None:
+    """Every layer must be runnable at this EP size on ``release`` (default: the installed one): experts
+    split evenly, a ``top_k`` the release's kernels take (``layers.RELEASE_RULES``)."""
+    rules = RELEASE_RULES[releases.resolve(release)]
+    if not 1 <= ep <= rules.max_ranks:
+        raise UsageError(
+            f"--ep {ep}: not allowed: must be an integer in 1..{rules.max_ranks} on FlashInfer {rules.release}"
+        )
     for stage, index, layer in loaded.plan.iter_layers():
         try:
-            layer.validate_for_ep(ep)
+            layer.validate_for_ep(ep, rules.release)
         except LayerSpecError as exc:
             where = loaded.origin(stage, index)
             raise UsageError(

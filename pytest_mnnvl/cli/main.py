@@ -14,16 +14,18 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pytest_mnnvl.backends import SESSION_BACKENDS
 from pytest_mnnvl.cli.inputs import (
     EXIT_FAILS,
     EXIT_OK,
     EXIT_USAGE,
+    FLASHINFER_HELP,
     UsageError,
     check_ep,
     check_stage,
+    choose_release,
     load_plan,
     plan_path,
 )
@@ -113,6 +115,8 @@ def _common(p: argparse.ArgumentParser, stage: bool = True) -> None:
     )
     if stage:
         p.add_argument("--stage", type=_nonneg_int, metavar="S", help="only this PP stage (default: all)")
+        # Not for repro: its ranks run the installed FlashInfer, which is the release it models.
+        p.add_argument("--flashinfer", metavar="RELEASE", help=FLASHINFER_HELP)
         p.add_argument(
             "--observe",
             action="store_true",
@@ -195,25 +199,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list-plans":
         return _list_plans(args.json)
     try:
+        release, release_source = choose_release(getattr(args, "flashinfer", None))
         loaded = load_plan(plan_path(args.plan))
-        check_ep(loaded, args.ep)
+        check_ep(loaded, args.ep, release)
         if args.command == "repro":
             from pytest_mnnvl.cli import repro
 
             return repro.run(loaded, args)
         stages = check_stage(loaded, args.stage)
-        model = resolve_model(args.manager, args.policy, args.observe)
+        model = resolve_model(args.manager, args.policy, args.observe, release)
         observed = None
         if model.observed:
             from pytest_mnnvl.cli import repro
 
             observed = repro.observe(loaded, model.spec, args.ep)
+            _check_observed_layouts(observed, release)
     except UsageError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from pytest_mnnvl.cli import analysis, render
 
-    walk = analysis.walk(loaded, model, args.ep, stages, observed)
+    walk = analysis.walk(loaded, model, args.ep, stages, observed, release, release_source)
     if args.command == "explain":
         print(
             json.dumps(render.walk_json(walk, "explain"), indent=2)
@@ -226,6 +232,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(json.dumps(render.walk_json(walk, "predict"), indent=2) if args.json else render.predict_text(walk))
     return EXIT_FAILS if fails_somewhere else EXIT_OK
+
+
+def _check_observed_layouts(observed: dict[int, list[Any]], release: str) -> None:
+    """0.7.4's verdicts read the handle's layout; an observation that lacks it is a clear error, never a guess."""
+    from pytest_mnnvl.model import oracle, releases
+
+    if release != releases.V074:
+        return
+    if any(h.init_error is None and not h.layout for holdings in observed.values() for h in holdings):
+        raise UsageError(
+            f"--observe on FlashInfer {release}: the observed handles carry no workspace layout, and 0.7.4's "
+            f"dispatch and combine regions cannot be known without it; pass --policy "
+            f"{{{','.join(oracle.policies(release))}}} to model them by an oracle policy"
+        )
 
 
 def _list_plans(as_json: bool) -> int:

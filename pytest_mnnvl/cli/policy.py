@@ -15,6 +15,10 @@ Every other spec (the other mutants, ``package.module:Class``) cannot be trusted
 declared policy (a mutant declares the reference's, as buggy code claims to be correct), so
 ``explain``/``predict`` run the real manager on a sim world and read the workspace it really holds
 (``observed`` mode). ``--policy`` names a policy outright; ``--observe`` forces observation.
+
+A policy must be one the modelled FlashInfer release lets a manager follow (0.7.4 takes no byte size,
+so ``total`` cannot be followed there): otherwise the spec is an input error naming that release's
+rule. Observation runs the installed FlashInfer, so it models that release only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 from pytest_mnnvl.cli.inputs import UsageError
 from pytest_mnnvl.errors import MnnvlUsageError
+from pytest_mnnvl.model import oracle, releases
 from pytest_mnnvl.model.oracle import POLICIES
 
 #: Mutants whose defect is exactly one of the oracle's policies.
@@ -88,8 +93,29 @@ def _vllm_model() -> ManagerModel:
     return ManagerModel("vllm", policy, f"{dist}=={version} is installed")
 
 
-def resolve_model(spec: str | None, policy: str | None = None, observe: bool = False) -> ManagerModel:
-    """How ``spec``'s decisions are known; ``policy`` (``--policy``) and ``observe`` override."""
+def resolve_model(
+    spec: str | None, policy: str | None = None, observe: bool = False, release: str | None = None
+) -> ManagerModel:
+    """How ``spec``'s decisions are known on ``release`` (default: the installed FlashInfer); ``policy``
+    (``--policy``) and ``observe`` override."""
+    release = releases.resolve(release)
+    model = _resolve_model(spec, policy, observe)
+    if model.policy is not None:
+        try:
+            oracle.check_policy(model.policy, release)
+        except ValueError as exc:
+            flag = f"--policy {model.policy}" if policy is not None else f"--manager {model.spec}"
+            raise UsageError(f"{flag} ({model.source}): {exc}") from None
+    elif release != (here := releases.installed() or releases.DEFAULT):
+        raise UsageError(
+            f"--manager {model.spec} is observed on the installed FlashInfer {here}, so it cannot "
+            f"model --flashinfer {release}: pass --policy {{{','.join(oracle.policies(release))}}} to model "
+            f"{release} by an oracle policy"
+        )
+    return model
+
+
+def _resolve_model(spec: str | None, policy: str | None, observe: bool) -> ManagerModel:
     name = (spec or "reference").strip()
     if policy is not None:
         if policy not in POLICIES:

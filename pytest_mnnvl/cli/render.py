@@ -1,7 +1,9 @@
 """Human-readable tables and arithmetic, and the ``--json`` documents, for ``explain`` and ``predict``.
 
 Runs of identical consecutive layers with identical outcomes collapse into one table row
-(``0-57  moe ×58``); the JSON always lists every layer.
+(``0-57  moe ×58``); the JSON always lists every layer. Every output names the FlashInfer release
+it modelled; on 0.7.4 a failure names its region (dispatch or combine), FlashInfer's need and
+capacity bytes and the runtime token count at which it trips.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pytest_mnnvl.cli.analysis import VERDICT_TEXT, LayerOutcome, PlanWalk, StageWalk
-from pytest_mnnvl.model import sizing
+from pytest_mnnvl.cli.analysis import VERDICT_TEXT, LayerOutcome, PlanWalk, RegionCheck, StageWalk, Trip
+from pytest_mnnvl.model import releases, sizing, sizing_v074
 
 JSON_SCHEMA_VERSION = 1
 
@@ -85,7 +87,33 @@ def _headline(walk: PlanWalk, command: str) -> list[str]:
     return [
         f"{command}: {title}: {plan.pp} PP stage(s), {count} MoE layer initialize(s){mtp}, ep={walk.ep}",
         f"manager: {walk.model.describe()}",
+        modelled_line(walk),
     ]
+
+
+def modelled_line(walk: PlanWalk) -> str:
+    """Which release's arithmetic and rules the output is, and why that one."""
+    why = "the installed release" if walk.release_source == "installed" else "chosen by --flashinfer"
+    return f"modelled: FlashInfer {walk.release} ({why})"
+
+
+def trip_text(trip: Trip) -> str:
+    """Where one round trip fails, with FlashInfer's own numbers: the region, need vs capacity, the token count."""
+    check = trip.check
+    at = f"at runtime T={trip.tokens}"
+    if isinstance(check, RegionCheck) and trip.verdict in ("dispatch", "combine"):
+        region = check.dispatch if trip.verdict == "dispatch" else check.combine
+        return (
+            f"{trip.verdict} region {at}: {region.detail} ({n(region.need - region.capacity)} B over); "
+            f"FlashInfer raises {trip.error_type}"
+        )
+    if isinstance(check, sizing.RoundTripCheck) and trip.verdict in ("dispatch", "combine"):
+        part = check.dispatch if trip.verdict == "dispatch" else check.combine
+        return (
+            f"{trip.verdict} {at}: required {n(part.required_size)} B > size per rank {n(part.size_per_rank)} B "
+            f"({n(part.shortfall)} B short); FlashInfer raises {trip.error_type}: {trip.error}"
+        )
+    return f"{VERDICT_TEXT[trip.verdict]} {at}: {trip.error_type}: {trip.error}"
 
 
 def _check_cells(outcome: LayerOutcome) -> tuple[str, str]:
@@ -145,6 +173,8 @@ EXPLAIN_HEADER = (
 
 def arithmetic_lines(o: LayerOutcome, ep: int, indent: str = "    ") -> list[str]:
     """The numbers FlashInfer's checks compare for ``o`` at its full token count."""
+    if isinstance(o.check, RegionCheck) or o.release == releases.V074:
+        return _region_lines(o, ep, indent)
     layer = o.layer
     where = f"stage {o.stage}, layer {o.index} {o.label!r} ({o.origin})"
     lines = [
@@ -176,7 +206,7 @@ def arithmetic_lines(o: LayerOutcome, ep: int, indent: str = "    ") -> list[str
     elif o.verdict == "tokens":
         rows.append(("tokens", f"{o.runtime_tokens} > max_num_tokens {o.geometry.max_num_tokens}"))
         rows.append(("FlashInfer raises", f"{o.error_type}: {o.error}"))
-    elif o.check is not None:
+    elif isinstance(o.check, sizing.RoundTripCheck):
         d, c = o.check.dispatch, o.check.combine
         rows.append(
             ("payload offset", f"{n(d.payload_offset)} (aux regions for max_num_tokens {o.geometry.max_num_tokens})")
@@ -210,7 +240,86 @@ def arithmetic_lines(o: LayerOutcome, ep: int, indent: str = "    ") -> list[str
         )
         if o.error is not None:
             rows.append(("FlashInfer raises", f"{o.error_type}: {o.error}"))
-    rows.append(("first failing T", _first_failing_text(o)))
+    rows += _first_failing_rows(o)
+    width = max(len(k) for k, _ in rows)
+    lines += [f"{indent}{k.ljust(width)}  {v}" for k, v in rows]
+    return lines
+
+
+def _first_failing_rows(o: LayerOutcome) -> list[tuple[str, str]]:
+    rows = [("first failing T", _first_failing_text(o))]
+    trip = o.first_trip
+    if trip is not None and trip.tokens != o.runtime_tokens:
+        rows.append((f"at T={trip.tokens}", trip_text(trip)))
+    return rows
+
+
+def _region_lines(o: LayerOutcome, ep: int, indent: str) -> list[str]:
+    """FlashInfer 0.7.4's checks: the token count, then the fixed dispatch region, then the fixed combine region."""
+    layer = o.layer
+    where = f"stage {o.stage}, layer {o.index} {o.label!r} ({o.origin})"
+    lines = [
+        f"{where}: {layer.quant.value}, hidden {layer.hidden_size}, top_k {layer.top_k}, "
+        f"{layer.num_experts} experts, runtime T={o.runtime_tokens} (FlashInfer {o.release})"
+    ]
+    check = o.check if isinstance(o.check, RegionCheck) else None
+    rows: list[tuple[str, str]] = []
+    if check is not None:
+        rows.append(
+            (
+                "payloads per token",
+                f"{' + '.join(n(b) for b in check.payloads)} B as NVLinkOneSidedAlltoAll.dispatch sends them "
+                f"(hidden row with its extra bytes, scales, ids, weights); combine {n(layer.combine_bytes_per_token)} "
+                "B (bf16 output)",
+            )
+        )
+    rows.append(("need(layer)", f"{n(o.need)} B per rank (its own layout at max_num_tokens {layer.max_num_tokens})"))
+    if o.final_pass:
+        held = f"built at layer {o.built_by}, the handle the stage ended with"
+    elif o.rebuilt:
+        held = "built by this initialize"
+    else:
+        held = f"built at layer {o.built_by}, kept by this initialize"
+    rows.append(
+        ("workspace", f"{n(o.geometry.size_per_rank)} B per rank, max_num_tokens {o.geometry.max_num_tokens} ({held})")
+    )
+    if o.verdict == "unreached":
+        rows.append(("not reached", str(o.error)))
+    elif o.verdict == "refused":
+        rows.append(("manager raises", f"{o.error_type}: {o.error}"))
+    elif o.verdict == "tokens":
+        rows.append(("tokens", f"{o.runtime_tokens} > max_num_tokens {o.geometry.max_num_tokens}"))
+        rows.append(("FlashInfer raises", f"{o.error_type}: {o.error}"))
+    elif check is not None:
+        d, c, layout = check.dispatch, check.combine, check.layout
+        rows.append(
+            (
+                "regions",
+                f"dispatch {n(layout.dispatch_payload_size)} B at offset {n(layout.dispatch_payload_offset)}, "
+                f"combine {n(layout.combine_input_size)} B at offset {n(layout.combine_input_offset)} "
+                f"(fixed at allocation; top_k {layout.top_k})",
+            )
+        )
+        rel, verdict = ("<=", "fits") if d.fits else (">", f"FAILS, {n(d.need - d.capacity)} B over")
+        rows.append(
+            (
+                "dispatch",
+                f"{ep} × {o.runtime_tokens} × ({' + '.join(n(b) for b in check.payloads)}), each buffer "
+                f"{sizing_v074.CACHELINE_ALIGNMENT}-aligned = need {n(d.need)} {rel} capacity {n(d.capacity)}: "
+                f"{verdict}",
+            )
+        )
+        rel, verdict = ("<=", "fits") if c.fits else (">", f"FAILS, {n(c.need - c.capacity)} B over")
+        rows.append(
+            (
+                "combine",
+                f"{ep} × {o.runtime_tokens} × {layer.hidden_size} × 2 = need {n(c.need)} {rel} capacity "
+                f"{n(c.capacity)}: {verdict}" + ("" if d.fits else " (not reached: dispatch fails first)"),
+            )
+        )
+        if o.error is not None:
+            rows.append(("FlashInfer raises", f"{o.error_type}: {o.error}"))
+    rows += _first_failing_rows(o)
     width = max(len(k) for k, _ in rows)
     lines += [f"{indent}{k.ljust(width)}  {v}" for k, v in rows]
     return lines
@@ -277,10 +386,20 @@ def _verdict_line(walk: PlanWalk) -> str:
         return "verdict: every layer fits at its full runtime token count, also on the handle its stage ends with"
     first = failures[0]
     when = " (final pass: on the handle the stage ended with)" if first.final_pass else ""
-    return (
+    line = (
         f"verdict: {len(failures)} layer(s) fail at their full runtime token count; first: stage {first.stage} "
         f"layer {first.index} {first.label!r}{when}: {VERDICT_TEXT[first.verdict]}"
     )
+    if first.verdict in ("refused", "unreached") or first.release != releases.V074:
+        return line  # 0.7.2's messages carry no numbers: its arithmetic block above has them
+    line += f"; {trip_text(_full_trip(first))}"
+    if first.first_trip is not None and first.first_trip.tokens != first.runtime_tokens:
+        line += f"; it first trips at runtime T={first.first_trip.tokens}"
+    return line
+
+
+def _full_trip(o: LayerOutcome) -> Trip:
+    return Trip(o.runtime_tokens, o.verdict, o.error_type, o.error, o.check)
 
 
 # ---- predict ----------------------------------------------------------------------------------
@@ -339,6 +458,7 @@ def predict_text(walk: PlanWalk) -> str:
         lines.append(
             f"prediction: {len(failing)} layer(s) fail at some runtime token count; the smallest batch that fails is "
             f"{worst.first_failing_tokens} tokens per rank (stage {worst.stage} layer {worst.index} {worst.label!r})"
+            + ("" if worst.first_trip is None else f": {trip_text(worst.first_trip)}")
         )
     elif not refused:
         lines.append("prediction: no layer fails at any runtime token count up to its max tokens")
@@ -348,10 +468,27 @@ def predict_text(walk: PlanWalk) -> str:
 # ---- JSON -------------------------------------------------------------------------------------
 
 
-def _check_json(o: LayerOutcome) -> dict[str, Any] | None:
-    if o.check is None:
+def _region_json(check: RegionCheck) -> dict[str, Any]:
+    d, c = check.dispatch, check.combine
+    return {
+        "layout": check.layout._asdict(),
+        "dispatch_payload_bytes_per_token": list(check.payloads),
+        "dispatch_recv_offsets": list(d.recv_offsets),
+        "dispatch_need": d.need,
+        "dispatch_capacity": d.capacity,
+        "dispatch_fits": d.fits,
+        "combine_need": c.need,
+        "combine_capacity": c.capacity,
+        "combine_fits": c.fits,
+    }
+
+
+def _arithmetic_json(check: sizing.RoundTripCheck | RegionCheck | None) -> dict[str, Any] | None:
+    if check is None:
         return None
-    d, c = o.check.dispatch, o.check.combine
+    if isinstance(check, RegionCheck):
+        return _region_json(check)
+    d, c = check.dispatch, check.combine
     return {
         "size_per_rank": d.size_per_rank,
         "payload_offset": d.payload_offset,
@@ -391,12 +528,25 @@ def outcome_json(o: LayerOutcome) -> dict[str, Any]:
             "eplb_stats_num_experts": o.geometry.eplb_stats_num_experts,
         },
         "runtime_tokens": o.runtime_tokens,
-        "arithmetic": _check_json(o),
+        "arithmetic": _arithmetic_json(o.check),
         "verdict": o.verdict,
         "fits": o.fits,
         "error": None if o.error is None else {"type": o.error_type, "message": o.error},
         "first_failing_tokens": o.first_failing_tokens,
+        "first_failing": _trip_json(o.first_trip),
         "final_pass": o.final_pass,
+    }
+
+
+def _trip_json(trip: Trip | None) -> dict[str, Any] | None:
+    """The round trip at one runtime token count: the verdict, FlashInfer's error, the arithmetic there."""
+    if trip is None:
+        return None
+    return {
+        "runtime_tokens": trip.tokens,
+        "verdict": trip.verdict,
+        "error": None if trip.error is None else {"type": trip.error_type, "message": trip.error},
+        "arithmetic": _arithmetic_json(trip.check),
     }
 
 
@@ -412,7 +562,10 @@ def walk_json(walk: PlanWalk, command: str) -> dict[str, Any]:
         "manager": walk.model.spec,
         "policy": walk.model.policy,
         "policy_source": walk.model.source,
-        "alignment": sizing.ALIGNMENT,
+        "flashinfer": walk.release,
+        "flashinfer_source": walk.release_source,
+        "modelled": modelled_line(walk).removeprefix("modelled: "),
+        "alignment": sizing.ALIGNMENT if walk.release != releases.V074 else sizing_v074.WORKSPACE_ALIGNMENT,
         "fits": walk.fits,
         "first_failure": None
         if first is None
@@ -425,6 +578,10 @@ def walk_json(walk: PlanWalk, command: str) -> dict[str, Any]:
             "first_failing_tokens": first.first_failing_tokens,
             "final_pass": first.final_pass,
         },
+        # Where the first failure trips, in words with FlashInfer's numbers (region, need vs capacity, T).
+        "first_failure_summary": None
+        if first is None or first.verdict in ("refused", "unreached")
+        else trip_text(_full_trip(first)),
         "stages": [
             {
                 "stage": s.stage,
