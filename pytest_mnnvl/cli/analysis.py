@@ -30,7 +30,7 @@ from pytest_mnnvl.cli.policy import ManagerModel
 from pytest_mnnvl.model import oracle, oracle_v074, releases, sizing, sizing_v074
 from pytest_mnnvl.model.layers import COMBINE_ELEMENT_SIZE, LayerSpec
 
-Verdict = Literal["ok", "refused", "unreached", "tokens", "misaligned", "dispatch", "combine"]
+Verdict = Literal["ok", "refused", "unreached", "tokens", "misaligned", "dispatch", "combine", "unknown"]
 #: What a verdict means, for tables and JSON readers.
 VERDICT_TEXT: dict[str, str] = {
     "ok": "dispatch and combine fit",
@@ -40,6 +40,7 @@ VERDICT_TEXT: dict[str, str] = {
     "misaligned": "a payload is misaligned (dispatch check)",
     "dispatch": "dispatch does not fit",
     "combine": "dispatch fits, combine does not fit",
+    "unknown": "not judged: the handle's FlashInfer 0.7.4 layout was not recorded",
 }
 
 
@@ -220,7 +221,8 @@ class Handle:
     def trip(self, layer: LayerSpec, tokens: int) -> Trip:
         """The round trip of ``layer`` at runtime ``tokens`` on this handle."""
         if self.release == releases.V074:
-            assert self.layout is not None, "a 0.7.4 handle needs its layout"
+            if self.layout is None:  # an observed handle whose layout nobody recorded: never guessed
+                return Trip(tokens, "unknown", None, None, None)
             return _trip_v074(layer, self.layout, tokens)
         return _trip_v072(layer, self.geometry.v072(), tokens)
 
@@ -294,6 +296,8 @@ def first_failing_tokens(layer: LayerSpec, handle: Handle) -> int | None:
     """
     limit = min(layer.max_num_tokens, handle.max_num_tokens)
     host: int | None
+    if handle.release == releases.V074 and handle.layout is None:
+        return None
     if handle.release == releases.V074:
         host = _bisect_first_failing(lambda t: handle.trip(layer, t).verdict != "ok", limit)
     else:
@@ -328,10 +332,7 @@ def _handle(ep: int, held: Holding, release: str) -> Handle:
     if release != releases.V074 or held.init_error is not None:
         return Handle(geometry, release)
     if len(held.layout) != sizing_v074.NUM_METAINFO_FIELDS:
-        raise ValueError(
-            f"FlashInfer 0.7.4's verdicts need the handle's {sizing_v074.NUM_METAINFO_FIELDS}-field layout; this "
-            f"holding has {len(held.layout)} fields (bytes per rank alone do not say where its regions are)"
-        )
+        return Handle(geometry, release)  # its verdicts are "unknown": bytes per rank do not say where regions are
     return Handle(geometry, release, sizing_v074.WorkspaceLayout(*held.layout))
 
 

@@ -113,6 +113,8 @@ def trip_text(trip: Trip) -> str:
             f"{trip.verdict} {at}: required {n(part.required_size)} B > size per rank {n(part.size_per_rank)} B "
             f"({n(part.shortfall)} B short); FlashInfer raises {trip.error_type}: {trip.error}"
         )
+    if trip.error is None:
+        return f"{VERDICT_TEXT[trip.verdict]} ({at})"
     return f"{VERDICT_TEXT[trip.verdict]} {at}: {trip.error_type}: {trip.error}"
 
 
