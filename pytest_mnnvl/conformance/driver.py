@@ -195,6 +195,7 @@ class Conformance:
         digest), so observations are shared through the cache."""
         __tracebackhide__ = hide_for_attributed
         from hypothesis import example, given
+        from hypothesis import statistics as hypothesis_statistics
 
         from pytest_mnnvl.conformance import strategies
 
@@ -238,8 +239,19 @@ class Conformance:
         for _why, plan in reversed(pinned):
             test = example(plan=plan)(test)
         test = self._same_draws_on_every_rank(test)
+        node = self.request.node
+
+        collector: Any = hypothesis_statistics.collector  # typed by Hypothesis as holding None
+
+        def note_statistics(stats: Any) -> None:
+            # Hypothesis' plugin collects statistics only for a test item that is itself @given; this one
+            # draws inside the item, so hand them to the item the same way (--hypothesis-show-statistics).
+            stats["nodeid"] = node.nodeid
+            setattr(node, "hypothesis_statistics", hypothesis_statistics.describe_statistics(stats))  # noqa: B010
+
         try:
-            test()
+            with collector.with_value(note_statistics):
+                test()
         except BaseException as exc:
             interrupt = _interrupt_in(exc)
             if interrupt is not None:
