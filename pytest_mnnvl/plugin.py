@@ -64,6 +64,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", line)
     try:
         config.stash[SETTINGS_KEY] = settings = _settings.from_config(config.getoption, config.getini)
+        if names_packaged_suite(config) or config.pluginmanager.hasplugin(CONFORMANCE_PLUGIN):
+            # The conformance suite runs nothing without a FlashInfer world: an unsupported release stops it here.
+            from pytest_mnnvl.backends import unsupported_release
+
+            if (problem := unsupported_release()) is not None:
+                raise MnnvlUsageError(problem)
         if settings.manager != _settings.Settings.manager:
             # An explicit manager is resolved now, so a bad spec stops the run before any rank starts.
             from pytest_mnnvl.managers import resolve

@@ -8,6 +8,23 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
+#: The test files whose outcome depends on the FlashInfer release (a word of their name says so): CI runs them
+#: a second time on the other supported release (``-m flashinfer_release``; README "FlashInfer releases").
+RELEASE_SENSITIVE_WORDS = ("sim", "sizing", "conformance", "cli", "v074", "releases")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "flashinfer_release: the outcome depends on the FlashInfer release (set from the file name)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        words = item.path.stem.split("_")[1:]  # test_sim_v074 -> sim, v074
+        if any(word in RELEASE_SENSITIVE_WORDS for word in words):
+            item.add_marker(pytest.mark.flashinfer_release)
+
 
 @pytest.fixture(autouse=True)
 def _not_an_xdist_worker(monkeypatch: pytest.MonkeyPatch) -> None:

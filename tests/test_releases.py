@@ -31,7 +31,7 @@ def test_an_unsupported_release_names_the_supported_ones() -> None:
 
 def test_reading_the_release_imports_nothing_heavy() -> None:
     code = (
-        "import sys; from pytest_mnnvl import releases; releases.current()\n"
+        "import sys; from pytest_mnnvl.model import releases; releases.current()\n"
         "print([m for m in ('torch', 'flashinfer') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -13,3 +13,19 @@ SESSION_BACKENDS = ("sim", "flashinfer")
 BACKENDS = (*SESSION_BACKENDS, "plain")
 #: What ``--mnnvl-backend`` takes.
 BACKEND_CHOICES = ("auto", *SESSION_BACKENDS)
+
+
+def unsupported_release() -> str | None:
+    """Why no FlashInfer world (``sim`` or ``flashinfer``) can run here, in one line, or ``None``: the installed
+    FlashInfer is none of the supported releases. Checked once per session rather than failing in every rank
+    with a traceback; ``plain`` worlds need no FlashInfer and are never refused. Without FlashInfer installed
+    the answer is ``None``: the ranks then say it is missing."""
+    from pytest_mnnvl.model import releases
+
+    found = releases.installed()
+    if found is None or found in releases.SUPPORTED:
+        return None
+    from pytest_mnnvl.backends import sim
+    from pytest_mnnvl.probes.flashinfer import flashinfer_info
+
+    return releases.unsupported_text(found, sim.absent_modules(flashinfer_info().location))

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -142,6 +143,23 @@ def missing_pieces(pieces: tuple[tuple[str, str], ...]) -> list[str]:
                 break
             target = getattr(target, name)
     return missing
+
+
+def absent_modules(package_dir: str | os.PathLike[str] | None) -> dict[str, list[str]]:
+    """Per supported release, the modules holding its pieces that have no source under ``package_dir`` (the
+    installed ``flashinfer`` package's directory; ``None``: all of them). Read from files, not imported: the
+    parent never imports FlashInfer, and a release nobody checked may fail on import in any way."""
+    root = Path(package_dir) if package_dir is not None else None
+    absent: dict[str, list[str]] = {}
+    for supported, module in RELEASES.items():
+        names = dict.fromkeys(name for name, _path in _COMMON_PIECES + module.PIECES)
+        absent[supported] = [name for name in names if root is None or not _has_source(root, name)]
+    return absent
+
+
+def _has_source(root: Path, module_name: str) -> bool:
+    base = root.joinpath(*module_name.split(".")[1:])
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
 def release_for(version: str) -> ModuleType:

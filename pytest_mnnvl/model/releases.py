@@ -16,6 +16,7 @@ error naming it and the supported ones.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 
 V072 = "0.7.2.post1"
@@ -39,13 +40,41 @@ def installed() -> str | None:
         return None
 
 
+def install_command(release: str = SUPPORTED[-1]) -> str:
+    """How to install ``release`` (``--no-deps``: its metadata pulls CUDA-only packages)."""
+    return f"pip install --no-deps flashinfer-python=={release}"
+
+
+def _not_supported(release: str) -> str:
+    return f"FlashInfer {release!r} is not supported by pytest-mnnvl: supported releases are {', '.join(SUPPORTED)}"
+
+
 def check(release: str) -> str:
     """``release`` if it is supported, else :class:`UnsupportedRelease` naming what is."""
     if release not in SUPPORTED:
-        raise UnsupportedRelease(
-            f"FlashInfer {release!r} is not supported by pytest-mnnvl: supported releases are {', '.join(SUPPORTED)}"
-        )
+        raise UnsupportedRelease(_not_supported(release))
     return release
+
+
+def header_note(version: str | None) -> str:
+    """What the report header adds to an installed ``version``: nothing when it is supported (or unknown)."""
+    if version is None or version in SUPPORTED:
+        return ""
+    return f"; UNSUPPORTED: pytest-mnnvl supports {', '.join(SUPPORTED)}"
+
+
+def unsupported_text(release: str, absent: Mapping[str, Sequence[str]]) -> str:
+    """The one line a session with the unsupported ``release`` installed gets: the release, the supported
+    ones, what it lacks of each (``absent``: supported release -> its modules not found in the installed
+    package) and what to install. The modules are told from files, because importing a release nobody
+    checked may fail in any way."""
+    parts = [_not_supported(release)]
+    for supported, modules in absent.items():
+        if modules:
+            parts.append(f"it lacks {supported}'s {', '.join(modules)}")
+        else:
+            parts.append(f"it has {supported}'s modules but was never checked against them")
+    return f"{'; '.join(parts)}. FlashInfer worlds (sim, GPU) need a supported release: {install_command()}"
 
 
 @functools.cache

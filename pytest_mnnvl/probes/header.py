@@ -3,6 +3,7 @@ machine could do."""
 
 from __future__ import annotations
 
+from pytest_mnnvl.model import releases
 from pytest_mnnvl.probes.flashinfer import flashinfer_info
 from pytest_mnnvl.probes.gpus import gpu_inventory
 from pytest_mnnvl.probes.handles import handle_type
@@ -27,7 +28,8 @@ def header_lines(live_ptrace: bool | None = None) -> list[str]:
     if info.installed:
         lines.append(
             f"mnnvl: FlashInfer: {info.version or 'unknown version'} (one-sided MoeAlltoAll: "
-            f"{'yes' if info.one_sided else 'no'}, moe_ep: {'yes' if info.moe_ep else 'no'})"
+            f"{'yes' if info.one_sided else 'no'}, moe_ep: {'yes' if info.moe_ep else 'no'}"
+            f"{releases.header_note(info.version)})"
         )
         ht = handle_type()
         lines.append(f"mnnvl: handle type: {ht.value or 'n/a'} ({ht.reason})")

@@ -22,6 +22,7 @@ class WorldFactory:
     """What the ``mnnvl_world`` fixture returns; defaults come from the marker, then the topology."""
 
     def __init__(self, request: pytest.FixtureRequest) -> None:
+        _skip_unsupported_release()
         self._request = request
 
     def __call__(
@@ -77,3 +78,15 @@ class WorldFactory:
         world = pool(config).world(spec)
         world.timeout = timeout or (mark and mark.timeout) or config.stash[SETTINGS_KEY].timeout
         return world
+
+
+def _skip_unsupported_release() -> None:
+    """Skip every ``mnnvl_world`` test, at setup, when the installed FlashInfer is unsupported: one reason, raised
+    from this one line (not the test's), so ``-rs`` reports them together instead of a rank traceback per test.
+    At setup, because a skip inside a Hypothesis test prints its example; ``plain`` worlds, which would run,
+    are skipped too (the fixture cannot know which backend the test will ask for)."""
+    from pytest_mnnvl.backends import unsupported_release
+
+    reason = unsupported_release()
+    if reason is not None:
+        pytest.skip(reason)
