@@ -338,25 +338,19 @@ def real_size_plans(pp: int = 1) -> list[tuple[str, ModelPlan]]:
 
     return [
         (
-            "DeepSeek V3 shape (nvfp4 7168, top_k 8 of 256) at 7 tokens, then a bf16 2880 MTP head at 13 tokens: "
-            "more tokens and dispatch bytes, fewer combine bytes",
-            ModelPlan(
-                tuple((layer("nvfp4", 7168, 7, 8, 256, f"s{s}l0"),) for s in range(pp)),
-                (layer("bf16", 2880, 13, 8, 256, "mtp"),),
-                name="real-deepseek-mtp",
-            ),
-        ),
-        (
-            "gpt-oss shape (mxfp8 2880, top_k 6 of 128): odd tokens, then more bytes at fewer tokens, extra payload",
+            "DeepSeek V3 shape (nvfp4 7168, top_k 8 of 256) at 7 tokens; mxfp8 2880 at 13 (more tokens, fewer "
+            "dispatch bytes); bf16 2880 + 48 extra bytes at 9 (more bytes, fewer tokens); a bf16 2880 MTP head at 13",
             ModelPlan(
                 tuple(
                     (
-                        layer("mxfp8", 2880, 21, 6, 128, f"s{s}l0"),
-                        layer("bf16", 2880, 9, 6, 128, f"s{s}l1", extra=48),
+                        layer("nvfp4", 7168, 7, 8, 256, f"s{s}l0"),
+                        layer("mxfp8", 2880, 13, 8, 256, f"s{s}l1"),
+                        layer("bf16", 2880, 9, 8, 256, f"s{s}l2", extra=48),
                     )
                     for s in range(pp)
                 ),
-                name="real-gpt-oss-asym",
+                (layer("bf16", 2880, 13, 8, 256, "mtp"),),
+                name="real-sizes-mtp",
             ),
         ),
         (
