@@ -64,7 +64,7 @@ def test_the_header_says_unsupported_and_every_world_test_skips_with_one_reason(
         [
             f"mnnvl: FlashInfer: {OTHER} (*; UNSUPPORTED: pytest-mnnvl supports {', '.join(releases.SUPPORTED)})",
             f"SKIPPED [[]1[]] test_worlds.py:*: FlashInfer '{OTHER}' is not supported by pytest-mnnvl: "
-            f"{SUPPORTED_TEXT}; it has *FlashInfer worlds (sim, GPU) need a supported release: "
+            f"{SUPPORTED_TEXT}; it *'s *. FlashInfer worlds (sim, GPU) need a supported release: "
             f"pip install --no-deps flashinfer-python=={releases.V074}",
         ]
     )
