@@ -70,8 +70,11 @@ def test_pp_deadlock_freedom(conformance: Conformance, pp_topology: Topology | N
 @pytest.mark.conformance("shape_mismatch")
 @pytest.mark.parametrize("field", ["top_k", "num_experts"])
 def test_shape_mismatch(conformance: Conformance, mnnvl_topology: Topology, field: str) -> None:
-    """A different top_k or num_experts after the first layer raises and changes no state."""
-    _mismatch(conformance, mnnvl_topology, field, invariants.ShapeMismatchViolation)
+    """A different top_k or num_experts after the first layer, larger or smaller, raises and changes no state.
+
+    Both directions: a manager that compares with ``<=`` (a smaller value "fits") passes the larger one."""
+    for smaller in (False, True):
+        _mismatch(conformance, mnnvl_topology, field, invariants.ShapeMismatchViolation, smaller=smaller)
 
 
 def _mismatch(
@@ -80,12 +83,15 @@ def _mismatch(
     field: str,
     cls: type[invariants.InvariantViolation],
     env: dict[str, str] | None = None,
+    smaller: bool = False,
 ) -> list[MismatchObservation]:
     from pytest_mnnvl.conformance import strategies
     from pytest_mnnvl.conformance.rank import mismatch
     from pytest_mnnvl.model.layers import ModelPlan
 
     first, second = strategies.mismatch_pair(field)
+    if smaller:  # the pair's second layer has the larger value
+        first, second = second, first
     world = conformance.world(topology, env=env) if env else conformance.world(topology)
     results: list[MismatchObservation] = world.run(mismatch, conformance.manager, _json(first), _json(second))
     judge = conformance.judge(ModelPlan(((first, second),) * topology.pp), topology)
