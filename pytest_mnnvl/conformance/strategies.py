@@ -227,8 +227,9 @@ def _get(record: Any, name: str) -> Any:
 
 
 def observed_events(plan: ModelPlan, results: Sequence[Any]) -> None:
-    """``event()``s for what a plan made the manager do: rebuilds per plan, which dimension grew at a
-    rebuild, and whether stages rebuilt unequally (the PP-deadlock shape)."""
+    """``event()``s for what a plan made the manager do: rebuilds per plan, whether stages rebuilt unequally
+    (the PP-deadlock shape), and which dimensions grow from one layer to the next (one event name each:
+    Hypothesis keeps one payload per name and test case, so a name is counted once per plan)."""
     per_stage: dict[int, int] = {}
     for r in results:
         if _get(r, "ep_rank") == 0:
@@ -249,17 +250,17 @@ def observed_events(plan: ModelPlan, results: Sequence[Any]) -> None:
                 if b > a
             ]
             for name in grown:
-                event("dimension grows", name)
+                event(f"next layer grows: {name}")
             if (
                 after.max_num_tokens > before.max_num_tokens
                 and after.dispatch_bytes_per_token < before.dispatch_bytes_per_token
             ):
-                event("dimension grows", "tokens up, dispatch bytes down")
+                event("next layer: more tokens, fewer dispatch bytes")
             if (
                 after.max_num_tokens < before.max_num_tokens
                 and after.dispatch_bytes_per_token > before.dispatch_bytes_per_token
             ):
-                event("dimension grows", "tokens down, dispatch bytes up")
+                event("next layer: fewer tokens, more dispatch bytes")
 
 
 def runtime_tokens(layer: LayerSpec) -> st.SearchStrategy[int]:
