@@ -108,16 +108,16 @@ class Conformance:
             self.recorder.skipped_after[nodeid] = FailureKind.MANAGER_ERROR
             pytest.skip(f"the manager could not be loaded in the ranks ({error}; traceback in {load_nodeid})")
         halt = self.recorder.broken.get((topology.world_size, topology.pp))
-        if halt and halt.nodeid != nodeid and not kwargs.get("env"):
+        if halt and halt.nodeid != nodeid and (not kwargs.get("env") or halt.incompatibility is not None):
             if nodeid not in halt.skipped:
                 halt.skipped.append(nodeid)
             self.recorder.skipped_after[nodeid] = halt.kind
             raise pytest.skip.Exception(halt.skip_reason(), _use_item_location=True)
         world: World = self.worlds(topology.world_size, topology.pp, **kwargs)
-        self._load_manager(world)
+        self._load_manager(world, topology)
         return world
 
-    def _load_manager(self, world: World) -> None:
+    def _load_manager(self, world: World, topology: Topology) -> None:
         """Import the manager in every rank of ``world`` once, before any timed call: the deadlock timeout
         must measure plans, not start-up (vLLM's import takes 10-15 s)."""
         __tracebackhide__ = hide_for_attributed
@@ -131,9 +131,13 @@ class Conformance:
         except MnnvlUsageError:
             raise
         except MnnvlError as exc:
+            failure = Failure.of(exc)
+            if failure.incompatibility is not None:  # a compatibility verdict: once per topology, the rest skips
+                self._halt(topology, failure.kind, failure.summary)
+                raise attributed(failure) from None
             lines = [line for line in str(exc).splitlines() if line.strip()]
             self.recorder.load_error = (self.request.node.nodeid, lines[-1].strip() if lines else type(exc).__name__)
-            raise attributed(Failure.of(exc)) from None
+            raise attributed(failure) from None
         self.recorder.loaded.add(warm)
 
     def _halt(self, topology: Topology, kind: FailureKind, summary: str) -> None:

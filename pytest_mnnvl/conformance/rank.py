@@ -162,8 +162,14 @@ def cross_product_probes(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
 
 
 def load_manager(ctx: Any, factory: ManagerFactory) -> str:
-    """Import the manager's class (and whatever it imports) ahead of any timed call."""
-    return factory.load().__qualname__
+    """Import the manager's class (and whatever it imports) ahead of any timed call; a manager with its own
+    dispatch path sends one tiny batch through it here (:mod:`pytest_mnnvl.conformance.dispatch_path`)."""
+    cls = factory.load()
+    if factory.has_dispatch_path(cls):
+        from pytest_mnnvl.conformance import dispatch_path
+
+        dispatch_path.check(ctx, factory)
+    return cls.__qualname__
 
 
 @dataclasses.dataclass

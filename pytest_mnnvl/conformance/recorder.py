@@ -16,7 +16,7 @@ import pytest
 from pytest_mnnvl.errors import FailureKind, MnnvlError, failure_kind
 
 if TYPE_CHECKING:
-    pass
+    from pytest_mnnvl.managers.compat import Incompatibility
 
 
 RECORDER_KEY = pytest.StashKey["Recorder"]()
@@ -38,6 +38,7 @@ class Failure:
     def of(cls, error: MnnvlError) -> Failure:
         """The failure a world's error stands for (:func:`pytest_mnnvl.errors.failure_kind` decides whom)."""
         from pytest_mnnvl.errors import RankCrashed, RankError
+        from pytest_mnnvl.managers.compat import Incompatibility
 
         text = str(error)
         head, _, rest = text.partition("\n")
@@ -46,6 +47,10 @@ class Failure:
             last = [line.strip() for line in tb.splitlines() if line.strip()]
             if last:
                 head += f"; rank {rank}: {last[-1]}"
+            incompatible = Incompatibility.parse(tb)
+            if incompatible is not None:
+                # The verdict is the summary (xdist and the halt carry it as is); the tracebacks stay as evidence.
+                head = incompatible.line
         kind = failure_kind(error)
         detail = rest.strip("\n")
         if kind is FailureKind.INFRASTRUCTURE and isinstance(error, RankCrashed) and error.returncode is not None:
@@ -57,13 +62,31 @@ class Failure:
         return cls(kind, head, detail)
 
     @property
+    def incompatibility(self) -> Incompatibility | None:
+        """The compatibility verdict this manager error is (its summary is the verdict's line), or ``None``."""
+        return _verdict_of(self.kind, self.summary)
+
+    @property
+    def label(self) -> str:
+        """``incompatible`` for a compatibility verdict, else the kind's label (``manager error``)."""
+        return "incompatible" if self.incompatibility is not None else self.kind.label
+
+    @property
     def blame(self) -> str:
         if self.kind is FailureKind.MANAGER_ERROR:
             return "no invariant checked"
         return "not the manager's"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "summary": self.summary, "detail": self.detail[-DETAIL_CHARS:]}
+        out: dict[str, Any] = {"kind": self.kind.value, "summary": self.summary, "detail": self.detail[-DETAIL_CHARS:]}
+        incompatible = self.incompatibility
+        return out if incompatible is None else {**out, "incompatibility": incompatible.to_dict()}
+
+
+def _verdict_of(kind: FailureKind, summary: str) -> Incompatibility | None:
+    from pytest_mnnvl.managers.compat import Incompatibility
+
+    return Incompatibility.parse(summary) if kind is FailureKind.MANAGER_ERROR else None
 
 
 class AttributedError(Exception):
@@ -71,7 +94,7 @@ class AttributedError(Exception):
 
     def __init__(self, failure: Failure) -> None:
         self.failure = failure
-        text = f"{failure.kind.label} ({failure.blame}): {failure.summary}"
+        text = f"{failure.label} ({failure.blame}): {failure.summary}"
         super().__init__(text + (f"\n\n{failure.detail}" if failure.detail else ""))
 
 
@@ -104,7 +127,17 @@ class Halt:
     summary: str
     skipped: list[str] = field(default_factory=list)
 
+    @property
+    def incompatibility(self) -> Incompatibility | None:
+        return _verdict_of(self.kind, self.summary)
+
     def skip_reason(self) -> str:
+        incompatible = self.incompatibility
+        if incompatible is not None:
+            return (
+                f"not run: {incompatible.line} (found by {self.nodeid.rpartition('::')[2]}); "
+                f"the rest of {self.topology} is skipped"
+            )
         what = {
             FailureKind.VIOLATION: "a deadlock",
             FailureKind.MANAGER_ERROR: "a manager error",
@@ -116,7 +149,9 @@ class Halt:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"test": self.nodeid, "failure_kind": self.kind.value, "error": self.summary, "skipped": self.skipped}
+        out = {"test": self.nodeid, "failure_kind": self.kind.value, "error": self.summary, "skipped": self.skipped}
+        incompatible = self.incompatibility
+        return out if incompatible is None else {**out, "incompatibility": incompatible.to_dict()}
 
 
 @dataclass

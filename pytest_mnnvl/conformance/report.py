@@ -156,6 +156,7 @@ def build(
         "timings": {"session_s": round(time.time() - recorder.started, 2), "plans_s": round(recorder.plan_seconds, 2)},
         "failure_kinds": failure_kinds(recorder),
         "broken_topologies": {halt.topology: halt.to_dict() for halt in _in_order(recorder, recorder.broken.values())},
+        "compatibility": compatibility(recorder),
         "manager_load_error": (
             {"test": recorder.load_error[0], "error": recorder.load_error[1]} if recorder.load_error else None
         ),
@@ -178,13 +179,37 @@ def errors(recorder: Recorder) -> list[str]:
     halts = {halt.nodeid: halt for halt in recorder.broken.values()}
     lines = []
     for nodeid, failure in sorted(recorder.failures.items(), key=lambda pair: recorder.position(pair[0])):
-        line = f"{failure.kind.label} in {nodeid}: {failure.summary} (no invariant blamed, no plan saved)"
+        incompatible = failure.incompatibility
+        if incompatible is not None and nodeid in halts:  # the topology's compatibility verdict, once
+            ended = halts[nodeid]
+            verdict = {**incompatible.to_dict(), "topology": ended.topology, "skipped": len(ended.skipped)}
+            lines.append(f"{compatibility_line(verdict)}; found by {nodeid}")
+            continue
+        line = f"{failure.label} in {nodeid}: {failure.summary} (no invariant blamed, no plan saved)"
         halt = halts.get(nodeid)
         if halt is not None and halt.kind is failure.kind and halt.skipped:
             n = len(halt.skipped)
             line += f"; {n} later test{'' if n == 1 else 's'} of {halt.topology} skipped"
         lines.append(line)
     return lines
+
+
+def compatibility(recorder: Recorder) -> list[dict[str, Any]]:
+    """One compatibility verdict per topology it ended (:mod:`pytest_mnnvl.managers.compat`): the verdict, the
+    topology, the test that found it and how many later tests it skipped."""
+    out = []
+    for halt in _in_order(recorder, recorder.broken.values()):
+        incompatible = halt.incompatibility
+        if incompatible is not None:
+            where = {"topology": halt.topology, "test": halt.nodeid, "skipped": len(halt.skipped)}
+            out.append({**incompatible.to_dict(), **where})
+    return out
+
+
+def compatibility_line(verdict: dict[str, Any]) -> str:
+    """``incompatible: vllm 0.32.0 with FlashInfer 0.7.4: fails at build: ... (ws2-pp1: 12 tests skipped)``"""
+    n = verdict["skipped"]
+    return f"incompatible: {verdict['verdict']} ({verdict['topology']}: {n} later test{'' if n == 1 else 's'} skipped)"
 
 
 def _in_order(recorder: Recorder, halts: Iterable[Halt]) -> list[Halt]:
@@ -265,6 +290,8 @@ def markdown(data: dict[str, Any]) -> str:
         i = data["interruption"]
         by = f"by {', '.join(i['signals'])} " if i["signals"] else ""
         lines += [f"- **interrupted** {by}({i['reason']}): the verdicts cover only the tests that finished"]
+    for verdict in data.get("compatibility") or []:
+        lines += [f"- **{compatibility_line(verdict)}** (found by `{verdict['test']}`)"]
     if data.get("manager_load_error"):
         e = data["manager_load_error"]
         lines += [f"- **the manager could not be loaded in the ranks**: `{e['error']}` (traceback in `{e['test']}`)"]

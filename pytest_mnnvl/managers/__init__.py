@@ -77,27 +77,56 @@ class ManagerFactory:
     version: str | None = None  # vLLM's, for kind == "vllm"
 
     def load(self) -> type:
-        """Import the class (inside a rank: vLLM needs its bring-up first)."""
-        if self.kind == "vllm":
-            from pytest_mnnvl.managers import vllm
+        """Import the class (inside a rank: vLLM needs its bring-up first). An import of a FlashInfer API the
+        installed release lacks is a compatibility verdict (:mod:`pytest_mnnvl.managers.compat`)."""
+        from pytest_mnnvl.managers.compat import Stage, verdict_on
 
-            return vllm.manager_class()
-        return _import_attr(self.module, self.qualname)
+        with verdict_on(self.label, Stage.BUILD):
+            if self.kind == "vllm":
+                from pytest_mnnvl.managers import vllm
+
+                return vllm.manager_class()
+            return _import_attr(self.module, self.qualname)
 
     def __call__(self, cpu_group: Any) -> Any:
         """Build the manager the way an engine does: ``Manager(cpu_group)`` on the EP group."""
-        if self.kind == "vllm":
-            from pytest_mnnvl.managers import vllm
+        from pytest_mnnvl.managers.compat import Stage, verdict_on
 
-            return vllm.make_manager(cpu_group)
-        return self.load()(cpu_group)
+        cls = self.load()
+        with verdict_on(self.label, Stage.BUILD):
+            if self.kind == "vllm":
+                from pytest_mnnvl.managers import vllm
+
+                return vllm.make_manager(cpu_group)
+            return cls(cpu_group)
+
+    @property
+    def label(self) -> str:
+        """How a compatibility verdict names the manager: ``vllm 0.32.0``, else its spec."""
+        if self.kind == "vllm" and self.version:
+            return f"vllm {self.version.partition('==')[2]}"
+        return self.spec
 
     def adapter(self, manager: Any) -> ManagerAdapter:
         """The adapter for ``manager``'s shape, detected from its class again (a rank may see a
         different vLLM than the parent's metadata claimed; the class is the truth)."""
         from pytest_mnnvl.managers.adapters import adapter_for
 
-        return adapter_for(manager)
+        adapter = adapter_for(manager)
+        if self.kind == "vllm":
+            from pytest_mnnvl.managers import vllm
+
+            adapter.engine_path = vllm.dispatch_path
+        return adapter
+
+    def has_dispatch_path(self, cls: type) -> bool:
+        """Whether the manager comes with its own forward-pass dispatch path (vLLM 0.33's prepare/finalize, or
+        the class's ``mnnvl_dispatch``/``mnnvl_combine``), which the suite then checks once per world."""
+        from pytest_mnnvl.managers import adapters
+
+        if self.kind == "vllm":
+            return self.shape == "moe_ep"
+        return adapters.has_own_dispatch_path(cls)
 
     def describe(self) -> str:
         extra = f" {self.version}" if self.version else ""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -265,6 +265,8 @@ class ManagerAdapter:
     def __init__(self, manager: Any, shape: Shape) -> None:
         self.manager = manager
         self.shape = shape
+        #: An engine's own dispatch path for this manager (``manager -> DispatchPath``), set by the factory.
+        self.engine_path: Callable[[Any, LayerSpec], DispatchPath | None] | None = None
 
     def kwargs(self, layer: LayerSpec) -> dict[str, Any]:
         return initialize_kwargs(self.shape, layer)
@@ -299,6 +301,46 @@ class ManagerAdapter:
             num_experts=facts.num_experts,
             layout=facts.layout,
         )
+
+    def dispatch_path(self, layer: LayerSpec) -> DispatchPath | None:
+        """The manager's own forward-pass dispatch and combine, or ``None`` where it provides none.
+
+        The suite's round trips call FlashInfer directly, with the harness's keywords, so they cannot see a
+        manager whose engine calls FlashInfer another way (vLLM 0.33's prepare/finalize passes a keyword that
+        FlashInfer 0.7.4 renamed). A manager class offers its path as two methods (:func:`own_dispatch_path`);
+        for vLLM the factory wires in vLLM's own prepare/finalize (``engine_path``), built for ``layer``."""
+        if self.engine_path is not None:
+            return self.engine_path(self.manager, layer)
+        return own_dispatch_path(self.manager)
+
+
+@dataclass(frozen=True)
+class DispatchPath:
+    """What an engine's forward pass calls around its experts: ``dispatch(hidden_states, topk_ids, topk_weights)``
+    returns the received hidden states; ``combine(expert_output)`` the combined ``[T, H]`` rows. ``name`` says
+    whose code it is."""
+
+    name: str
+    dispatch: Callable[[Any, Any, Any], Any]
+    combine: Callable[[Any], Any]
+
+
+#: The methods a manager class defines to offer its own dispatch path.
+DISPATCH_PATH_METHODS = ("mnnvl_dispatch", "mnnvl_combine")
+
+
+def has_own_dispatch_path(cls: type) -> bool:
+    """Whether ``cls`` defines both :data:`DISPATCH_PATH_METHODS` (known from the class: nothing is built)."""
+    return all(callable(getattr(cls, name, None)) for name in DISPATCH_PATH_METHODS)
+
+
+def own_dispatch_path(manager: Any) -> DispatchPath | None:
+    """``manager.mnnvl_dispatch(hidden_states, topk_ids, topk_weights)`` (the received hidden states) and
+    ``manager.mnnvl_combine(expert_output)`` (the combined rows), or ``None`` without them."""
+    if not has_own_dispatch_path(type(manager)):
+        return None
+    name = f"{type(manager).__qualname__}.{'/'.join(DISPATCH_PATH_METHODS)}"
+    return DispatchPath(name, manager.mnnvl_dispatch, manager.mnnvl_combine)
 
 
 class Pr42976Adapter(ManagerAdapter):

@@ -85,6 +85,81 @@ def make_manager(cpu_group: Any) -> Any:
     return cls(cpu_group)
 
 
+#: vLLM 0.33's prepare/finalize for this manager: what its fused-MoE layer calls around the experts.
+PREPARE_FINALIZE = (
+    "vllm.model_executor.layers.fused_moe.prepare_finalize.flashinfer_nvlink_one_sided",
+    "FlashInferNVLinkOneSidedPrepareAndFinalize",
+)
+
+
+@dataclass
+class _EpGroupView:
+    """What the prepare/finalize's ``__init__`` reads from ``get_ep_group()``: the communicator's manager."""
+
+    device_communicator: Any
+
+
+@dataclass
+class _CommunicatorView:
+    all2all_manager: Any
+
+
+def dispatch_path(manager: Any, layer: Any) -> Any:
+    """vLLM's own ``FlashInferNVLinkOneSidedPrepareAndFinalize`` around ``manager``, built for ``layer``, as a
+    :class:`~pytest_mnnvl.managers.adapters.DispatchPath` (``None`` for the PR #42976 shape, whose path is not
+    wired in). Its ``__init__`` (which initializes the manager for the layer, as the model's layer does) sees the
+    manager through a stand-in EP group; ``prepare`` runs under a forward context without DP metadata (DP = 1,
+    as :func:`_install_parallel_state` has it) with the input quantization deferred (the batch is bf16, so
+    vLLM's quantization kernels, CUDA ones, never run), ``finalize`` as shipped. Both call FlashInfer with
+    vLLM's own keywords."""
+    import importlib
+
+    import torch
+
+    from pytest_mnnvl.managers.adapters import DispatchPath, detect_shape, moe_ep_kwargs
+
+    if detect_shape(type(manager)).name != "moe_ep":
+        return None
+    import vllm.distributed.parallel_state as ps
+    from vllm.forward_context import ForwardContext, override_forward_context
+    from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
+    from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import TopKWeightAndReduceNoOP
+
+    cls = getattr(importlib.import_module(PREPARE_FINALIZE[0]), PREPARE_FINALIZE[1])
+    previous = getattr(ps, "_EP", None)
+    ps._EP = _EpGroupView(_CommunicatorView(manager))
+    try:
+        prepare_finalize = cls(**moe_ep_kwargs(layer), num_dispatchers=int(manager.world_size))
+    finally:
+        ps._EP = previous
+    routed: dict[str, Any] = {}
+
+    def dispatch(hidden_states: Any, topk_ids: Any, topk_weights: Any) -> Any:
+        context = ForwardContext(no_compile_layers={}, attn_metadata={}, slot_mapping={})
+        with override_forward_context(context):
+            received = prepare_finalize.prepare(
+                hidden_states,
+                topk_weights,
+                topk_ids,
+                layer.num_experts,
+                None,
+                False,
+                FUSED_MOE_UNQUANTIZED_CONFIG,
+                defer_input_quant=True,
+            )
+        routed.update(tokens=hidden_states.shape[0], topk_ids=topk_ids, topk_weights=topk_weights)
+        return received[0]
+
+    def combine(expert_output: Any) -> Any:
+        output = torch.empty((routed["tokens"], layer.hidden_size), dtype=expert_output.dtype)
+        prepare_finalize.finalize(
+            output, expert_output, routed["topk_weights"], routed["topk_ids"], False, TopKWeightAndReduceNoOP()
+        )
+        return output
+
+    return DispatchPath(f"vLLM's {PREPARE_FINALIZE[1]}.prepare/finalize", dispatch, combine)
+
+
 def version() -> str:
     """The imported vLLM's version string (inside a rank)."""
     import vllm
