@@ -50,6 +50,26 @@ class SegfaultsInInitialize(ReferenceManager):
         ctypes.string_at(0)  # SEGFAULT LINE
 
 
+class BuildsMoeAlltoAll(ReferenceManager):
+    """Written for FlashInfer 0.7.2.post1: builds on ``flashinfer.comm.MoeAlltoAll``, which 0.7.4 removed."""
+
+    def __init__(self, cpu_group):
+        from flashinfer.comm import MoeAlltoAll  # noqa: F401
+
+        super().__init__(cpu_group)
+
+
+class OldDispatchKeyword(ReferenceManager):
+    """Its own forward pass dispatches with 0.7.2's keyword ``max_tokens_per_rank`` (0.7.4: renamed)."""
+
+    def mnnvl_dispatch(self, hidden_states, topk_ids, topk_weights):
+        tokens = hidden_states.shape[0]
+        return self.moe_alltoall.dispatch(hidden_states, topk_ids, topk_weights, max_tokens_per_rank=tokens)
+
+    def mnnvl_combine(self, expert_output):
+        return self.moe_alltoall.combine(expert_output)
+
+
 class OomKilled(ReferenceManager):
     """Rank 1 is SIGKILLed at its second initialize, as the kernel's OOM killer would."""
 
@@ -260,3 +280,109 @@ def test_a_crash_names_the_innermost_frame_outside_the_python_library() -> None:
     assert str(error).splitlines()[0] == (
         "rank 0 was killed by SIGSEGV during run_plan() at /src/vendor/manager.py:20 in initialize"
     )
+
+
+def _release() -> str:
+    from pytest_mnnvl.model import releases
+
+    return releases.current()
+
+
+def test_a_manager_built_on_an_api_the_release_removed_is_one_compatibility_verdict(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On 0.7.4 ``from flashinfer.comm import MoeAlltoAll`` fails at build: one verdict line in the terminal, the
+    JSON and the Markdown, the topology's other tests skipped naming it; on 0.7.2.post1 the same manager builds."""
+    run = run_suite(pytester, monkeypatch, "bad_managers:BuildsMoeAlltoAll", "test_covers", "test_no_shrink")
+    if _release() != "0.7.4":
+        assert run.ret == 0 and run.outcomes.get("passed") == 2, run.stdout[-3000:]
+        assert run.data["compatibility"] == []
+        return
+    verdict = (
+        "bad_managers:BuildsMoeAlltoAll with FlashInfer 0.7.4: fails at build: "
+        "flashinfer.comm has no MoeAlltoAll (removed in 0.7.4)"
+    )
+    assert run.outcomes.get("skipped") == 1, run.outcomes
+    entry = assert_not_blamed_on_an_invariant(run, "manager_error", skipped=("no_shrink",))
+    assert entry["failure"]["summary"] == verdict
+    assert entry["failure"]["incompatibility"]["stage"] == "build"
+    run.lines.fnmatch_lines([f"*ManagerError: incompatible (no invariant checked): {verdict}"])
+    run.lines.fnmatch_lines([f"SKIPPED*not run: {verdict} (found by test_covers[[]ws2-pp1[]]); the rest of ws2-pp1*"])
+    run.lines.fnmatch_lines([f"incompatible: {verdict} (ws2-pp1: 1 later test skipped); found by *test_covers*"])
+    assert [(v["verdict"], v["topology"], v["skipped"]) for v in run.data["compatibility"]] == [(verdict, "ws2-pp1", 1)]
+    assert f"**incompatible: {verdict} (ws2-pp1: 1 later test skipped)**" in run.markdown
+
+
+def test_a_manager_whose_own_dispatch_uses_a_renamed_keyword_fails_at_dispatch(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The suite's round trip calls FlashInfer with the right keywords; the manager's own dispatch path
+    (``mnnvl_dispatch``), run once per world, is what finds 0.7.2's ``max_tokens_per_rank`` on 0.7.4."""
+    if _release() != "0.7.4":
+        pytest.skip("the keyword was renamed in FlashInfer 0.7.4; this release is " + _release())
+    run = run_suite(pytester, monkeypatch, "bad_managers:OldDispatchKeyword")
+    verdict = (
+        "bad_managers:OldDispatchKeyword with FlashInfer 0.7.4: fails at dispatch: NVLinkOneSidedAlltoAll.dispatch() "
+        "got an unexpected keyword 'max_tokens_per_rank' (renamed runtime_max_tokens_per_rank in 0.7.4)"
+    )
+    entry = assert_not_blamed_on_an_invariant(run, "manager_error")
+    assert entry["failure"]["summary"] == verdict
+    assert run.data["compatibility"][0]["stage"] == "dispatch"
+    run.lines.fnmatch_lines([f"incompatible: {verdict} (ws2-pp1: 0 later tests skipped); found by *test_covers*"])
+
+
+def test_the_reference_manager_passes_with_its_own_dispatch_path_checked(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manager whose own path is right (the keyword of the installed release) is not blamed: the check
+    can pass, and it judges the combine."""
+    keyword = "runtime_max_tokens_per_rank" if _release() == "0.7.4" else "max_tokens_per_rank"
+    pytester.makepyfile(
+        good_path=f"""
+        from pytest_mnnvl.managers.reference import ReferenceManager
+
+
+        class RightKeyword(ReferenceManager):
+            def mnnvl_dispatch(self, hidden_states, topk_ids, topk_weights):
+                tokens = hidden_states.shape[0]
+                return self.moe_alltoall.dispatch(hidden_states, topk_ids, topk_weights, {keyword}=tokens)
+
+            def mnnvl_combine(self, expert_output):
+                return self.moe_alltoall.combine(expert_output)
+        """
+    )
+    if _release() != "0.7.4":
+        pytest.skip("0.7.2.post1's MoeAlltoAll dispatches with another signature (no moe_ep handle to call)")
+    run = run_suite(pytester, monkeypatch, "good_path:RightKeyword")
+    assert run.ret == 0 and run.outcomes.get("passed") == 1, run.stdout[-3000:]
+    assert run.data["compatibility"] == []
+
+
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (
+            lambda: ImportError(
+                "cannot import name 'MoeAlltoAll' from 'flashinfer.comm' (/x.py)", name="flashinfer.comm"
+            ),
+            "flashinfer.comm has no MoeAlltoAll (removed in 0.7.4)",
+        ),
+        (
+            lambda: ModuleNotFoundError(
+                "No module named 'flashinfer.comm.trtllm_moe_alltoall'", name="flashinfer.comm.trtllm_moe_alltoall"
+            ),
+            "no module named flashinfer.comm.trtllm_moe_alltoall (removed in 0.7.4)",
+        ),
+        (lambda: ImportError("cannot import name 'x' from 'numpy' (/x.py)", name="numpy"), None),
+        (lambda: ModuleNotFoundError("No module named 'PIL'", name="PIL"), None),
+        (lambda: TypeError("f() got an unexpected keyword argument 'max_tokens_per_rank'"), None),
+    ],
+)
+def test_what_counts_as_an_incompatibility(make: Any, reason: str | None) -> None:
+    from pytest_mnnvl.managers.compat import Incompatibility, Stage, classify
+
+    assert classify(make(), "0.7.4") == reason
+    if reason is not None:
+        line = Incompatibility("vllm 0.32.0", "0.7.4", Stage.BUILD, reason).line
+        assert Incompatibility.parse(line) == Incompatibility("vllm 0.32.0", "0.7.4", Stage.BUILD, reason)
+        assert Incompatibility.parse(f"2 of 2 ranks raised; rank 0: {line}") is None

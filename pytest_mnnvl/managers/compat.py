@@ -49,6 +49,7 @@ class ApiChange:
 #: The changes the managers in the wild trip over (read from FlashInfer 0.7.2.post1 and 0.7.4's wheels).
 KNOWN_CHANGES = (
     ApiChange("0.7.4", "flashinfer.comm", "MoeAlltoAll"),
+    ApiChange("0.7.4", "flashinfer.comm.trtllm_moe_alltoall", ""),  # the module itself (vLLM <= 0.32 imports it)
     ApiChange("0.7.4", "NVLinkOneSidedAlltoAll.dispatch", "max_tokens_per_rank", "runtime_max_tokens_per_rank"),
 )
 
@@ -84,7 +85,11 @@ class Incompatibility:
         return cls(found["manager"], found["flashinfer"], Stage(found["stage"]), found["reason"].strip())
 
 
-_VERDICT = r"(?P<manager>.+?) with FlashInfer (?P<flashinfer>\S+): fails at (?P<stage>build|dispatch): (?P<reason>.+)"
+#: A manager label is a spec (no spaces) or ``vllm VERSION``: a longer text that ends in a verdict is not one.
+_VERDICT = (
+    r"(?P<manager>vllm \S+|\S+) with FlashInfer (?P<flashinfer>\S+): "
+    r"fails at (?P<stage>build|dispatch): (?P<reason>.+)"
+)
 _LINE = re.compile(rf"^{_VERDICT}$")
 #: The last line of a rank's traceback that ended in :class:`FlashInferIncompatible`.
 _RAISED = re.compile(rf"^(?:[\w.]+\.)?FlashInferIncompatible: {_VERDICT}$", re.MULTILINE)

@@ -28,6 +28,8 @@ from typing import Any
 
 #: vLLM's class; imported inside ranks only, after :func:`manager_class` set up what vLLM needs first.
 VLLM_CLASS = ("vllm.distributed.device_communicators.all2all", "FlashInferNVLinkOneSidedManager")
+#: Where vLLM <= 0.32 imports ``MoeAlltoAll`` from (FlashInfer 0.7.2.post1 has it; 0.7.4 removed it).
+PR42976_FLASHINFER_MODULE = "flashinfer.comm.trtllm_moe_alltoall"
 #: vLLM releases checked here, by shape.
 SUPPORTED = {"0.33.0": "moe_ep", "0.32.0": "pr42976"}
 
@@ -71,6 +73,11 @@ def _check_flashinfer_names(module: Any) -> None:
     if shape.name == "pr42976":
         missing = [n for n in ("MoeAlltoAll", "Mapping", "MnnvlConfig") if not hasattr(module, n)]
         if missing:
+            import importlib
+
+            # What vLLM imports them from: on a FlashInfer without it (0.7.4) this raises the ModuleNotFoundError
+            # that is the real cause (a compatibility verdict), not the availability check's False.
+            importlib.import_module(PR42976_FLASHINFER_MODULE)
             raise RuntimeError(
                 f"vLLM's all2all module did not import FlashInfer's {', '.join(missing)}: its "
                 "has_flashinfer_nvlink_one_sided() was False at import (is flashinfer-python installed, "
