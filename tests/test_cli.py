@@ -336,15 +336,15 @@ def test_explain_observes_a_manager_no_policy_models() -> None:
 def test_repro_failure_text(capsys: pytest.CaptureFixture[str]) -> None:
     """How ``repro`` prints the first failure (rendering only: the run itself is tested above)."""
     from pytest_mnnvl.cli import analysis, inputs, repro
+    from pytest_mnnvl.conformance.observations import CallError, LayerStep, Phase
+    from pytest_mnnvl.managers.adapters import StateRecord
 
     loaded = inputs.load_plan(str(MEASURED_PLAN))
     record = repro.StageRecord(0)
-    record.states = [
-        {"stamp": 1, "rebuilt": True, "size_per_rank": 5_427_584, "max_num_tokens": 256},
-        {"stamp": 1, "rebuilt": False, "size_per_rank": 5_427_584, "max_num_tokens": 256},
-    ]
-    error = {"type": "RuntimeError", "message": COMBINE_MESSAGE, "traceback": ""}
-    record.failure = (1, "round_trip", {0: error, 1: error})
+    held = StateRecord(True, 1, 5_427_584, 256, 2, 8)
+    record.steps = [LayerStep(0, None, held, True, (), "ok"), LayerStep(1, None, held, False, ())]
+    error = CallError("RuntimeError", COMBINE_MESSAGE)
+    record.failure = (1, Phase.ROUND_TRIP, {0: error, 1: error})
     predicted = {0: analysis.walk_stage(loaded, 2, 0, repro._holdings(record, loaded.plan.layers_of_stage(0)))}
     repro._print_verdict(loaded, repro._first_failure({0: record}), predicted, 1.0)
     out = capsys.readouterr().out

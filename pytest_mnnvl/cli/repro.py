@@ -25,9 +25,12 @@ from typing import Any
 from pytest_mnnvl.cli import analysis, render, repro_rank
 from pytest_mnnvl.cli.inputs import EXIT_FAILS, EXIT_OK, EXIT_WORLD, LoadedPlan, UsageError
 from pytest_mnnvl.cli.policy import resolve_factory
+from pytest_mnnvl.conformance.observations import CallError, LayerStep, Phase
 from pytest_mnnvl.errors import MnnvlError, RankError
+from pytest_mnnvl.managers.adapters import StateRecord
 from pytest_mnnvl.model import sizing
 from pytest_mnnvl.model.layers import LayerSpec
+from pytest_mnnvl.model.oracle import Capacity, trajectory
 from pytest_mnnvl.worlds.sharing import RanksPerGpu
 
 #: Seconds a rank world gets to start (spawn, imports, rendezvous), on top of the per-step timeout.
@@ -49,9 +52,9 @@ def classify(error_type: str, message: str) -> str:
     return "other"
 
 
-def failed_check(phase: str, error: dict[str, str]) -> str:
+def failed_check(phase: Phase, error: CallError) -> str:
     """Which check a failing step is: ``initialize``, or the round trip's (step or final pass) by its error."""
-    return "initialize" if phase == "initialize" else classify(error["type"], error["message"])
+    return "initialize" if phase is Phase.INITIALIZE else classify(error.type, error.message)
 
 
 @dataclass(frozen=True)
@@ -155,11 +158,10 @@ class StageRecord:
     """What one stage's ranks did, step by step (EP rank 0's view, plus every rank's error)."""
 
     stage: int
-    states: list[dict[str, Any]] = field(default_factory=list)
-    round_trips: list[dict[str, Any] | None] = field(default_factory=list)
+    steps: list[LayerStep] = field(default_factory=list)
     #: ``(index, phase, {rank: error})`` of the first failing step; phase ``final_pass`` when the layer
     #: fit its own step but not the handle the stage ended with.
-    failure: tuple[int, str, dict[int, dict[str, str]]] | None = None
+    failure: tuple[int, Phase, dict[int, CallError]] | None = None
     #: Layers round-tripped again on the final handle (``None``: no final pass ran).
     final_checked: list[int] | None = None
 
@@ -168,11 +170,15 @@ class StageRecord:
         return self.failure is not None and self.failure[1] == repro_rank.FINAL_PASS
 
 
-def _builds(driver: Driver, layers: tuple[LayerSpec, ...], ep: int) -> list[tuple[int, int] | None]:
+def _builds(driver: Driver, layers: tuple[LayerSpec, ...], ep: int) -> list[Capacity | None]:
+    """Per layer, the capacity the policy driver builds at its ``initialize`` (``None``: keep the handle)."""
     if driver.policy is None:
         return [None] * len(layers)
     holdings = analysis.oracle_holdings(driver.policy, layers, ep)
-    return [(h.size_per_rank, h.max_num_tokens) if h.rebuilt else None for h in holdings]
+    # A refused layer (another top_k or num_experts) and those after it build nothing.
+    served = next((i for i, h in enumerate(holdings) if h.init_error is not None), len(layers))
+    steps = trajectory(driver.policy, layers[:served], ep)
+    return [steps[i].capacity if i < served and h.rebuilt else None for i, h in enumerate(holdings)]
 
 
 def _drive(
@@ -182,7 +188,7 @@ def _drive(
     ep: int,
     round_trip: bool,
     every_layer: bool,
-    on_step: Callable[[int, dict[int, list[dict[str, Any]]]], None],
+    on_step: Callable[[int, dict[int, list[repro_rank.RankStep]]], None],
     on_final: Callable[[StageRecord], None] | None = None,
 ) -> dict[int, StageRecord]:
     """Drive the plan one layer step at a time; with ``on_final``, then the final pass (every layer again on
@@ -201,20 +207,21 @@ def _drive(
             }
             if not work:
                 break
-            results = world.call(repro_rank.step, (index, work, round_trip, every_layer))
-            by_stage: dict[int, list[dict[str, Any]]] = {}
+            results: list[repro_rank.RankStep | None] = world.call(
+                repro_rank.step, (index, work, round_trip, every_layer)
+            )
+            by_stage: dict[int, list[repro_rank.RankStep]] = {}
             for result in results:
                 if result is not None:
-                    by_stage.setdefault(result["stage"], []).append(result)
+                    by_stage.setdefault(result.stage, []).append(result)
             for s, rows in by_stage.items():
-                rows.sort(key=lambda r: r["ep_rank"])
+                rows.sort(key=lambda r: r.ep_rank)
                 record = records[s]
-                errors = {r["rank"]: r["error"] for r in rows if "error" in r}
+                errors = {r.rank: r.step.error for r in rows if r.step.error is not None}
                 if errors:
-                    phase = next(r["phase"] for r in rows if "error" in r)
+                    phase = next(r.step.phase for r in rows if r.step.phase is not None)
                     record.failure = (index, phase, errors)
-                record.states.append(rows[0].get("state", {}))
-                record.round_trips.append(rows[0].get("round_trip"))
+                record.steps.append(rows[0].step)
             on_step(index, by_stage)
         if on_final is not None and round_trip:
             _final_pass(world, stage_layers, records, on_final)
@@ -233,19 +240,20 @@ def _final_pass(
     todo = {s: layers for s, layers in stage_layers.items() if records[s].failure is None and layers}
     if not todo:
         return
-    by_stage: dict[int, list[dict[str, Any]]] = {}
-    for result in world.call(repro_rank.final_pass, (todo,)):
+    by_stage: dict[int, list[repro_rank.FinalPass]] = {}
+    results: list[repro_rank.FinalPass | None] = world.call(repro_rank.final_pass, (todo,))
+    for result in results:
         if result is not None:
-            by_stage.setdefault(result["stage"], []).append(result)
+            by_stage.setdefault(result.stage, []).append(result)
     for s, rows in sorted(by_stage.items()):
-        rows.sort(key=lambda r: r["ep_rank"])
+        rows.sort(key=lambda r: r.ep_rank)
         record = records[s]
-        failed = [r for r in rows if "error" in r]
+        failed = [(r.rank, r.index, r.error) for r in rows if r.index is not None and r.error is not None]
         if failed:
-            index = min(r["index"] for r in failed)
-            errors = {r["rank"]: r["error"] for r in failed if r["index"] == index}
+            index = min(i for _rank, i, _error in failed)
+            errors = {rank: error for rank, i, error in failed if i == index}
             record.failure = (index, repro_rank.FINAL_PASS, errors)
-        record.final_checked = sorted(set().union(*(r["checked"] for r in rows)))
+        record.final_checked = sorted({i for r in rows for i in r.checked})
         on_final(record)
 
 
@@ -255,11 +263,14 @@ def _holdings(record: StageRecord, layers: tuple[LayerSpec, ...]) -> list[analys
     first_of: dict[Any, int] = {}
     stop: tuple[str, str] | None = None
     for index, _layer in enumerate(layers):
-        state = record.states[index] if index < len(record.states) else {}
-        failed_here = record.failure is not None and record.failure[0] == index and record.failure[1] == "initialize"
+        step = record.steps[index] if index < len(record.steps) else None
+        state = _held(step)
+        failed_here = (
+            record.failure is not None and record.failure[0] == index and record.failure[1] is Phase.INITIALIZE
+        )
         if failed_here and record.failure is not None:
             err = next(iter(record.failure[2].values()))
-            stop = (err["type"], err["message"])
+            stop = (err.type, err.message)
             prev = holdings[-1] if holdings else None
             holdings.append(
                 analysis.Holding(
@@ -271,25 +282,30 @@ def _holdings(record: StageRecord, layers: tuple[LayerSpec, ...]) -> list[analys
                 )
             )
             continue
-        if stop is not None or not state:
+        if stop is not None or step is None or state is None:
             holdings.append(
                 analysis.Holding(
                     False, -1, 0, 0, init_error=("NotReached", "not initialized: an earlier step of this stage failed")
                 )
             )
             continue
-        stamp = state["stamp"]
+        stamp = state.stamp
         first_of.setdefault(stamp, index)
         holdings.append(
             analysis.Holding(
-                bool(state["rebuilt"]),
+                step.rebuilt,
                 first_of[stamp],
-                int(state["size_per_rank"] or 0),
-                int(state["max_num_tokens"] or 0),
+                int(state.size_per_rank or 0),
+                int(state.max_num_tokens or 0),
                 layers[first_of[stamp]].eplb_stats_num_experts,
             )
         )
     return holdings
+
+
+def _held(step: LayerStep | None) -> StateRecord | None:
+    """The state a step left to show: none where its own ``initialize`` raised on this rank."""
+    return None if step is None or step.raised is not None else step.state
 
 
 def observe(loaded: LoadedPlan, spec: str, ep: int, timeout: float = 120.0) -> dict[int, list[analysis.Holding]]:
@@ -337,29 +353,30 @@ class _Progress:
                 file=self.out,
             )
 
-    def __call__(self, index: int, by_stage: dict[int, list[dict[str, Any]]]) -> None:
+    def __call__(self, index: int, by_stage: dict[int, list[repro_rank.RankStep]]) -> None:
         for stage in sorted(by_stage):
-            row = by_stage[stage][0]
+            row = by_stage[stage][0].step
             layer = self.loaded.plan.layers_of_stage(stage)[index]
-            state = row.get("state") or {}
-            rt = row.get("round_trip")
-            failed = [r for r in by_stage[stage] if "error" in r]
-            if not failed and rt is not None and rt.get("same_as") is not None and not state.get("rebuilt"):
+            state = _held(row)
+            rebuilt = state is not None and row.rebuilt
+            failed = [(r.rank, r.step.phase, r.step.error) for r in by_stage[stage] if r.step.error is not None]
+            if not failed and row.round_trip is not None and row.same_as is not None and not rebuilt:
                 self.skipped.setdefault(stage, []).append(index)
                 continue
             self._flush(stage)
             name = analysis.layer_label(self.loaded, stage, index)
             held = (
-                f"{'built' if state.get('rebuilt') else 'kept'} {render.n(state['size_per_rank'])} B/rank, "
-                f"max_num_tokens {state['max_num_tokens']}"
-                if state.get("size_per_rank") is not None
+                f"{'built' if rebuilt else 'kept'} {render.n(state.size_per_rank)} B/rank, "
+                f"max_num_tokens {state.max_num_tokens}"
+                if state is not None and state.size_per_rank is not None
                 else "no handle"
             )
             if failed:
-                err = failed[0]["error"]
-                where = failed_check(failed[0]["phase"], err)
-                what = f"FAILED in {where} on rank(s) {', '.join(str(r['rank']) for r in failed)}"
-            elif rt is None:
+                _rank, phase, err = failed[0]
+                assert phase is not None and err is not None
+                where = failed_check(phase, err)
+                what = f"FAILED in {where} on rank(s) {', '.join(str(r) for r, _p, _e in failed)}"
+            elif row.round_trip is None:
                 what = "initialized"
             else:
                 what = f"round trip at T={layer.max_num_tokens} ok"
@@ -398,7 +415,11 @@ class _Progress:
             self._flush(stage)
 
 
-def _first_failure(records: dict[int, StageRecord]) -> tuple[StageRecord, int, str, int, dict[str, str]] | None:
+#: The first failure of a run: its stage's record, the layer index, the phase, the rank shown and its error.
+FirstFailure = tuple[StageRecord, int, Phase, int, CallError]
+
+
+def _first_failure(records: dict[int, StageRecord]) -> FirstFailure | None:
     failing = [(r, r.failure) for r in records.values() if r.failure is not None]
     if not failing:
         return None
@@ -454,7 +475,7 @@ def run(loaded: LoadedPlan, args: argparse.Namespace) -> int:
 
 
 def _prediction_for(
-    predicted: dict[int, analysis.StageWalk], stage: int, index: int, phase: str
+    predicted: dict[int, analysis.StageWalk], stage: int, index: int, phase: Phase
 ) -> analysis.LayerOutcome | None:
     """The arithmetic's outcome for the step (or the final pass) that failed, on the handle the ranks held."""
     walk = predicted.get(stage)
@@ -467,7 +488,7 @@ def _prediction_for(
 
 def _print_verdict(
     loaded: LoadedPlan,
-    first: tuple[StageRecord, int, str, int, dict[str, str]] | None,
+    first: FirstFailure | None,
     predicted: dict[int, analysis.StageWalk],
     elapsed: float,
 ) -> None:
@@ -489,18 +510,18 @@ def _print_verdict(
         f"FIRST FAILURE: stage {record.stage}, layer {index} {label!r} "
         f"({loaded.origin(record.stage, index)}), rank {rank}, {check}{when}:"
     )
-    print(f"{error['type']}: {error['message']}")
-    same = [r for r, e in errors.items() if e["message"] == error["message"]]
+    print(f"{error.type}: {error.message}")
+    same = [r for r, e in errors.items() if e.message == error.message]
     others = sorted(set(errors) - set(same))
     print(
         f"raised by rank(s) {', '.join(map(str, sorted(same)))}"
         + (f"; rank(s) {', '.join(map(str, others))} raised something else" if others else "")
     )
     if check == "other":
-        print(error.get("traceback", "").rstrip())
+        print(error.traceback.rstrip())
     outcome = _prediction_for(predicted, record.stage, index, phase)
-    if outcome is not None and outcome.check is not None and phase != "initialize":
-        agrees = outcome.error == error["message"]
+    if outcome is not None and outcome.check is not None and phase is not Phase.INITIALIZE:
+        agrees = outcome.error == error.message
         print(
             f"arithmetic on the workspace the ranks held: {analysis.VERDICT_TEXT[outcome.verdict]} "
             f"({'the same text' if agrees else 'a DIFFERENT outcome'})"
@@ -514,7 +535,7 @@ def _document(
     args: argparse.Namespace,
     driver: Driver,
     records: dict[int, StageRecord],
-    first: tuple[StageRecord, int, str, int, dict[str, str]] | None,
+    first: FirstFailure | None,
     predicted: dict[int, analysis.StageWalk],
     elapsed: float,
     world: dict[str, Any] | None = None,
@@ -522,20 +543,20 @@ def _document(
     stages = []
     for s, record in sorted(records.items()):
         layers = []
-        for index, state in enumerate(record.states):
-            rt = record.round_trips[index] if index < len(record.round_trips) else None
+        for index, step in enumerate(record.steps):
+            state = _held(step)
             failed = record.failure is not None and record.failure[0] == index and not record.failed_in_final_pass
             layers.append(
                 {
                     "index": index,
                     "name": loaded.plan.layers_of_stage(s)[index].name,
-                    "rebuilt": state.get("rebuilt"),
-                    "size_per_rank": state.get("size_per_rank"),
-                    "max_num_tokens": state.get("max_num_tokens"),
+                    "rebuilt": None if state is None else step.rebuilt,
+                    "size_per_rank": None if state is None else state.size_per_rank,
+                    "max_num_tokens": None if state is None else state.max_num_tokens,
                     "round_trip": "failed"
                     if failed
-                    else (None if rt is None else ("same_as" if rt.get("same_as") is not None else "ok")),
-                    "same_as": None if rt is None else rt.get("same_as"),
+                    else (None if step.round_trip is None else ("same_as" if step.same_as is not None else "ok")),
+                    "same_as": step.same_as,
                 }
             )
         stages.append(
@@ -551,10 +572,10 @@ def _document(
             "name": loaded.plan.layers_of_stage(record.stage)[index].name,
             "origin": loaded.origin(record.stage, index),
             "rank": rank,
-            "phase": phase,
+            "phase": phase.value,
             "check": failed_check(phase, error),
-            "type": error["type"],
-            "message": error["message"],
+            "type": error.type,
+            "message": error.message,
             "ranks": sorted(record.failure[2]) if record.failure else [],
             "predicted": None if outcome is None else render.outcome_json(outcome),
         }

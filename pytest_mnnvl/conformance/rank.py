@@ -1,7 +1,9 @@
-"""Inside ranks: run one conformance plan on a manager and return plain observations.
+"""Inside ranks: run one conformance plan on a manager and return typed observations.
 
 Every function here runs on every rank of a world (``world.run(fn, ...)``) and returns picklable
-data; the parent (:mod:`pytest_mnnvl.conformance.invariants`) judges it. What is observed:
+records (:mod:`pytest_mnnvl.conformance.observations`); the parent
+(:mod:`pytest_mnnvl.conformance.invariants`) judges them. One step function, :func:`layer_step`, walks
+each layer (``initialize``, round trip, record); ``repro`` walks a plan with it too. What is observed:
 
 - per ``initialize``: what it raised, the normalized state read from the live FlashInfer handle,
   whether the handle changed (by kept reference, never ``id()``), and every torch.distributed
@@ -89,7 +91,7 @@ def _workspace_count() -> int:
     return records.snapshot().workspace_count
 
 
-def _round_trip(
+def agreed_round_trip(
     ctx: Any, adapter: Any, layer: LayerSpec, tokens: int | None = None
 ) -> tuple[str, CallError | None, int | None]:
     """One verified dispatch + combine of ``layer`` through the live handle: the outcome agreed by the EP
@@ -122,7 +124,7 @@ def _round_trip(
 def round_trip(ctx: Any, adapter: Any, layer: LayerSpec, tokens: int | None = None) -> str:
     """One verified dispatch + combine of ``layer`` through the live handle; the outcome agreed by
     the EP group (``ok``, or the first line of this rank's error, or the peer's)."""
-    return _round_trip(ctx, adapter, layer, tokens)[0]
+    return agreed_round_trip(ctx, adapter, layer, tokens)[0]
 
 
 def _collectives(calls: Sequence[Any]) -> tuple[Collective, ...]:
@@ -237,14 +239,14 @@ def layer_step(
     # No handle to round-trip through is the initialize's failure (the round trip still runs its EP
     # barrier and agreement, so every peer issues the same collectives).
     phase = Phase.INITIALIZE if adapter.moe_alltoall() is None else Phase.ROUND_TRIP
-    outcome, error, offset = _round_trip(ctx, adapter, layer)
+    outcome, error, offset = agreed_round_trip(ctx, adapter, layer)
     walk.failed = outcome != OK
     if not walk.failed:
         walk.verified.setdefault(layer, index)
     earlier: dict[int, str] = {}
     if recheck and not walk.failed:
         for position, other in enumerate(recheck):
-            earlier[position] = again = _round_trip(ctx, adapter, other)[0]
+            earlier[position] = again = agreed_round_trip(ctx, adapter, other)[0]
             if again != OK:
                 walk.failed = True
                 break
