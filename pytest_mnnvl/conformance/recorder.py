@@ -16,6 +16,7 @@ import pytest
 from pytest_mnnvl.errors import FailureKind, MnnvlError, failure_kind
 
 if TYPE_CHECKING:
+    from pytest_mnnvl.conformance.observations import PlanObservation
     from pytest_mnnvl.managers.compat import Incompatibility
 
 
@@ -178,7 +179,8 @@ class Recorder:
     #: The first failure to import the manager in the ranks (test id, error): every later test skips
     #: on it instead of importing again (a failed vLLM import can take minutes and may not be re-entrant).
     load_error: tuple[str, str] | None = None
-    cache: dict[tuple[Any, ...], list[dict[str, Any]]] = field(default_factory=dict)
+    #: What the ranks observed, per (manager, topology, plan JSON): every invariant test of a plan judges it.
+    cache: dict[tuple[Any, ...], list[PlanObservation]] = field(default_factory=dict)
     #: Each test's place in the session's collection: the report lists tests in this order, with or without
     #: pytest-xdist (whose controller hears of them in the order they finish).
     order: dict[str, int] = field(default_factory=dict)
