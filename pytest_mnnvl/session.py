@@ -91,7 +91,6 @@ def take_signals(config: pytest.Config) -> None:
 def lock_report(config: pytest.Config, path: str) -> None:
     """Hold ``path``'s advisory lock for the session; warn now when another session holds it."""
     from pytest_mnnvl.conformance.report_lock import ReportLock
-    from pytest_mnnvl.session import session_of
 
     spmd = session_of(config)
     if spmd is not None and spmd.rank != 0:
@@ -236,7 +235,6 @@ def pool(config: pytest.Config) -> WorldPool:
 
         s = config.stash[SETTINGS_KEY]
         if s.launcher == "torchrun":
-            from pytest_mnnvl.session import session_of
             from pytest_mnnvl.worlds.spmd import SpmdPool
 
             spmd = session_of(config)

@@ -285,14 +285,10 @@ class Conformance:
 
     def _agreed(self, topology: Topology, plan: ModelPlan) -> ModelPlan:
         """Under torchrun, rank 0's plan (a rank that drew another one is recorded in the report)."""
-        world = self.world(topology)
-        agree = getattr(world, "agree", None)
-        if agree is None:
-            return plan
         from pytest_mnnvl.model.layers import ModelPlan
 
         text = plan.to_json(indent=None)
-        agreed = str(agree(text, f"plan of {self.request.node.nodeid}"))
+        agreed = str(self.world(topology).agree(text, f"plan of {self.request.node.nodeid}"))
         if agreed == text:
             return plan
         self.entry["plan_disagreements"] = self.entry.get("plan_disagreements", 0) + 1

