@@ -24,6 +24,7 @@ from pytest_mnnvl.conformance.observations import (
     OK,
     Decision,
     FailedRebuildObservation,
+    LayerStep,
     MismatchObservation,
     PlanObservation,
     decisions,
@@ -697,6 +698,68 @@ PLAN_CHECKS: dict[str, Callable[[Judge, Results], None]] = {
 }
 
 
+#: What a continuation layer's decision is compared on with the control's (the collectives are the
+#: build's, counted by ``no_needless_rebuild``; stamps are per process).
+_DECIDED = ("rebuilt", "initialized", "handle", "size_per_rank", "max_num_tokens", "top_k", "num_experts", "layout")
+
+
+def _decided(step: LayerStep) -> dict[str, Any]:
+    row = dataclasses.asdict(Decision.of(step))
+    return {name: row[name] for name in _DECIDED}
+
+
+def check_continuation(
+    judge: Judge,
+    results: Sequence[MismatchObservation | FailedRebuildObservation],
+    after: str,
+    cls: type[InvariantViolation],
+) -> None:
+    """A call that "changes no state" is judged by what happens next: after ``after``, each further layer of
+    the original shape initializes, round-trips on the handle, and takes the decisions (rebuild or not, the
+    handle's capacity and shape) that a fresh manager that never saw the bad call takes for the same layers in the
+    same world. A snapshot reads the handle and the normalized record only; this catches the rest."""
+    release = _release()
+    for r in results:
+        for step in r.continuation:
+            where = {"stage": 0, "layer": step.layer, "ranks": [r.rank]}
+            if step.peer_raised is not None:
+                raise judge.fail(
+                    cls,
+                    f"a later layer of the original shape does not initialize after {after}",
+                    expected="initialize returns on every rank",
+                    observed=step.raised or f"a peer raised: {step.peer_raised}",
+                    **where,
+                )
+            if _failed(step.round_trip):
+                raise judge.fail(
+                    cls,
+                    f"a later layer of the original shape does not round-trip after {after}",
+                    expected="ok",
+                    observed={"round_trip": step.round_trip, **_capacity(step.state, release)},
+                    **where,
+                )
+    for r in results:
+        if r.control_stopped is not None:
+            continue  # the fresh manager fails the plan by itself: the plan checks' business, not this one's
+        mine = {step.layer: step for step in r.continuation}
+        for control in r.control:
+            if control.layer not in mine:
+                continue
+            ours, theirs = _decided(mine[control.layer]), _decided(control)
+            differ = [name for name in _DECIDED if ours[name] != theirs[name]]
+            if differ:
+                raise judge.fail(
+                    cls,
+                    f"after {after} a later layer of the original shape gets other decisions than on a fresh "
+                    f"manager that never saw it ({', '.join(differ)} differ)",
+                    expected={name: theirs[name] for name in differ},
+                    observed={name: ours[name] for name in differ},
+                    stage=0,
+                    layer=control.layer,
+                    ranks=[r.rank],
+                )
+
+
 def check_mismatch(
     judge: Judge,
     results: Sequence[MismatchObservation],
@@ -736,6 +799,7 @@ def check_mismatch(
                 observed=r.round_trip_after,
                 **where,
             )
+    check_continuation(judge, results, f"the refused {field_name} mismatch", cls)
 
 
 def check_failed_rebuild(judge: Judge, results: Sequence[FailedRebuildObservation]) -> None:
@@ -777,3 +841,4 @@ def check_failed_rebuild(judge: Judge, results: Sequence[FailedRebuildObservatio
                 },
                 **where,
             )
+    check_continuation(judge, results, "the failed rebuild and its retry", FailedRebuildViolation)

@@ -184,6 +184,13 @@ class MismatchObservation:
     optimize: int
     #: The first layer's round trip after the refused call (``None``: the handle had moved, not run).
     round_trip_after: str | None
+    #: The rest of the plan after the refused call: layers of the first one's shape (one that fits the
+    #: workspace, one that must grow it), plan indices 2.. (empty: not run, the refused call already failed).
+    continuation: tuple[LayerStep, ...] = ()
+    #: The same layers on a fresh manager that never saw the refused call (initialize: only the first layer).
+    control: tuple[LayerStep, ...] = ()
+    #: Why the control has no steps (its own first ``initialize`` raised), else ``None``.
+    control_stopped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -200,3 +207,8 @@ class FailedRebuildObservation:
     after_retry: StateRecord
     retry_round_trip: str | None
     cleanup_raised: str | None = None
+    #: The rest of the plan after the retry, as in :class:`MismatchObservation` (one layer that fits, one that
+    #: must grow), and the same on a fresh manager that initialized both layers with no failure in between.
+    continuation: tuple[LayerStep, ...] = ()
+    control: tuple[LayerStep, ...] = ()
+    control_stopped: str | None = None

@@ -364,9 +364,61 @@ def _initialized_on_first(
     return adapter, first, second
 
 
+#: Plan index of the first continuation layer: after the two layers of a mismatch or failed-rebuild check.
+CONTINUATION_START = 2
+
+
+def continuation_of(served: LayerSpec) -> tuple[LayerSpec, LayerSpec]:
+    """The rest of the plan after a refused or failed call: two layers of ``served``'s shape (format, top_k,
+    num_experts), one that the workspace serving ``served`` fits (half its tokens) and one it must grow for
+    (twice its tokens). A snapshot shows what moved; only what the manager does next shows what it forgot."""
+    half, double = max(1, served.max_num_tokens // 2), 2 * served.max_num_tokens
+    return (
+        dataclasses.replace(served, max_num_tokens=half, name=f"continuation-fits-{half}"),
+        dataclasses.replace(served, max_num_tokens=double, name=f"continuation-grows-{double}"),
+    )
+
+
+def _continue(ctx: Any, adapter: Any, layers: Sequence[LayerSpec], *, round_trip: bool = True) -> tuple[LayerStep, ...]:
+    """``layers`` as plan steps :data:`CONTINUATION_START`.. on the adapter's live state, through
+    :func:`layer_step`; stops where an ``initialize`` raised somewhere or a round trip failed."""
+    walk = Walk.start(adapter)
+    steps: list[LayerStep] = []
+    for index, layer in enumerate(layers, CONTINUATION_START):
+        step = layer_step(ctx, walk, index, layer, round_trip=round_trip)
+        steps.append(step)
+        if step.peer_raised is not None or walk.failed:
+            break
+    return tuple(steps)
+
+
+def _control(
+    ctx: Any, factory: ManagerFactory, served: Sequence[LayerSpec], layers: Sequence[LayerSpec]
+) -> tuple[tuple[LayerStep, ...], str | None]:
+    """The continuation on a fresh manager that never saw the bad call (``served`` initialized, then
+    ``layers``), with no round trips: only its decisions are compared. Its steps, or why there are none."""
+    evict_workspaces()
+    adapter = factory.adapter(factory(ctx.cpu_group))
+    walk = Walk.start(adapter)
+    stopped = None
+    for index, layer in enumerate(served):
+        step = layer_step(ctx, walk, index, layer, round_trip=False)
+        if step.peer_raised is not None:
+            stopped = f"initialize of layer {index} raised: {step.peer_raised}"
+            break
+    walk.previous = None
+    steps = () if stopped else _continue(ctx, adapter, layers, round_trip=False)
+    try:
+        adapter.cleanup()
+    except Exception as exc:
+        stopped = stopped or f"cleanup raised: {_first_line(exc)}"
+    return steps, stopped
+
+
 def mismatch(ctx: Any, factory: ManagerFactory, first_json: str, second_json: str) -> MismatchObservation:
     """Initialize ``first``, then ``second`` (another top_k or num_experts): what was raised, and
-    whether state, handle or collectives moved."""
+    whether state, handle or collectives moved; then, unless that already failed, the rest of the plan
+    (:func:`continuation_of` ``first``) on this manager and on a fresh one."""
     import sys
 
     adapter, first, second = _initialized_on_first(ctx, factory, first_json, second_json)
@@ -380,7 +432,10 @@ def mismatch(ctx: Any, factory: ManagerFactory, first_json: str, second_json: st
     # A handle that already moved is a verdict by itself; round-tripping it could hang the sim.
     everyone = _gather(ctx, unchanged)
     round_trip_after = round_trip(ctx, adapter, first) if all(everyone) else None
+    layers = continuation_of(first)
+    continuation = _continue(ctx, adapter, layers) if round_trip_after == OK else ()
     adapter.cleanup()
+    control, control_stopped = _control(ctx, factory, (first,), layers) if continuation else ((), None)
     return MismatchObservation(
         rank=ctx.rank,
         raised=_first_line_of(error),
@@ -390,12 +445,16 @@ def mismatch(ctx: Any, factory: ManagerFactory, first_json: str, second_json: st
         collectives=collectives,
         optimize=sys.flags.optimize,
         round_trip_after=round_trip_after,
+        continuation=continuation,
+        control=control,
+        control_stopped=control_stopped,
     )
 
 
 def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_json: str) -> FailedRebuildObservation:
     """Grow from ``first`` to ``second`` with FlashInfer's workspace allocation made to fail, then
-    retry ``second`` normally."""
+    retry ``second`` normally; then, unless that failed, the rest of the plan (:func:`continuation_of`
+    ``second``) on this manager and on a fresh one that grew to ``second`` with no failure."""
     from pytest_mnnvl.managers.adapters import inject_build_failure
 
     adapter, first, second = _initialized_on_first(ctx, factory, first_json, second_json)
@@ -414,11 +473,14 @@ def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_js
     retry_round_trip = None
     if not [r for r in _gather(ctx, retry_raised) if r is not None]:
         retry_round_trip = round_trip(ctx, adapter, second)
+    layers = continuation_of(second)
+    continuation = _continue(ctx, adapter, layers) if retry_round_trip == OK else ()
     cleanup_raised = None
     try:
         adapter.cleanup()
     except Exception as exc:
         cleanup_raised = _first_line(exc)
+    control, control_stopped = _control(ctx, factory, (first, second), layers) if continuation else ((), None)
     return FailedRebuildObservation(
         rank=ctx.rank,
         raised=_first_line_of(error),
@@ -430,6 +492,9 @@ def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_js
         after_retry=after_retry,
         retry_round_trip=retry_round_trip,
         cleanup_raised=cleanup_raised,
+        continuation=continuation,
+        control=control,
+        control_stopped=control_stopped,
     )
 
 

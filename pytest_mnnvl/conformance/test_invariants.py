@@ -70,7 +70,9 @@ def test_pp_deadlock_freedom(conformance: Conformance, pp_topology: Topology | N
 @pytest.mark.conformance("shape_mismatch")
 @pytest.mark.parametrize("field", ["top_k", "num_experts"])
 def test_shape_mismatch(conformance: Conformance, mnnvl_topology: Topology, field: str) -> None:
-    """A different top_k or num_experts after the first layer, larger or smaller, raises and changes no state.
+    """A different top_k or num_experts after the first layer, larger or smaller, raises and changes no state:
+    nothing a snapshot reads, nor what the next layers of the first shape get (they initialize, round-trip and
+    rebuild as on a fresh manager that never saw the refused call).
 
     Both directions: a manager that compares with ``<=`` (a smaller value "fits") passes the larger one."""
     for smaller in (False, True):
@@ -86,7 +88,7 @@ def _mismatch(
     smaller: bool = False,
 ) -> list[MismatchObservation]:
     from pytest_mnnvl.conformance import strategies
-    from pytest_mnnvl.conformance.rank import mismatch
+    from pytest_mnnvl.conformance.rank import continuation_of, mismatch
     from pytest_mnnvl.model.layers import ModelPlan
 
     first, second = strategies.mismatch_pair(field)
@@ -94,7 +96,7 @@ def _mismatch(
         first, second = second, first
     world = conformance.world(topology, env=env) if env else conformance.world(topology)
     results: list[MismatchObservation] = world.run(mismatch, conformance.manager, _json(first), _json(second))
-    judge = conformance.judge(ModelPlan(((first, second),) * topology.pp), topology)
+    judge = conformance.judge(ModelPlan(((first, second, *continuation_of(first)),) * topology.pp), topology)
     try:
         invariants.check_mismatch(judge, results, field, cls=cls)
     except invariants.InvariantViolation as violation:
@@ -110,14 +112,16 @@ def _json(layer: Any) -> str:
 
 @pytest.mark.conformance("failed_rebuild_consistent")
 def test_failed_rebuild_consistent(conformance: Conformance, mnnvl_topology: Topology) -> None:
-    """A rebuild whose allocation fails leaves the previous working state, and a retry works."""
+    """A rebuild whose allocation fails leaves the previous working state, a retry works, and the layers
+    after it initialize, round-trip and rebuild as on a fresh manager that never saw the failure."""
     from pytest_mnnvl.conformance import strategies
-    from pytest_mnnvl.conformance.rank import failed_rebuild
+    from pytest_mnnvl.conformance.rank import continuation_of, failed_rebuild
     from pytest_mnnvl.model.layers import ModelPlan
 
     first, second = strategies.growth_pair()
     results = conformance.world(mnnvl_topology).run(failed_rebuild, conformance.manager, _json(first), _json(second))
-    judge = conformance.judge(ModelPlan(((first, second),) * mnnvl_topology.pp), mnnvl_topology)
+    plan = ModelPlan(((first, second, *continuation_of(second)),) * mnnvl_topology.pp)
+    judge = conformance.judge(plan, mnnvl_topology)
     try:
         invariants.check_failed_rebuild(judge, results)
     except invariants.InvariantViolation as violation:

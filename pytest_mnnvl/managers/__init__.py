@@ -40,6 +40,7 @@ MUTANT_NAMES = (
     "accepts_mismatch",
     "mismatch_raises_late",
     "assert_only_mismatch",
+    "mismatch_forgets_capacity",
     "cleanup_keeps_handle",
     "cleanup_stays_initialized",
     "reinitializes_live_workspace",

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from pytest_mnnvl.conformance.catalog import INVARIANTS
 from pytest_mnnvl.conformance.catalog import SHOULD as SHOULD_INVARIANTS
-from pytest_mnnvl.managers.reference import Capacity, EpComm, ReferenceManager
+from pytest_mnnvl.managers.reference import Capacity, EpComm, ReferenceManager, ShapeMismatch
 from pytest_mnnvl.model import releases
 
 #: Re-exported: the conformance invariants every mutant names one of.
@@ -315,6 +315,24 @@ class AssertOnlyMismatch(Mutant):
         assert num_experts == self.num_experts, f"num_experts {num_experts} != {self.num_experts}"
 
 
+class MismatchForgetsCapacity(Mutant):
+    """Refuses a ``top_k``/``num_experts`` mismatch before touching the handle, its sizes or its shape, but
+    on the way out drops its record of the capacity it built (``capacity``, which no snapshot reads): the
+    next layer of the original shape that fits is rebuilt anyway, for that layer alone. Passes the snapshot
+    checks (it raised, nothing a snapshot reads moved, the first layer still round-trips). Caught by
+    **shape_mismatch** on what follows: that layer's rebuild decision is not a fresh manager's."""
+
+    mnnvl_mutant = "mismatch_forgets_capacity"
+    mnnvl_invariant = "shape_mismatch"
+
+    def _check_shape(self, top_k: int, num_experts: int) -> None:
+        try:
+            super()._check_shape(top_k, num_experts)
+        except ShapeMismatch:
+            self.capacity = None
+            raise
+
+
 class CleanupKeepsHandle(Mutant):
     """``cleanup()`` marks the manager uninitialized but keeps (and never frees) the handle.
     Caught by **cleanup**: the handle is still there afterwards."""
@@ -463,6 +481,7 @@ MUTANTS: dict[str, type[Mutant]] = {
         AcceptsMismatch,
         MismatchRaisesLate,
         AssertOnlyMismatch,
+        MismatchForgetsCapacity,
         CleanupKeepsHandle,
         CleanupStaysInitialized,
         ReinitializesLiveWorkspace,
