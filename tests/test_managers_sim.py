@@ -144,6 +144,11 @@ def test_reference_refuses_mismatch_without_changing_state(mnnvl_world: Any, sec
     for result in mnnvl_world(2, 1).run(mismatch, resolve("reference"), layer(NV), layer(second)):
         assert raised(result.raised) == "ShapeMismatch"
         assert result.same_handle and result.after == result.before
+        # The rest of the plan: the layer that fits is kept, the one that must grow rebuilds, as on a fresh manager.
+        assert [(s.layer, s.rebuilt, s.round_trip) for s in result.continuation] == [(2, False, "ok"), (3, True, "ok")]
+        assert [(s.rebuilt, s.state.size_per_rank) for s in result.control] == [
+            (s.rebuilt, s.state.size_per_rank) for s in result.continuation
+        ]
 
 
 # ---- the mutants, one defect each (2 ranks) --------------------------------------------------
@@ -237,6 +242,15 @@ def test_mismatch_raises_late_changes_the_handle(mnnvl_world: Any) -> None:
     for result in mnnvl_world(2, 1).run(mismatch, mutant("mismatch_raises_late"), layer(NV), layer(NV_TOP4)):
         assert raised(result.raised) == "ShapeMismatch"
         assert not result.same_handle and result.after.top_k == 4
+
+
+def test_mismatch_forgets_capacity_rebuilds_the_next_layer_that_fits(mnnvl_world: Any) -> None:
+    """What a snapshot reads is unchanged; the next layer that fits is rebuilt (a fresh manager keeps the handle)."""
+    for result in mnnvl_world(2, 1).run(mismatch, mutant("mismatch_forgets_capacity"), layer(NV), layer(NV_TOP4)):
+        assert raised(result.raised) == "ShapeMismatch"
+        assert result.same_handle and result.after == result.before and result.round_trip_after == "ok"
+        assert [s.rebuilt for s in result.continuation] == [True, True]
+        assert [s.rebuilt for s in result.control] == [False, True]
 
 
 def test_cleanup_keeps_handle(mnnvl_world: Any) -> None:
