@@ -18,7 +18,15 @@ clone once per worker, proves from a rank which ``pytest_mnnvl`` it imports, and
 ``run`` makes one cosmic-ray session per target (reference.py first), marks annotation-only mutants skipped
 (see :func:`annotation_spans`), and executes the rest on ``--workers`` cosmic-ray HTTP workers until the
 deadline; ``rerun`` runs every timed-out mutant once more, one at a time; ``report`` writes the JSON and
-Markdown results, with each survivor's classification from :data:`CLASSIFICATION`.
+Markdown results, with each survivor's classification from :data:`CLASSIFICATION`. Not part of ``all``:
+``check`` runs survivors again under other pytest arguments (the unit tests, other topologies, ``--mnnvl-strict``,
+a built-in bad manager) in a copy whose suite is refreshed from the source, which is how a gap closed in the
+suite is shown killing its mutant. The 2026-12-02 run::
+
+    mutation_score.py setup; mutation_score.py run --timeout 110.7 --deadline 02:55; mutation_score.py rerun
+    mutation_score.py check --check-label "unit tests: tests/test_managers.py" \\
+        --check-args "tests/test_managers.py -x -q -p no:xdist"
+    mutation_score.py report --notes NOTES.md --out benchmarks/results/mutation-score-2026-12-02
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import ast
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -50,8 +59,351 @@ FIRST_PORT = 9876
 TIMEOUT_OUTPUT = "timeout"  # cosmic-ray's output for a test command it killed at the timeout
 
 #: Survivors, classified by hand: ``"file:line:operator:occurrence"`` -> (class, why). Classes: ``equivalent``
-#: (no observable behaviour change), ``gap-closed`` (the suite was extended to kill it), ``gap`` (open).
-CLASSIFICATION: dict[str, tuple[str, str]] = {}
+#: (no observable behaviour change where the suite can run it: the why says the scope), ``should`` (the suite
+#: reports it as a SHOULD violation, an xfail, so the command exits 0; ``--mnnvl-strict`` kills it),
+#: ``gap-closed`` (the suite was extended; the check named in the results kills it), ``gap-unit`` (the
+#: conformance run never reaches it, the unit tests kill it: set from the unit check), ``gap-unreached`` (the
+#: conformance run with the pr42976-shape reference never reaches it and the unit tests do not kill it),
+#: ``gap`` (reachable, open).
+REF = "pytest_mnnvl/managers/reference.py"
+ADP = "pytest_mnnvl/managers/adapters.py"
+_OVERSIZE = (
+    "gap",
+    "over-allocates (the dispatch or combine bytes per token grow); the suite checks that the handle covers every "
+    "layer (a lower bound) and counts builds, nothing bounds the size from above. Closing it needs a new check "
+    "(size <= what the declared policy needs, from the oracle's trajectory): a catalog change, not made here",
+)
+_VALIDATION = (
+    "gap",
+    "loosens the reference's own argument check; the suite drives only valid layers (>= 1 token, top_k, experts, "
+    "hidden, activation byte), so no test passes 0, a bool or a negative value. No invariant asks for input "
+    "validation (it is the reference's extra); a unit test of ReferenceManager.initialize would kill it",
+)
+_BOOKKEEPING = (
+    "gap",
+    "changes only the manager's own bookkeeping attribute (workspace_size / max_num_tokens / top_k / num_experts "
+    "while uninitialized, or as published after a build); no decision reads it and the suite, by design, reads "
+    "FlashInfer's objects, never the manager's bookkeeping. Visible to a caller that reads the attribute",
+)
+_BCAST = (
+    "equivalent",
+    "EpComm.bcast is dead on FlashInfer 0.7.2.post1: its MoeAlltoAll allocation only all-gathers (comm.bcast is "
+    "called for multicast buffers alone); the box[1] mutant, which would raise IndexError on any call, survives too",
+)
+_SPLIT = (
+    "equivalent",
+    "FlashInfer only ever calls Split(colour 0) here (the manager's Mapping has one PP stage, one CP rank), and "
+    "for 0 the mutated test is False as the original is",
+)
+_QUIESCE = (
+    "equivalent",
+    "on the sim (CPU) torch.cuda.is_available() and is_initialized() are both False, so the mutated condition is "
+    "False too: no synchronize either way. GPU-only difference (a skipped or needless synchronize)",
+)
+_FACTS_OR = (
+    "equivalent",
+    "FlashInfer's MoeAlltoAll always carries a positive int workspace_size_per_rank and max_num_tokens, so "
+    "`x or 0` and `x or 1` / `x or -1` are both x",
+)
+#: The check that runs survivors under the unit tests of the adapters (a kill there classifies ``gap-unit``).
+UNIT_CHECK = "unit tests: tests/test_managers.py"
+_UNIT_WHY = (
+    "the conformance run with the pr42976-shape reference never takes this path (another shape, keyword family or "
+    "malformed manager class); the unit tests kill it"
+)
+CLASSIFICATION: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(
+        [
+            f"{REF}:60:core/NumberReplacer:0",
+            f"{REF}:60:core/ReplaceBinaryOperator_Add_LShift:0",
+            f"{REF}:60:core/ReplaceBinaryOperator_Add_Mul:0",
+            f"{REF}:60:core/ReplaceBinaryOperator_Add_Pow:0",
+            f"{REF}:60:core/NumberReplacer:2",
+            f"{REF}:62:core/NumberReplacer:4",
+            f"{REF}:210:core/ReplaceBinaryOperator_Mul_LShift:1",
+            f"{REF}:211:core/ReplaceBinaryOperator_Mul_LShift:2",
+        ],
+        _OVERSIZE,
+    ),
+    **dict.fromkeys(
+        [
+            f"{REF}:105:core/AddNot:0",
+            f"{REF}:105:core/ReplaceComparisonOperator_IsNot_Is:0",
+            f"{REF}:108:core/NumberReplacer:6",
+            f"{REF}:108:core/NumberReplacer:7",
+        ],
+        _BCAST,
+    ),
+    **dict.fromkeys(
+        [
+            f"{REF}:116:core/ReplaceComparisonOperator_NotEq_Gt:0",
+            f"{REF}:116:core/ReplaceComparisonOperator_NotEq_Lt:0",
+        ],
+        _SPLIT,
+    ),
+    **dict.fromkeys(
+        [
+            f"{REF}:125:core/ReplaceOrWithAnd:0",
+            f"{REF}:125:core/ReplaceOrWithAnd:1",
+            f"{REF}:168:core/NumberReplacer:19",
+            f"{REF}:169:core/NumberReplacer:21",
+            f"{REF}:170:core/NumberReplacer:22",
+            f"{REF}:170:core/NumberReplacer:23",
+            f"{REF}:171:core/NumberReplacer:24",
+            f"{REF}:171:core/NumberReplacer:25",
+            f"{REF}:172:core/NumberReplacer:26",
+            f"{REF}:172:core/NumberReplacer:27",
+            f"{REF}:173:core/NumberReplacer:29",
+        ],
+        _VALIDATION,
+    ),
+    **dict.fromkeys(
+        [
+            f"{REF}:149:core/NumberReplacer:10",
+            f"{REF}:149:core/NumberReplacer:11",
+            f"{REF}:150:core/NumberReplacer:12",
+            f"{REF}:150:core/NumberReplacer:13",
+            f"{REF}:151:core/NumberReplacer:14",
+            f"{REF}:151:core/NumberReplacer:15",
+            f"{REF}:152:core/NumberReplacer:16",
+            f"{REF}:152:core/NumberReplacer:17",
+            f"{REF}:261:core/ReplaceOrWithAnd:2",
+            f"{REF}:262:core/ReplaceOrWithAnd:3",
+        ],
+        _BOOKKEEPING,
+    ),
+    **dict.fromkeys(
+        [f"{REF}:185:core/AddNot:5", f"{REF}:185:core/ReplaceComparisonOperator_IsNot_Is:1"],
+        (
+            "should",
+            "cleanup() with a live handle skips the release, so the workspace stays in FlashInfer's cache: "
+            "frees_superseded (SHOULD) reports it ('workspaces still cached after cleanup()'), an xfail without "
+            "--mnnvl-strict; the MUST cleanup checks only that the manager dropped the handle",
+        ),
+    ),
+    **dict.fromkeys(
+        [f"{REF}:195:core/ReplaceComparisonOperator_Eq_LtE:0", f"{REF}:195:core/ReplaceComparisonOperator_Eq_LtE:1"],
+        (
+            "gap-closed",
+            "a smaller top_k / num_experts than the live workspace's was accepted; shape_mismatch tried only a "
+            "larger one. test_shape_mismatch now tries both directions",
+        ),
+    ),
+    f"{REF}:231:core/ExceptionReplacer:0": (
+        "gap",
+        "the except path of _rebuild (quiesce/barrier failing after a successful build: retire the new handle, "
+        "keep the old) never runs; failed_rebuild_consistent injects its failure in the build only. Closing it "
+        "needs a failure injected at the manager's barrier",
+    ),
+    **dict.fromkeys([f"{REF}:254:core/AddNot:10", f"{REF}:254:core/ReplaceAndWithOr:3"], _QUIESCE),
+    **dict.fromkeys(
+        [
+            f"{REF}:261:core/NumberReplacer:30",
+            f"{REF}:261:core/NumberReplacer:31",
+            f"{REF}:262:core/NumberReplacer:32",
+            f"{REF}:262:core/NumberReplacer:33",
+        ],
+        _FACTS_OR,
+    ),
+    f"{REF}:195:core/ReplaceComparisonOperator_Eq_Is:0": (
+        "equivalent",
+        "`top_k is self.top_k` equals `==` in CPython for ints in -5..256 (one cached object each), and FlashInfer "
+        "dispatches top_k <= 22 only",
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:145:core/ReplaceComparisonOperator_Eq_Is:0",
+            f"{ADP}:148:core/ReplaceComparisonOperator_Eq_Is:1",
+            f"{ADP}:179:core/ReplaceComparisonOperator_Eq_Is:2",
+            f"{ADP}:378:core/ReplaceComparisonOperator_Eq_Is:3",
+        ],
+        (
+            "equivalent",
+            "`is` on a string: the value always comes from the KEYWORDS / shape-name literals, which CPython "
+            "interns, so `is` and `==` agree",
+        ),
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:179:core/ReplaceComparisonOperator_Eq_LtE:2", f"{ADP}:378:core/ReplaceComparisonOperator_Eq_LtE:3"],
+        ("equivalent", "for the only two shape names, 'moe_ep' <= 'moe_ep' and not 'pr42976' <= 'moe_ep': as =="),
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:145:core/ReplaceComparisonOperator_Eq_GtE:0",
+            f"{ADP}:148:core/ReplaceComparisonOperator_Eq_LtE:1",
+            f"{ADP}:148:core/ReplaceComparisonOperator_Eq_GtE:1",
+        ],
+        (
+            "gap-unreached",
+            "same branch for both real keyword families; only an unknown family string (the ValueError branch) "
+            "differs, which nothing in the package passes and no unit test tries",
+        ),
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:87:core/ReplaceComparisonOperator_Is_Eq:0",
+            f"{ADP}:151:core/ReplaceComparisonOperator_Is_Eq:3",
+        ],
+        ("equivalent", "an enum member compared with `==` instead of `is`: the same"),
+    ),
+    f"{ADP}:87:core/ReplaceComparisonOperator_Is_GtE:0": (
+        "equivalent",
+        "VAR_KEYWORD is the largest Parameter kind, so `kind >= VAR_KEYWORD` is `kind is VAR_KEYWORD`",
+    ),
+    f"{ADP}:100:core/ReplaceComparisonOperator_Is_LtE:1": (
+        "equivalent",
+        "POSITIONAL_ONLY is the smallest Parameter kind, so `kind <= POSITIONAL_ONLY` is `kind is POSITIONAL_ONLY`",
+    ),
+    f"{ADP}:151:core/ReplaceComparisonOperator_Is_GtE:3": (
+        "gap-unreached",
+        "the dtype_elem keyword family (PR #42976 itself) only; the unit test's layers do not tell `>=` from `is`",
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:179:core/ReplaceComparisonOperator_Eq_Lt:2", f"{ADP}:378:core/ReplaceComparisonOperator_Eq_Lt:3"],
+        (
+            "gap-unreached",
+            "a moe_ep manager would get the pr42976 keywords / adapter; no moe_ep manager runs on the sim (vLLM 0.33 "
+            "only) and no unit test adapts one",
+        ),
+    ),
+    f"{ADP}:248:core/ReplaceComparisonOperator_Is_Eq:4": (
+        "equivalent",
+        "FlashInfer's handles define no __eq__: `==` is identity",
+    ),
+    f"{ADP}:248:core/ReplaceAndWithOr:5": (
+        "gap",
+        "same_handle() is True for any live handle, so the suite stops seeing rebuilds (rank.py's `rebuilt`): "
+        "the reference never rebuilds needlessly, so its run passes either way, but the suite is blinded: "
+        "`mutant:rebuilds_unless_dominated` is no longer caught by minimal_rebuilds (check below). A harness "
+        "defect only a run against a bad manager shows (the built-in mutants' matrix), not the reference's",
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:206:core/ReplaceComparisonOperator_Is_IsNot:8",
+            f"{ADP}:206:core/AddNot:17",
+            f"{ADP}:204:core/ExceptionReplacer:2",
+        ],
+        (
+            "gap-unreached",
+            "stamp()'s fallback for objects that cannot be weakly referenced; FlashInfer's handles can, so it never "
+            "runs, and no unit test stamps such an object",
+        ),
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:361:core/ReplaceComparisonOperator_Is_IsNot:10",
+            f"{ADP}:361:core/AddNot:21",
+            f"{ADP}:372:core/ReplaceComparisonOperator_Is_IsNot:11",
+            f"{ADP}:372:core/AddNot:22",
+            f"{ADP}:167:core/AddNot:13",
+        ],
+        (
+            "gap-unreached",
+            "MoeEpAdapter / moe_ep_kwargs with a Mapping of formats: the moe_ep shape, which no manager on the sim has",
+        ),
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:313:core/ReplaceComparisonOperator_IsNot_Is:6",
+            f"{ADP}:313:core/AddNot:19",
+            f"{ADP}:341:core/ReplaceUnaryOperator_Delete_Not:3",
+            f"{ADP}:341:core/AddNot:20",
+            f"{ADP}:318:core/ReplaceTrueWithFalse:3",
+            f"{ADP}:318:core/RemoveDecorator:4",
+        ],
+        (
+            "gap-unreached",
+            "a manager's own dispatch path (DispatchPath, dispatch_path(), own_dispatch_path()): the suite calls it "
+            "only for a manager that has one (vLLM 0.33, or mnnvl_dispatch/mnnvl_combine); the reference has none",
+        ),
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:64:core/ReplaceTrueWithFalse:0",
+            f"{ADP}:215:core/ReplaceTrueWithFalse:1",
+            f"{ADP}:233:core/ReplaceTrueWithFalse:2",
+        ],
+        (
+            "equivalent",
+            "frozen=False: nothing assigns to a Shape / StateRecord / ManagerState, and nothing hashes one (an "
+            "unfrozen dataclass with eq has no hash, so a hash would raise and kill the mutant)",
+        ),
+    ),
+    f"{ADP}:70:core/ReplaceFalseWithTrue:0": (
+        "equivalent",
+        "the default of Shape.declared is never used: the only constructor call passes it",
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:238:core/ReplaceFalseWithTrue:1",
+            f"{ADP}:239:core/ReplaceFalseWithTrue:3",
+        ],
+        (
+            "equivalent",
+            "compare=True on the handle fields: equal ManagerStates already have equal stamps, i.e. the same "
+            "handles, and FlashInfer's handles compare by identity",
+        ),
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:238:core/ReplaceFalseWithTrue:2",
+            f"{ADP}:239:core/ReplaceFalseWithTrue:4",
+        ],
+        ("equivalent", "repr=True: only repr(ManagerState) changes, and nothing prints one"),
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:188:core/NumberReplacer:4", f"{ADP}:188:core/NumberReplacer:5"],
+        (
+            "equivalent",
+            "stamps start at 2 / 0 instead of 1: they are only compared with each other and with None",
+        ),
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:230:core/ReplaceComparisonOperator_IsNot_Is:3", f"{ADP}:228:core/RemoveDecorator:2"],
+        (
+            "gap-unreached",
+            "StateRecord.has_handle is called nowhere in the package (the suite tests `stamp is not None` itself) "
+            "and by no test",
+        ),
+    ),
+    f"{ADP}:294:core/ReplaceFalseWithTrue:5": (
+        "gap-unreached",
+        "only a manager without an `initialized` attribute reads the default; the reference has one",
+    ),
+    f"{ADP}:85:core/ReplaceAndWithOr:0": (
+        "gap-unreached",
+        "only a staticmethod/classmethod initialize differs (its first parameter would be dropped as `self`)",
+    ),
+    f"{ADP}:113:core/ReplaceAndWithOr:3": (
+        "gap-unreached",
+        "only an undeclared manager with **kwargs differs (it would be matched to the first family)",
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:82:core/ExceptionReplacer:0", f"{ADP}:82:core/ExceptionReplacer:1"],
+        ("gap-unreached", "only a manager whose initialize signature cannot be read takes this except"),
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:99:core/AddNot:3", f"{ADP}:129:core/ReplaceOrWithAnd:1"],
+        (
+            "gap-unreached",
+            "error-message text only (the `**kwargs` in a ShapeError's listing; the layer name in the EPLB refusal); "
+            "the unit tests match other words of those messages",
+        ),
+    ),
+    f"{ADP}:100:core/ReplaceComparisonOperator_Is_Eq:1": (
+        "equivalent",
+        "Parameter.kind is an enum member: `==` and `is` agree",
+    ),
+    f"{ADP}:114:core/ReplaceBinaryOperator_BitOr_BitXor:0": (
+        "equivalent",
+        "BASE_PARAMETERS and every keyword family are disjoint, so the symmetric difference is the union",
+    ),
+    f"{ADP}:115:core/ReplaceComparisonOperator_Is_Eq:2": (
+        "equivalent",
+        "`default == Parameter.empty` is `default is Parameter.empty` for every default with an ordinary __eq__ "
+        "(the empty marker is a class; only an __eq__ that claims equality with it, or raises, would differ)",
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +494,6 @@ def setup(args: argparse.Namespace, layout: Layout) -> None:
     diff_sha = subprocess.run(
         ["git", "diff", "HEAD"], cwd=layout.clone, check=True, capture_output=True
     ).stdout  # tracked changes only; untracked files are listed below
-    import hashlib
-
     for index in range(layout.workers):
         shutil.copytree(layout.clone, layout.worker(index), symlinks=True)
         subprocess.run([sys.executable, "-m", "compileall", "-q", "pytest_mnnvl"], cwd=layout.worker(index), check=True)
@@ -152,6 +502,7 @@ def setup(args: argparse.Namespace, layout: Layout) -> None:
     state = {
         "source": str(source),
         "head": head,
+        "target_sha256": {t: hashlib.sha256((layout.clone / t).read_bytes()).hexdigest() for t in TARGETS},
         "tracked_diff_sha256": hashlib.sha256(diff_sha).hexdigest(),
         "changed_paths": dirty.splitlines(),
         "overlaid_files": overlaid,
@@ -422,6 +773,8 @@ def check(args: argparse.Namespace, layout: Layout) -> None:
         for job in jobs(layout, target):
             if (wanted and key(job) not in wanted) or (not wanted and outcome(job) != "survived"):
                 continue
+            if key(job) in results["mutants"] and not args.again:
+                continue  # checked under this label already
             done = run_one(copy, job, timeout, args.suite_python, args.check_args)
             done["killed_by"] = _first_failure(done["tail"])
             results["mutants"][key(job)] = done
@@ -515,8 +868,6 @@ def collect(layout: Layout) -> dict[str, Any]:
             if final == "survived":
                 row["diff"] = _diff_lines(result.get("diff"))
                 row["suite_verdicts"] = _verdict_lines(result.get("output") or "")
-                cls, why = CLASSIFICATION.get(key(job), ("unclassified", ""))
-                row["classification"], row["why"] = cls, why
                 row["checks"] = {
                     label: {
                         "outcome": c["mutants"][key(job)]["outcome"],
@@ -525,6 +876,14 @@ def collect(layout: Layout) -> dict[str, Any]:
                     for label, c in checks.items()
                     if key(job) in c["mutants"]
                 }
+                unit = row["checks"].get(UNIT_CHECK, {})
+                if key(job) in CLASSIFICATION:
+                    cls, why = CLASSIFICATION[key(job)]
+                elif unit.get("outcome") == "killed":
+                    cls, why = "gap-unit", f"{_UNIT_WHY} ({unit['killed_by'].split(' - ')[0]})"
+                else:
+                    cls, why = "unclassified", ""
+                row["classification"], row["why"] = cls, why
             rows.append(row)
     total = {k: sum(c.get(k, 0) for c in counts.values()) for k in sorted({k for c in counts.values() for k in c})}
     by_class: dict[str, int] = {}
@@ -553,6 +912,7 @@ def collect(layout: Layout) -> dict[str, Any]:
 def report(args: argparse.Namespace, layout: Layout) -> None:
     summary = collect(layout)
     summary["test_command"] = suite_command(args.suite_python)
+    summary["notes"] = Path(args.notes).read_text() if args.notes else ""
     out = Path(args.out)
     out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2) + "\n")
     out.with_name(out.name + ".md").write_text(markdown(summary))
@@ -598,7 +958,11 @@ def markdown(summary: dict[str, Any]) -> str:
             f" {c.get('timeout', 0)} | {incompetent} | {c.get('skipped_annotation', 0)} | {c.get('not_run', 0)} |"
         )
     t = summary["counts"]
+    if summary["notes"]:
+        lines += ["", "## Reading (written by hand after the run)", "", summary["notes"].rstrip()]
     lines += [
+        "",
+        "## Generated detail",
         "",
         f"Tested {summary['tested']}; killed / tested = {summary['score_killed_over_tested']}. Timed-out mutants were"
         f" run once more alone (reruns: {len(state.get('reruns', {}))}); the table counts the rerun's outcome."
@@ -659,6 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", help="UTC HH:MM after which no new mutant is started")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/mutation-score"), help="results path stem")
     parser.add_argument("--check-args", default=SUITE_ARGS.split(" ", 2)[2], help="check: pytest arguments")
+    parser.add_argument("--notes", help="report: a Markdown file of hand-written reading to include")
+    parser.add_argument("--again", action="store_true", help="check: also the mutants checked under this label")
     parser.add_argument("--check-label", help="check: the name its results are kept under (default: the arguments)")
     parser.add_argument(
         "--keys", nargs="*", help="check: these mutants (file:line:operator:occurrence); default survivors"
