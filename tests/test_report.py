@@ -25,7 +25,7 @@ def test_environment_names_the_harness_version_from_a_source_tree(tmp_path: Path
     pytest-mnnvl wrote them. (A copy of the package alone, under ``-S``: no site-packages, no egg-info.)"""
     shutil.copytree(REPO / "pytest_mnnvl", tmp_path / "pytest_mnnvl", ignore=shutil.ignore_patterns("__pycache__"))
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); from pytest_mnnvl import report; "
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from pytest_mnnvl.conformance import report; "
         "print(json.dumps(report.environment()))"
     )
     run = subprocess.run(

@@ -396,7 +396,9 @@ def _control(
     ctx: Any, factory: ManagerFactory, served: Sequence[LayerSpec], layers: Sequence[LayerSpec]
 ) -> tuple[tuple[LayerStep, ...], str | None]:
     """The continuation on a fresh manager that never saw the bad call (``served`` initialized, then
-    ``layers``), with no round trips: only its decisions are compared. Its steps, or why there are none."""
+    ``layers``, round-tripped as the continuation is): what the bad call may not change. A continuation layer
+    that fails here too is the plan checks' business (a manager that never grows fails ``covers``), not a
+    change the bad call made. Its steps, or why there are none."""
     evict_workspaces()
     adapter = factory.adapter(factory(ctx.cpu_group))
     walk = Walk.start(adapter)
@@ -407,7 +409,7 @@ def _control(
             stopped = f"initialize of layer {index} raised: {step.peer_raised}"
             break
     walk.previous = None
-    steps = () if stopped else _continue(ctx, adapter, layers, round_trip=False)
+    steps = () if stopped else _continue(ctx, adapter, layers)
     try:
         adapter.cleanup()
     except Exception as exc:
