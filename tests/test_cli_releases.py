@@ -312,3 +312,15 @@ def test_repro_refuses_a_top_k_the_installed_074_rejects_before_any_rank(tmp_pat
 def test_repro_refuses_a_top_k_the_installed_072_rejects_before_any_rank(tmp_path: Path) -> None:
     path = plan_file(tmp_path, [layer("bf16", 2048, top_k=3, name="odd")])
     assert_input_error(cli("repro", path), "stages[0][0].top_k: 3 is not allowed", _top_k_rule(releases.V072))
+
+
+@ON_V074
+def test_repro_of_first_call_wins_on_the_installed_074_shows_its_own_dispatch_failure() -> None:
+    """The first-call-wins defect reproduced on 0.7.4: the mtp head's dispatch overflows the region sized for
+    the nvfp4 layer, with 0.7.4's own message and the numbers explain predicts (1,188,864 B region,
+    4,202,496 B needed at T=256), classified as the dispatch check (it read ``other`` before 0.7.4's texts)."""
+    done = cli("repro", MEASURED_PLAN, *FIRST_CALL, "--ep", "2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED in dispatch on rank(s) 0, 1" in done.stdout
+    assert sizing_v074.dispatch_capacity_message(4202496, 1188864) in done.stdout
+    assert "FIRST FAILURE: stage 0, layer 1 'head' (mtp_head[0]), rank 0, dispatch:" in done.stdout

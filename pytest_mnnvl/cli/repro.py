@@ -28,7 +28,7 @@ from pytest_mnnvl.cli.policy import resolve_factory
 from pytest_mnnvl.conformance.observations import CallError, LayerStep, Phase
 from pytest_mnnvl.errors import MnnvlError, RankError
 from pytest_mnnvl.managers.adapters import StateRecord
-from pytest_mnnvl.model import sizing
+from pytest_mnnvl.model import sizing, sizing_v074
 from pytest_mnnvl.model.layers import LayerSpec
 from pytest_mnnvl.model.oracle import Capacity, trajectory
 from pytest_mnnvl.worlds.sharing import RanksPerGpu
@@ -38,11 +38,17 @@ STARTUP_TIMEOUT_S = 180.0
 
 
 def classify(error_type: str, message: str) -> str:
-    """Which check an exception from a round trip is (by FlashInfer's exact texts)."""
+    """Which check an exception from a round trip is (by FlashInfer's exact texts, of either release)."""
     if message == sizing.check_failed_message(sizing.COMBINE_SIZE_CONDITION, sizing.COMBINE_SIZE_DETAIL):
         return "combine"
     if message.startswith(sizing.check_failed_message(sizing.DISPATCH_SIZE_CONDITION)):
         return "dispatch"
+    if message.startswith(sizing.check_failed_message(sizing_v074.COMBINE_CAPACITY_CONDITION)):
+        return "combine"
+    if message.startswith(sizing.check_failed_message(sizing_v074.DISPATCH_CAPACITY_CONDITION)):
+        return "dispatch"
+    if message == sizing_v074.runtime_tokens_message():
+        return "tokens"
     if "Misaligned payload buffer" in message:
         return "misaligned"
     if message == sizing.RUNTIME_TOKENS_EXCEED_MAX:
@@ -71,7 +77,7 @@ class Driver:
 
     def describe(self) -> str:
         if self.policy is not None:
-            return f"oracle policy {self.policy} driving FlashInfer's MoeAlltoAll directly (--policy)"
+            return f"oracle policy {self.policy} driving FlashInfer's own handle directly (--policy)"
         f = self.factory
         return f"the real {f.module}.{f.qualname} (shape {f.shape}), built on every rank's EP group"
 
