@@ -1,6 +1,8 @@
 """How faithful are ``pytest_mnnvl.model.sizing`` and the sim backend to the real FlashInfer all-to-all?
 
-Run on a machine with ≥2 GPUs and FlashInfer (the JIT module builds on first use)::
+Run on a machine with FlashInfer and ≥2 GPUs, or one GPU whose ranks share it (``--ranks-per-gpu``, default
+auto; the JIT module builds on first use). Both sides run in pytest-mnnvl pool worlds, the real one on the GPUs
+the ``mnnvl_world`` fixture would give it::
 
     python benchmarks/sim_fidelity.py results/fidelity-h100.json       # real + sim; ep 2 (and 4 with 4 GPUs)
     python benchmarks/sim_fidelity.py out.json --backend sim --ep 2,4  # CPU only: sim vs prediction
@@ -24,17 +26,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
-import queue as queue_module
 import random
 import sys
-import tempfile
 import time
-import traceback
-import warnings
 from typing import Any
 
 for _key, _value in {
@@ -44,28 +41,18 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)  # inherited by the ranks: no NVLink multicast anywhere
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _fidelity_v072_fns as fns  # noqa: E402  # the rank functions, importable by name in every rank
+
+from pytest_mnnvl.probes.backend import world_gpu_plan  # noqa: E402
+from pytest_mnnvl.probes.gpus import gpu_inventory  # noqa: E402
+from pytest_mnnvl.worlds.sharing import RanksPerGpu  # noqa: E402
+
 FORMATS = ("bf16", "nvfp4", "mxfp8", "fp8_block")
 TOKENS = (1, 7, 128, 256, 1000, 2048, 8192)
 HIDDEN = (2048, 4096, 7168)
 TOP_K = (2, 8)
-
-
-def payload_layout(fmt: str, hidden: int, top_k: int) -> list[tuple[str, int]]:
-    """(dtype name, elements per token) of each dispatch payload, in vLLM's order: activations, scales, ids, weights."""
-    head = {
-        "bf16": [("bfloat16", hidden)],
-        "nvfp4": [("uint8", hidden // 2), ("uint8", hidden // 16)],
-        "mxfp8": [("float8_e4m3fn", hidden), ("uint8", (hidden + 127) // 128 * 128 // 32)],
-        "fp8_block": [("float8_e4m3fn", hidden), ("float32", hidden // 128)],
-    }[fmt]
-    return [*head, ("int32", top_k), ("float32", top_k)]
-
-
-_ITEMSIZE = {"bfloat16": 2, "uint8": 1, "float8_e4m3fn": 1, "float32": 4, "int32": 4}
-
-
-def bytes_per_token(fmt: str, hidden: int, top_k: int) -> list[int]:
-    return [_ITEMSIZE[d] * n for d, n in payload_layout(fmt, hidden, top_k)]
 
 
 # --- the grid and the random cases (parent side, pure arithmetic) ------------------------------------
@@ -93,7 +80,8 @@ def sizing_grid(eps: list[int]) -> list[dict[str, Any]]:
                 for fmt in FORMATS:
                     for top_k in TOP_K:
                         for eplb in (0, 256):
-                            dispatch = sum(bytes_per_token(fmt, hidden, top_k))
+                            layer = fns.layer_of(fmt, hidden, top_k, max_tokens=tokens)
+                            dispatch = layer.dispatch_bytes_per_token
                             points.append(
                                 {
                                     "kind": "size",
@@ -104,8 +92,10 @@ def sizing_grid(eps: list[int]) -> list[dict[str, Any]]:
                                     "top_k": top_k,
                                     "eplb": eplb,
                                     "dispatch_bytes": dispatch,
-                                    "combine_bytes": 2 * hidden,
-                                    "predicted": sizing.workspace_size_per_rank(ep, tokens, dispatch, 2 * hidden, eplb),
+                                    "combine_bytes": layer.combine_bytes_per_token,
+                                    "predicted": sizing.workspace_size_per_rank(
+                                        ep, tokens, dispatch, layer.combine_bytes_per_token, eplb
+                                    ),
                                 }
                             )
     return points
@@ -126,16 +116,18 @@ def random_cases(ep: int, count: int, seed: int, max_tokens_cap: int) -> list[di
         runtime = rng.choice(sorted({1, max_tokens // 4 or 1, max_tokens // 2 or 1, max_tokens}))
         eplb = rng.choice((0, 0, experts))
         sized_for = rng.choice((fmt, rng.choice(FORMATS)))
+        layer = fns.layer_of(fmt, hidden, top_k, experts, max_tokens, eplb)
+        sized = fns.layer_of(sized_for, hidden, top_k, experts, max_tokens, eplb)
         ws = sizing.workspace_size_per_rank(
-            ep, max_tokens, sum(bytes_per_token(sized_for, hidden, top_k)), 2 * hidden, eplb
+            ep, max_tokens, sized.dispatch_bytes_per_token, sized.combine_bytes_per_token, eplb
         )
         if rng.random() < 0.5:
             ws = max(sizing.aux_size(ep, max_tokens, eplb) + 128, int(ws * rng.uniform(0.25, 1.3)) // 128 * 128)
         check = sizing.check_round_trip(
             ep,
             runtime,
-            bytes_per_token(fmt, hidden, top_k),
-            2 * hidden,
+            layer.dispatch_payload_bytes_per_token,
+            layer.combine_bytes_per_token,
             ws,
             sizing.aux_size(ep, max_tokens, eplb),
         )
@@ -162,211 +154,26 @@ def random_cases(ep: int, count: int, seed: int, max_tokens_cap: int) -> list[di
     return cases
 
 
-# --- inside the ranks -------------------------------------------------------------------------
+def run_world(backend: str, ep: int, job: dict[str, Any], timeout: float, ranks_per_gpu: RanksPerGpu) -> list[Any]:
+    """``job`` on every rank of a fresh pool world; the real side on the GPUs the ``mnnvl_world`` fixture would
+    give it (several ranks on one GPU where there are fewer GPUs than ranks, with ``--ranks-per-gpu``).
+    A failed world is one ``{"fatal": ...}`` per rank, as the report has always recorded it."""
+    from pytest_mnnvl.worlds.pool import World, WorldSpec
 
-
-def _rank_grid(ctx: Any, points: list[dict[str, Any]]) -> list[Any]:
-    from flashinfer.comm import trtllm_moe_alltoall as a2a
-
-    module = a2a.get_moe_alltoall_module("trtllm")
-    got = []
-    for p in points:
-        if p["kind"] == "aux":
-            got.append(int(module.moe_a2a_get_aux_data_size(p["ep"], p["tokens"], p["eplb"])))
-        else:
-            got.append(
-                int(
-                    a2a.moe_a2a_get_workspace_size_per_rank(
-                        p["ep"], p["tokens"], p["dispatch_bytes"], p["combine_bytes"], p["eplb"]
-                    )
-                )
-            )
-    return got
-
-
-def _make_payloads(case: dict[str, Any], n: int, ids: Any, device: Any, gen: Any) -> list[Any]:
-    import torch
-
-    payloads = []
-    for dtype_name, elems in payload_layout(case["format"], case["hidden"], case["top_k"])[:-2]:
-        dtype = getattr(torch, dtype_name)
-        if dtype_name == "bfloat16":
-            payloads.append(torch.randn(n, elems, generator=gen).to(dtype).to(device))
-        elif dtype_name == "float32":
-            payloads.append(torch.rand(n, elems, generator=gen).to(device))
-        else:
-            raw = torch.randint(0, 120, (n, elems), generator=gen, dtype=torch.uint8)
-            payloads.append(raw.view(dtype).to(device))
-    weights = torch.rand(n, case["top_k"], generator=gen).to(device)
-    return [*payloads, ids, weights]
-
-
-def _owners(ids: Any, num_experts: int, ep: int) -> Any:
-    import torch
-
-    bounds, start = [], 0
-    for r in range(ep):
-        start += num_experts // ep + (1 if r < num_experts % ep else 0)
-        bounds.append(start)
-    return torch.bucketize(ids.long(), torch.tensor(bounds, device=ids.device), right=True)
-
-
-def _rank_cases(ctx: Any, cases: list[dict[str, Any]], free: bool) -> list[dict[str, Any]]:
-    import torch
-    import torch.distributed as dist
-    from flashinfer.comm.comm_backend import TorchDistBackend
-    from flashinfer.comm.mapping import Mapping
-    from flashinfer.comm.mnnvl import MnnvlConfig
-    from flashinfer.comm.trtllm_moe_alltoall import MoeAlltoAll
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    ep, me = ctx.ep_size, ctx.ep_rank
-    device = ctx.device
-    comm = TorchDistBackend(ctx.cpu_group)
-    mapping = Mapping(world_size=ep, rank=me, gpus_per_node=ep, tp_size=ep, moe_ep_size=ep)
-    out = []
-    for case in cases:
-        started = time.perf_counter()
-        record: dict[str, Any] = {"index": case["index"], "dispatch": None, "combine": None}
-        a2a = None
-        try:
-            a2a = MoeAlltoAll(
-                mapping,
-                case["max_tokens"],
-                case["top_k"],
-                case["num_experts"],
-                workspace_size_per_rank=case["workspace_size_per_rank"],
-                mnnvl_config=MnnvlConfig(comm_backend=comm),
-                eplb_stats_num_experts=case["eplb"],
-            )
-            runtime = case["runtime_tokens"]
-            n = max(0, runtime - (me % 2) * (runtime // 3))
-            gen = torch.Generator().manual_seed(case["index"] * 100 + me)
-            ids = torch.argsort(torch.rand(n, case["num_experts"], generator=gen), dim=1)[:, : case["top_k"]]
-            ids = ids.to(torch.int32).contiguous().to(device)
-            payloads = _make_payloads(case, n, ids, device, gen)
-            id_index = len(payloads) - 2
-            try:
-                recv = a2a.dispatch(
-                    ids, payloads, runtime, invalid_token_expert_id=-1, expert_id_payload_index=id_index
-                )
-            except RuntimeError as exc:
-                record["dispatch"] = str(exc)
-                out.append(record)
-                continue
-            hidden = case["hidden"]
-            combine_in = torch.ones(ep, runtime, hidden, dtype=torch.bfloat16, device=device)
-            if case["format"] == "bf16":
-                combine_in = (recv[0] * float(me + 1)).contiguous()
-            try:
-                combined = a2a.combine(combine_in, runtime)
-            except RuntimeError as exc:
-                record["combine"] = str(exc)
-                out.append(record)
-                continue
-            owners = _owners(ids, case["num_experts"], ep)
-            present = torch.stack([(owners == r).any(dim=1) for r in range(ep)], dim=1).float()
-            if case["format"] == "bf16":
-                scale = (present * torch.arange(1, ep + 1, device=present.device).float()).sum(dim=1)
-                want = payloads[0].float() * scale[:, None]
-                record["numerics_ok"] = bool(torch.allclose(combined.float(), want, rtol=2e-2, atol=2e-2))
-            else:
-                want = present.sum(dim=1)[:, None].expand(-1, hidden)
-                record["numerics_ok"] = bool(torch.equal(combined.float(), want.float()))
-            counts: list[Any] = [None] * ep
-            dist.all_gather_object(
-                counts,
-                (owners == torch.arange(ep, device=owners.device)[:, None, None]).any(dim=2).sum(dim=1).cpu().tolist(),
-                group=ctx.cpu_group,
-            )
-            received = [int((recv[id_index][s, :, 0] >= 0).sum()) for s in range(ep)]
-            record["counts_ok"] = received == [counts[s][me] for s in range(ep)]
-        except Exception as exc:  # anything else is a finding in itself
-            record["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            record["seconds"] = round(time.perf_counter() - started, 4)
-            if a2a is not None and free:
-                comm.barrier()  # nobody reads a peer row any more
-                a2a._reset_workspace()
-            del a2a
-            gc.collect()
-        out.append(record)
-    return out
-
-
-def _rank_main(rank: int, ep: int, backend: str, store: str, job: dict[str, Any], queue: Any) -> None:
-    result: Any
     try:
-        import importlib
-
-        import torch
-        import torch.distributed as dist
-
-        from pytest_mnnvl.worlds.layout import Layout, RankContext, build_groups
-
-        device: Any = "cpu"
+        spec = WorldSpec(ep, backend=backend)
         if backend == "flashinfer":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        dist.init_process_group("gloo", store=dist.FileStore(store, ep), rank=rank, world_size=ep)
-        ep_group, cpu_group, world = build_groups(Layout(ep, 1), rank, False)
-        ctx = RankContext(
-            rank=rank,
-            world_size=ep,
-            pp_size=1,
-            pp_stage=0,
-            ep_rank=rank,
-            ep_size=ep,
-            ep_group=ep_group,
-            cpu_group=cpu_group,
-            ep_group_ranks=list(range(ep)),
-            device=device,
-            backend=backend,
-            world_group=world,
-        )
-        importlib.import_module(f"pytest_mnnvl.backends.{backend}").install(ctx)
-        result = {
-            "grid": _rank_grid(ctx, job["grid"]) if rank == 0 else None,
-            "cases": _rank_cases(ctx, job["cases"], job["free"]),
-        }
-    except BaseException:
-        result = {"fatal": traceback.format_exc()}
-    queue.put((rank, result))
-    queue.close()
-    queue.join_thread()
-    os._exit(0)
-
-
-def run_world(backend: str, ep: int, job: dict[str, Any], timeout: float) -> list[Any]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="sim_fidelity_") as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_rank_main, args=(r, ep, backend, store, job, queue)) for r in range(ep)]
-        for p in procs:
-            p.start()
-        results: list[Any] = [None] * ep
-        deadline = time.monotonic() + timeout
-        try:
-            while any(r is None for r in results) and time.monotonic() < deadline:
-                try:
-                    rank, value = queue.get(timeout=1.0)
-                    results[rank] = value
-                except queue_module.Empty:
-                    for rank, p in enumerate(procs):
-                        if results[rank] is None and p.exitcode not in (None, 0):
-                            results[rank] = {"fatal": f"rank {rank} died with exit code {p.exitcode}"}
-            for rank, value in enumerate(results):
-                if value is None:
-                    results[rank] = {"fatal": f"rank {rank} sent nothing within {timeout:g} s"}
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-    return results
+            plan = world_gpu_plan(ep, ranks_per_gpu, gpu_inventory(), os.environ)
+            spec = WorldSpec(ep, backend=backend, devices=plan.devices, ranks_per_gpu=plan.ranks_per_gpu)
+        world = World(spec, timeout=timeout)
+    except Exception as exc:
+        return [{"fatal": f"{type(exc).__name__}: {exc}"}] * ep
+    try:
+        return world.call(fns.run_job, (job["grid"], job["cases"], job["free"]), {})
+    except Exception as exc:
+        return [{"fatal": f"{type(exc).__name__}: {exc}"}] * ep
+    finally:
+        world.close()
 
 
 # --- comparison and report ----------------------------------------------------------------------
@@ -404,6 +211,16 @@ def _outcome(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _ranks_per_gpu(text: str) -> RanksPerGpu:
+    from pytest_mnnvl.errors import MnnvlUsageError
+    from pytest_mnnvl.settings import parse_ranks_per_gpu
+
+    try:
+        return parse_ranks_per_gpu(text, "--ranks-per-gpu")
+    except MnnvlUsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", help="JSON file to write")
@@ -411,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "--backend",
         choices=("auto", "flashinfer", "sim"),
         default="auto",
-        help="auto: real + sim when ≥2 GPUs and FlashInfer are usable, else sim only",
+        help="auto: real + sim when FlashInfer is usable on this box's GPUs (≥2, or 1 shared), else sim only",
     )
     parser.add_argument("--ep", default=None, help="EP sizes, e.g. 2,4 (default: 2, plus 4 with 4 GPUs)")
     parser.add_argument("--cases", type=int, default=24, help="random workspace cases per EP size")
@@ -423,19 +240,28 @@ def main(argv: list[str] | None = None) -> int:
         help="evict each case's workspace (_reset_workspace) and collect it; default keeps them cached",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per world (the JIT build included)")
+    parser.add_argument(
+        "--ranks-per-gpu",
+        type=_ranks_per_gpu,
+        default="auto",
+        help="real ranks per GPU, as --mnnvl-ranks-per-gpu: N, or auto (one per GPU if there are enough, else shared)",
+    )
     args = parser.parse_args(argv)
 
     from pytest_mnnvl.backends import flashinfer as real_backend
+    from pytest_mnnvl.probes.backend import missing_for_one_sided_shared
 
+    gpus = real_backend._visible_gpu_count() or 0
+    eps = [int(e) for e in args.ep.split(",")] if args.ep else ([2, 4] if gpus >= 4 else [2])
     reason = real_backend.available()
+    if reason is None or gpus:  # the largest world on this box's GPUs, shared ones included
+        reason = missing_for_one_sided_shared(max(eps), args.ranks_per_gpu)
     backends = ["sim"] if args.backend == "sim" else ["flashinfer", "sim"]
     if args.backend == "auto" and reason is not None:
         backends = ["sim"]
     if args.backend == "flashinfer" and reason is not None:
         print(f"flashinfer backend unusable: {reason}", file=sys.stderr)
         return 2
-    gpus = real_backend._visible_gpu_count() or 0
-    eps = [int(e) for e in args.ep.split(",")] if args.ep else ([2, 4] if gpus >= 4 else [2])
 
     report: dict[str, Any] = {"meta": _meta(backends), "sizing": {}, "cases": [], "summary": {}}
     report["meta"]["reason_no_gpu"] = reason
@@ -451,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 ep,
                 {"grid": grid if ep == eps[0] else [], "cases": cases, "free": args.free_workspaces},
                 args.timeout,
+                args.ranks_per_gpu,
             )
             fatal = [r["fatal"] for r in results if r and "fatal" in r]
             if fatal:

@@ -1,10 +1,12 @@
 """Sim vs real FlashInfer 0.7.4 on the same cases: layouts, receive counts, rows, combined bytes, errors.
 
-Run on a machine with one CUDA GPU and FlashInfer 0.7.4 (the real ranks share that GPU, each its own
-process and CUDA context, FlashInfer's comm backend on a gloo group; only ``MnnvlMemory.supports_mnnvl``
-is answered True, the question a one-GPU box without NVLink fails)::
+Run on a machine with a CUDA GPU and FlashInfer 0.7.4. The real side runs in a pytest-mnnvl flashinfer world on
+the GPUs the ``mnnvl_world`` fixture would give it (``--ranks-per-gpu``, default auto): on one GPU the ranks share
+it, each its own process and CUDA context, FlashInfer's comm backend on a gloo group, and the backend answers
+only ``MnnvlMemory.supports_mnnvl`` (the question a one-GPU box without NVLink fails)::
 
     python benchmarks/sim_fidelity_v074.py OUT.json --ep 2,4
+    python benchmarks/sim_fidelity_v074.py OUT.json --ep 2 --backends sim   # CPU only: the sim side, uncompared
 
 The sim side runs in a pytest-mnnvl sim world on the same machine's CPU. Every field of every case must be
 equal (the combined output byte for byte: the sim claims FlashInfer's reduction order and FP8 rounding).
@@ -17,69 +19,39 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-import traceback
 from typing import Any
+
+for _key, _value in {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}.items():
+    os.environ.setdefault(_key, _value)  # inherited by the ranks (the pool world sets them too): no NVLink multicast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _fidelity_v074_fns as fns
-from _environment import environment
+import _fidelity_v074_fns as fns  # noqa: E402
+from _environment import environment  # noqa: E402
+
+from pytest_mnnvl.worlds.sharing import RanksPerGpu  # noqa: E402
 
 
-class _Ctx:
-    """The fields of a rank context the case functions read."""
+def real(ep: int, seed: int, timeout: float, ranks_per_gpu: RanksPerGpu = "auto") -> list[Any]:
+    """The cases on a pytest-mnnvl flashinfer world, on the GPUs the ``mnnvl_world`` fixture would give it: on a
+    one-GPU box every rank shares that GPU, and the backend answers the one NVLink platform query such a world
+    fails (``MnnvlMemory.supports_mnnvl``); everything else is FlashInfer's."""
+    from pytest_mnnvl.probes.backend import world_gpu_plan
+    from pytest_mnnvl.probes.gpus import gpu_inventory
+    from pytest_mnnvl.worlds.pool import World, WorldSpec
 
-    def __init__(self, ep_rank: int, ep_size: int, cpu_group: Any, device: Any) -> None:
-        self.rank = self.ep_rank = ep_rank
-        self.ep_size = ep_size
-        self.cpu_group = cpu_group
-        self.device = device
-
-
-def _real_rank(rank: int, ep: int, store_path: str, seed: int, queue: Any) -> None:
+    plan = world_gpu_plan(ep, ranks_per_gpu, gpu_inventory(), os.environ)
+    world = World(
+        WorldSpec(ep, backend="flashinfer", devices=plan.devices, ranks_per_gpu=plan.ranks_per_gpu), timeout=timeout
+    )
     try:
-        import torch
-        import torch.distributed as dist
-        from flashinfer.comm.mnnvl import MnnvlMemory
-
-        for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-            os.environ[name] = "1" if name != "NCCL_NVLS_ENABLE" else "0"
-        torch.cuda.set_device(0)
-        store = dist.FileStore(store_path, ep)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=ep)
-        group = dist.new_group(list(range(ep)), backend="gloo")
-        # The one platform question a GPU without NVLink answers "no" to; everything else is FlashInfer's.
-        MnnvlMemory.supports_mnnvl = staticmethod(lambda: True)  # type: ignore[method-assign]
-        queue.put((rank, "ok", fns.run_cases(_Ctx(rank, ep, group, torch.device("cuda", 0)), seed)))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-
-
-def real(ep: int, seed: int, timeout: float) -> list[Any]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    store = tempfile.mktemp(prefix="fid074-store-")
-    procs = [ctx.Process(target=_real_rank, args=(r, ep, store, seed, queue)) for r in range(ep)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(ep):
-            rank, status, value = queue.get(timeout=timeout)
-            if status != "ok":
-                raise RuntimeError(f"real rank {rank} failed:\n{value}")
-            results[rank] = value
+        return world.call(fns.run_cases, (seed,), {}, timeout=timeout)
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(ep)]
+        world.close()
 
 
 def sim(ep: int, seed: int, timeout: float) -> list[Any]:
@@ -111,23 +83,54 @@ def compare(ep: int, got_real: list[Any], got_sim: list[Any]) -> list[dict[str, 
     return out
 
 
+def _ranks_per_gpu(text: str) -> RanksPerGpu:
+    from pytest_mnnvl.errors import MnnvlUsageError
+    from pytest_mnnvl.settings import parse_ranks_per_gpu
+
+    try:
+        return parse_ranks_per_gpu(text, "--ranks-per-gpu")
+    except MnnvlUsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--ep", default="2,4")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=240.0)
+    parser.add_argument(
+        "--ranks-per-gpu",
+        type=_ranks_per_gpu,
+        default="auto",
+        help="real ranks per GPU, as --mnnvl-ranks-per-gpu: N, or auto (one per GPU if there are enough, else shared)",
+    )
+    parser.add_argument(
+        "--backends",
+        choices=("flashinfer,sim", "sim"),
+        default="flashinfer,sim",
+        help="sim: the sim side only (no GPU; nothing is compared, each run's disagreements is null)",
+    )
     args = parser.parse_args(argv)
     eps = [int(e) for e in args.ep.split(",")]
-    report: dict[str, Any] = {"environment": environment("flashinfer+sim"), "seed": args.seed, "runs": []}
+    sim_only = args.backends == "sim"
+    report: dict[str, Any] = {
+        "environment": environment("sim" if sim_only else "flashinfer+sim"),
+        "seed": args.seed,
+        "runs": [],
+    }
     disagreements: list[dict[str, Any]] = []
     for ep in eps:
         try:
-            got_real = real(ep, args.seed, args.timeout)
+            got_real = None if sim_only else real(ep, args.seed, args.timeout, args.ranks_per_gpu)
             got_sim = sim(ep, args.seed, args.timeout)
         except Exception as exc:
             disagreements.append({"ep": ep, "field": "run", "real": f"{type(exc).__name__}: {exc}"[:4000]})
             print(f"ep {ep}: could not run: {exc}"[:2000])
+            continue
+        if got_real is None:
+            report["runs"].append({"ep": ep, "real": None, "sim": got_sim, "disagreements": None})
+            print(f"ep {ep}: {len(got_sim[0])} cases x {ep} ranks on the sim only, nothing compared")
             continue
         diff = compare(ep, got_real, got_sim)
         disagreements += diff
