@@ -324,3 +324,13 @@ def test_repro_of_first_call_wins_on_the_installed_074_shows_its_own_dispatch_fa
     assert "FAILED in dispatch on rank(s) 0, 1" in done.stdout
     assert sizing_v074.dispatch_capacity_message(4202496, 1188864) in done.stdout
     assert "FIRST FAILURE: stage 0, layer 1 'head' (mtp_head[0]), rank 0, dispatch:" in done.stdout
+
+
+def test_repro_policy_on_a_pp_plan_keeps_its_collectives_on_each_stage() -> None:
+    """``--policy`` on a PP plan: the two stages build their handles at different steps, so an allocation whose
+    collectives reach the whole world (FlashInfer 0.7.2's ``TorchDistBackend.Split``) deadlocked the driver; it
+    builds on an EP-scoped comm now, on either release."""
+    plan = EXAMPLES / "deepseek-v3-r1-nvfp4-mtp-pp2.json"
+    done = cli("repro", plan, "--policy", "per_dimension", "--ep", "2", "--timeout", "60")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "stage 1 final pass" in done.stdout and "no failure" in done.stdout

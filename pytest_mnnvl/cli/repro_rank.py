@@ -85,6 +85,7 @@ def _build(ctx: Any, layer: LayerSpec, capacity: Capacity) -> Any:
     """A handle on this rank's EP group for exactly ``capacity`` (0.7.2: its bytes per rank; 0.7.4: its
     per-token bytes, the handle sizes itself from them)."""
     from pytest_mnnvl.conformance.roundtrip import build_alltoall
+    from pytest_mnnvl.managers.reference import EpComm
     from pytest_mnnvl.model import releases
 
     if releases.current() == releases.V072:
@@ -94,8 +95,15 @@ def _build(ctx: Any, layer: LayerSpec, capacity: Capacity) -> Any:
             "dispatch_bytes_per_token": capacity.dispatch_bytes_per_token,
             "combine_bytes_per_token": capacity.combine_bytes_per_token,
         }
+    # EpComm: the allocation's collectives stay on the EP group, as a correct manager's must (on a PP plan the
+    # stages build at different steps; FlashInfer's TorchDistBackend would make world-wide groups and deadlock).
     return build_alltoall(
-        ctx, max_num_tokens=capacity.max_num_tokens, top_k=layer.top_k, num_experts=layer.num_experts, **sizes
+        ctx,
+        max_num_tokens=capacity.max_num_tokens,
+        top_k=layer.top_k,
+        num_experts=layer.num_experts,
+        comm=EpComm(ctx.cpu_group),
+        **sizes,
     )
 
 

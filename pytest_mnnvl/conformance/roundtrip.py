@@ -53,11 +53,14 @@ def build_alltoall(
     size_per_rank: int | None = None,
     dispatch_bytes_per_token: int | None = None,
     combine_bytes_per_token: int | None = None,
+    comm: Any = None,
     **extra: Any,
 ) -> Any:
     """FlashInfer's own handle on this rank's EP group with exactly these sizes, the way vLLM builds it
     (``TorchDistBackend`` over the EP gloo group): for code that drives FlashInfer without a manager (the
-    examples, ``repro``'s policy driver, the benchmarks).
+    examples, ``repro``'s policy driver, the benchmarks). ``comm`` replaces that backend: FlashInfer 0.7.2's
+    ``TorchDistBackend.Split`` makes new process groups, a collective over the whole world, so where PP stages
+    build at different times (``repro --policy`` on a PP plan) pass one that stays on the EP group.
 
     FlashInfer 0.7.2.post1: a ``MoeAlltoAll`` of ``size_per_rank`` bytes (or, without it, FlashInfer's size
     for the per-token capacities); ``extra`` goes to ``MoeAlltoAll`` as is. FlashInfer 0.7.4: an
@@ -82,7 +85,7 @@ def build_alltoall(
         from flashinfer.comm.comm_backend import TorchDistBackend
 
         builder = handles.api(release).builder(ctx.ep_rank, ctx.ep_size)
-        return builder.build(capacity, top_k, num_experts, TorchDistBackend(ctx.cpu_group))
+        return builder.build(capacity, top_k, num_experts, comm or TorchDistBackend(ctx.cpu_group))
     if size_per_rank is None:
         if capacity is None:
             raise ValueError(
@@ -107,7 +110,7 @@ def build_alltoall(
             top_k=top_k,
             num_experts=num_experts,
             workspace_size_per_rank=size_per_rank,
-            mnnvl_config=MnnvlConfig(comm_backend=TorchDistBackend(ctx.cpu_group)),
+            mnnvl_config=MnnvlConfig(comm_backend=comm or TorchDistBackend(ctx.cpu_group)),
             **extra,
         )
 
