@@ -192,23 +192,8 @@ def arithmetic_lines(o: LayerOutcome, ep: int, indent: str = "    ") -> list[str
         ),
         ("need(layer)", f"{n(o.need)} B per rank (FlashInfer's size at max_num_tokens {layer.max_num_tokens})"),
     ]
-    if o.final_pass:
-        held = f"built at layer {o.built_by}, the handle the stage ended with"
-    elif o.rebuilt:
-        held = "built by this initialize"
-    else:
-        held = f"built at layer {o.built_by}, kept by this initialize"
-    rows.append(
-        ("workspace", f"{n(o.geometry.size_per_rank)} B per rank, max_num_tokens {o.geometry.max_num_tokens} ({held})")
-    )
-    if o.verdict == "unreached":
-        rows.append(("not reached", str(o.error)))
-    elif o.verdict == "refused":
-        rows.append(("manager raises", f"{o.error_type}: {o.error}"))
-    elif o.verdict == "tokens":
-        rows.append(("tokens", f"{o.runtime_tokens} > max_num_tokens {o.geometry.max_num_tokens}"))
-        rows.append(("FlashInfer raises", f"{o.error_type}: {o.error}"))
-    elif isinstance(o.check, sizing.RoundTripCheck):
+    rows += _handle_rows(o)
+    if rows[-1][0] not in _SETTLED and isinstance(o.check, sizing.RoundTripCheck):
         d, c = o.check.dispatch, o.check.combine
         rows.append(
             ("payload offset", f"{n(d.payload_offset)} (aux regions for max_num_tokens {o.geometry.max_num_tokens})")
@@ -276,23 +261,8 @@ def _region_lines(o: LayerOutcome, ep: int, indent: str) -> list[str]:
             )
         )
     rows.append(("need(layer)", f"{n(o.need)} B per rank (its own layout at max_num_tokens {layer.max_num_tokens})"))
-    if o.final_pass:
-        held = f"built at layer {o.built_by}, the handle the stage ended with"
-    elif o.rebuilt:
-        held = "built by this initialize"
-    else:
-        held = f"built at layer {o.built_by}, kept by this initialize"
-    rows.append(
-        ("workspace", f"{n(o.geometry.size_per_rank)} B per rank, max_num_tokens {o.geometry.max_num_tokens} ({held})")
-    )
-    if o.verdict == "unreached":
-        rows.append(("not reached", str(o.error)))
-    elif o.verdict == "refused":
-        rows.append(("manager raises", f"{o.error_type}: {o.error}"))
-    elif o.verdict == "tokens":
-        rows.append(("tokens", f"{o.runtime_tokens} > max_num_tokens {o.geometry.max_num_tokens}"))
-        rows.append(("FlashInfer raises", f"{o.error_type}: {o.error}"))
-    elif check is not None:
+    rows += _handle_rows(o)
+    if rows[-1][0] not in _SETTLED and check is not None:
         d, c, layout = check.dispatch, check.combine, check.layout
         rows.append(
             (
@@ -325,6 +295,32 @@ def _region_lines(o: LayerOutcome, ep: int, indent: str) -> list[str]:
     width = max(len(k) for k, _ in rows)
     lines += [f"{indent}{k.ljust(width)}  {v}" for k, v in rows]
     return lines
+
+
+#: The row names that settle a layer before any check's arithmetic (the layer was not reached, the manager
+#: refused it, the token count is over the handle's).
+_SETTLED = ("not reached", "manager raises", "FlashInfer raises")
+
+
+def _handle_rows(o: LayerOutcome) -> list[tuple[str, str]]:
+    """The workspace the layer met, then the outcomes both releases word alike (ending in a :data:`_SETTLED`
+    row), or just the workspace when the check's arithmetic follows."""
+    if o.final_pass:
+        held = f"built at layer {o.built_by}, the handle the stage ended with"
+    elif o.rebuilt:
+        held = "built by this initialize"
+    else:
+        held = f"built at layer {o.built_by}, kept by this initialize"
+    workspace = f"{n(o.geometry.size_per_rank)} B per rank, max_num_tokens {o.geometry.max_num_tokens} ({held})"
+    rows = [("workspace", workspace)]
+    if o.verdict == "unreached":
+        rows.append(("not reached", str(o.error)))
+    elif o.verdict == "refused":
+        rows.append(("manager raises", f"{o.error_type}: {o.error}"))
+    elif o.verdict == "tokens":
+        rows.append(("tokens", f"{o.runtime_tokens} > max_num_tokens {o.geometry.max_num_tokens}"))
+        rows.append(("FlashInfer raises", f"{o.error_type}: {o.error}"))
+    return rows
 
 
 def _first_failing_text(o: LayerOutcome) -> str:
