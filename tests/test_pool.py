@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -275,3 +277,33 @@ def test_a_deep_temporary_directory_still_starts_a_world(
     monkeypatch.setenv("TMPDIR", str(deep))
     result = pytester.runpytest_subprocess("-p", "pytest_mnnvl", "-q")
     result.assert_outcomes(passed=1)
+
+
+def test_a_dump_still_being_written_is_read_whole(tmp_path: Path) -> None:
+    """A busy rank writes its faulthandler dump while the parent reads it: the parent waits for the main thread's
+    block (a dump read after its first header named "an unknown frame" in a slow-world verdict)."""
+    import threading
+    import types
+
+    from pytest_mnnvl.worlds.pool import _read_stacks
+
+    path = tmp_path / "stack"
+    head = "Thread 0x00007fd54e7396c0 (most recent call first):\n"
+    rest = (
+        '  File "/x/pytest_mnnvl/worlds/rank.py", line 48 in watch\n\n'
+        "Current thread 0x00007f156d7d5b80 (most recent call first):\n"
+        '  File "/t/rankfns.py", line 12 in spin\n'
+        '  File "/x/pytest_mnnvl/worlds/rank.py", line 142 in main\n'
+    )
+    path.write_text(head)
+
+    def finish() -> None:
+        time.sleep(0.3)
+        with open(path, "a") as f:
+            f.write(rest)
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    stacks = _read_stacks([types.SimpleNamespace(rank=1, stack_path=str(path))], wait_s=2.0)  # type: ignore[list-item]
+    writer.join()
+    assert stacks[1] == head + rest

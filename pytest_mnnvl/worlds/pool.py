@@ -642,7 +642,11 @@ class _NativeTrimmer:
 
 
 def _read_stacks(ranks: list[_Rank], wait_s: float) -> dict[int, str]:
-    """Read every rank's faulthandler dump, waiting briefly until each has written one."""
+    """Read every rank's faulthandler dump, waiting briefly until each has written all of it.
+
+    A rank busy computing writes its dump while the parent reads: a dump read too early held only its first
+    thread's header, and the verdict named "an unknown frame". A dump counts as whole once it holds the rank's
+    main thread (its stack starts in the rank's ``main``); what there is at ``wait_s`` is returned as it is."""
     deadline = time.monotonic() + wait_s
     stacks: dict[int, str] = {}
     while True:
@@ -652,9 +656,15 @@ def _read_stacks(ranks: list[_Rank], wait_s: float) -> dict[int, str]:
                     stacks[r.rank] = f.read()
             except OSError:
                 stacks[r.rank] = ""
-        if all(stacks.values()) or time.monotonic() >= deadline:
+        if all(_holds_rank_main(text) for text in stacks.values()) or time.monotonic() >= deadline:
             return stacks
         time.sleep(0.02)
+
+
+def _holds_rank_main(dump: str) -> bool:
+    return any(
+        frame.function == "main" and frame.file.endswith(stall.RANK_MAIN) for frame in stall.main_thread_frames(dump)
+    )
 
 
 class Pool(WorldPool):

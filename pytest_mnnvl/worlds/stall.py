@@ -233,7 +233,8 @@ def cpu_shares(
 
 
 _DUMP_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<function>.+)$')
-_RANK_MAIN = os.path.join("pytest_mnnvl", "worlds", "rank.py")
+#: The rank process's entry file, whose ``main`` starts a rank's main thread.
+RANK_MAIN = os.path.join("pytest_mnnvl", "worlds", "rank.py")
 
 
 def main_thread_frames(dump: str) -> tuple[PythonFrame, ...]:
@@ -248,7 +249,7 @@ def main_thread_frames(dump: str) -> tuple[PythonFrame, ...]:
         if match and blocks:
             blocks[-1][1].append(PythonFrame(match["file"], int(match["line"]), match["function"]))
     for _current, frames in blocks:
-        if any(f.function == "main" and f.file.endswith(_RANK_MAIN) for f in frames):
+        if any(f.function == "main" and f.file.endswith(RANK_MAIN) for f in frames):
             return tuple(frames)
     return next((tuple(frames) for current, frames in blocks if current), ())
 
