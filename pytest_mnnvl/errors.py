@@ -26,6 +26,18 @@ class WorldStartError(MnnvlError):
     """The world could not be started: a rank died or did not reach the rendezvous in time."""
 
 
+class HarnessFault(RuntimeError):
+    """The suite's own readings disagree inside a rank (not the manager's doing): raised with :data:`HARNESS_FAULT`
+    leading the message, which is how :func:`failure_kind` recognizes it in a rank's traceback text."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{HARNESS_FAULT} {detail}")
+
+
+#: Leads every :class:`HarnessFault`'s message (a rank's exception reaches the parent as traceback text only).
+HARNESS_FAULT = "pytest-mnnvl harness fault:"
+
+
 class RankError(MnnvlError):
     """User code raised on some ranks; one ``[rank r]`` section per failing rank."""
 
@@ -228,8 +240,9 @@ def failure_kind(error: MnnvlError) -> FailureKind:
     A crash by SIGKILL/SIGTERM, or one whose exit status this process cannot see (torchrun: the peers are not
     the rank's parent), is infrastructure; any other signal (SIGSEGV, SIGABRT, ...) or exit status during a
     call is the manager's. An exception raised in the ranks and a deadlock are the manager's too (its traceback
-    or stacks are attached). A world that would not start, was lost, or was too slow for the timeout (every
-    rank computing: the machine's load and the timeout, not the manager) is infrastructure.
+    or stacks are attached), except a :class:`HarnessFault` raised on every failing rank: the suite's own. A
+    world that would not start, was lost, or was too slow for the timeout (every rank computing: the machine's
+    load and the timeout, not the manager) is infrastructure.
     """
     if isinstance(error, RankCrashed):
         code = error.returncode
@@ -237,6 +250,12 @@ def failure_kind(error: MnnvlError) -> FailureKind:
             return FailureKind.INFRASTRUCTURE
         return FailureKind.MANAGER_ERROR
     if isinstance(error, WorldTooSlow):
+        return FailureKind.INFRASTRUCTURE
+    if (
+        isinstance(error, RankError)
+        and error.tracebacks
+        and all(HARNESS_FAULT in tb.strip().splitlines()[-1] for tb in error.tracebacks.values() if tb.strip())
+    ):
         return FailureKind.INFRASTRUCTURE
     if isinstance(error, (RankError, WorldDeadlock)):
         return FailureKind.MANAGER_ERROR

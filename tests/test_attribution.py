@@ -251,6 +251,12 @@ def test_a_violation_is_still_a_failure_with_its_plan(
     assert [child.tag for child in covers_case(run) if child.tag in ("error", "failure")] == ["failure"]
 
 
+_HARNESS_FAULT_TB = (
+    "Traceback (most recent call last):\n  ...\npytest_mnnvl.conformance.rank.HandleIdentityDisagrees: "
+    "pytest-mnnvl harness fault: the live handle is the same object by identity but another by stamp"
+)
+
+
 @pytest.mark.parametrize(
     "error,kind",
     [
@@ -261,6 +267,9 @@ def test_a_violation_is_still_a_failure_with_its_plan(
         (RankCrashed(1, -signal.SIGABRT, "fn()"), FailureKind.MANAGER_ERROR),
         (RankCrashed(1, 3, "fn()"), FailureKind.MANAGER_ERROR),
         (RankError({0: "Traceback ...\nValueError: x"}, 2), FailureKind.MANAGER_ERROR),
+        # The suite's own cross-check (rank.same_handle) failing on every rank that raised: not the manager's.
+        (RankError({0: _HARNESS_FAULT_TB, 1: _HARNESS_FAULT_TB}, 2), FailureKind.INFRASTRUCTURE),
+        (RankError({0: _HARNESS_FAULT_TB, 1: "Traceback ...\nValueError: x"}, 2), FailureKind.MANAGER_ERROR),
         (WorldDeadlock(1.0, [1], {}, {}), FailureKind.MANAGER_ERROR),
         (WorldStartError("could not start"), FailureKind.INFRASTRUCTURE),
     ],

@@ -412,6 +412,47 @@ def test_stamps_follow_objects_not_addresses() -> None:
     assert adapters.stamp(None) is None
 
 
+class _Handle:
+    """A handle object: the two readings of identity only ever see the object itself."""
+
+
+def _state(handle: Any, stamp: Any = "auto") -> adapters.ManagerState:
+    return adapters.ManagerState(
+        initialized=handle is not None,
+        handle=handle,
+        moe_alltoall=handle,
+        stamp=adapters.stamp(handle) if stamp == "auto" else stamp,
+        size_per_rank=None,
+        max_num_tokens=None,
+        top_k=None,
+        num_experts=None,
+    )
+
+
+def test_same_handle_only_for_the_same_live_handle() -> None:
+    """Every rebuild the suite counts is "not the same handle": another live handle, or none, is never the same."""
+    old, new = _Handle(), _Handle()
+    assert _state(old).same_handle(_state(old))
+    assert not _state(new).same_handle(_state(old))
+    assert not _state(new).same_handle(_state(None))
+    assert not _state(None).same_handle(_state(None))
+
+
+def test_the_suite_stops_when_its_two_identity_readings_disagree() -> None:
+    """rank.same_handle cross-checks identity with the stamps: one wrong operator in either reading stops the run
+    (a wrong same_handle made the suite blind to every rebuild while the reference still passed)."""
+    from pytest_mnnvl.conformance.rank import HandleIdentityDisagrees, same_handle
+
+    old, new = _Handle(), _Handle()
+    assert same_handle(_state(old), _state(old))
+    assert not same_handle(_state(new), _state(old))
+    assert not same_handle(_state(new), _state(None))
+    with pytest.raises(HandleIdentityDisagrees, match=r"another object by identity but the same by stamp"):
+        same_handle(_state(new, stamp=adapters.stamp(old)), _state(old))
+    with pytest.raises(HandleIdentityDisagrees, match=r"the same object by identity but another by stamp"):
+        same_handle(_state(old, stamp=-1), _state(old))
+
+
 def test_factory_pickles_and_describes() -> None:
     factory = ManagerFactory("vllm", "vllm", "m", "C", "moe_ep", "per_dimension", "vllm==0.33.0")
     assert pickle.loads(pickle.dumps(factory)) == factory

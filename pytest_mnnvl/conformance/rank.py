@@ -40,6 +40,7 @@ from pytest_mnnvl.conformance.observations import (
     PlanObservation,
     decisions,
 )
+from pytest_mnnvl.errors import HarnessFault
 from pytest_mnnvl.managers import ManagerFactory
 from pytest_mnnvl.model import releases
 from pytest_mnnvl.model.layers import LayerSpec, ModelPlan
@@ -147,6 +148,29 @@ def _first_line_of(error: CallError | None) -> str | None:
     return None if error is None else error.first_line
 
 
+class HandleIdentityDisagrees(HarnessFault):
+    """The harness's two readings of "the same live handle" disagree: no verdict built on them could be trusted."""
+
+
+def same_handle(after: Any, before: Any) -> bool:
+    """Whether ``after`` holds the very handle ``before`` did, read twice: by object identity
+    (``ManagerState.same_handle``) and by the stamps the adapters give each handle object.
+
+    Every rebuild the suite counts (``no_needless_rebuild``, ``minimal_rebuilds``) and every "changed nothing"
+    verdict (``shape_mismatch``, ``failed_rebuild_consistent``) rests on this one fact, so one wrong operator in
+    either reading would blind them all while the correct reference still passed: the two must agree, or the
+    run stops with :class:`HandleIdentityDisagrees` instead of judging."""
+    by_identity = bool(after.same_handle(before))
+    by_stamp = after.stamp is not None and after.stamp == before.stamp
+    if by_identity != by_stamp:
+        raise HandleIdentityDisagrees(
+            f"the live handle is {'the same' if by_identity else 'another'} object by identity but "
+            f"{'the same' if by_stamp else 'another'} by stamp (stamps {before.stamp} -> {after.stamp}): "
+            "the harness cannot tell a rebuild from a kept handle"
+        )
+    return by_identity
+
+
 def cross_product_probes(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
     """Each distinct payload layout of ``layers`` at the largest max tokens among them."""
     if not layers:
@@ -213,7 +237,7 @@ def layer_step(
     adapter = walk.adapter
     error, collectives = _initialize(ctx, adapter, layer)
     state = adapter.state()
-    rebuilt = state.handle is not None and not state.same_handle(walk.previous)
+    rebuilt = state.handle is not None and not same_handle(state, walk.previous)
     if rebuilt:
         walk.verified.clear()
     walk.previous = state
@@ -427,9 +451,9 @@ def mismatch(ctx: Any, factory: ManagerFactory, first_json: str, second_json: st
     before = adapter.state()
     error, collectives = _initialize(ctx, adapter, second)
     after = adapter.state()
-    same_handle = after.same_handle(before)
+    unmoved = same_handle(after, before)
     before_record, after_record = before.record(), after.record()
-    unchanged = same_handle and after_record == before_record
+    unchanged = unmoved and after_record == before_record
     del before, after
     # A handle that already moved is a verdict by itself; round-tripping it could hang the sim.
     everyone = _gather(ctx, unchanged)
@@ -441,7 +465,7 @@ def mismatch(ctx: Any, factory: ManagerFactory, first_json: str, second_json: st
     return MismatchObservation(
         rank=ctx.rank,
         raised=_first_line_of(error),
-        same_handle=same_handle,
+        same_handle=unmoved,
         before=before_record,
         after=after_record,
         collectives=collectives,
@@ -464,7 +488,7 @@ def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_js
     with inject_build_failure():
         error, _ = _initialize(ctx, adapter, second)
     after = adapter.state()
-    same_handle = after.same_handle(before)
+    unmoved = same_handle(after, before)
     before_record, after_failure = before.record(), after.record()
     has_handle = [h for h in _gather(ctx, after.handle is not None) if h]
     del before, after
@@ -486,7 +510,7 @@ def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_js
     return FailedRebuildObservation(
         rank=ctx.rank,
         raised=_first_line_of(error),
-        same_handle=same_handle,
+        same_handle=unmoved,
         before=before_record,
         after_failure=after_failure,
         first_round_trip=first_round_trip,
