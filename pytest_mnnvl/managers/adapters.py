@@ -225,10 +225,6 @@ class StateRecord:
     #: FlashInfer 0.7.4's 33-field layout of the live handle (``None`` on 0.7.2 or without a handle).
     layout: tuple[int, ...] | None = None
 
-    @property
-    def has_handle(self) -> bool:
-        return self.stamp is not None
-
 
 @dataclass(frozen=True)
 class ManagerState:
