@@ -277,6 +277,11 @@ def _capacity(state: StateRecord, release: str) -> dict[str, Any]:
     return oracle.observed(oracle.capacity_of(state), release)
 
 
+def _capacity_of(capacity: oracle.Capacity, release: str) -> dict[str, Any]:
+    """The oracle's own capacity (a policy's handle) in the release's terms, for expected/observed."""
+    return oracle.observed(capacity, release)
+
+
 def _failed(outcome: str | None) -> bool:
     return outcome is not None and outcome != OK
 
@@ -600,25 +605,44 @@ def check_covers_cross_product(judge: Judge, results: Results) -> None:
 
 
 def check_minimal_rebuilds(judge: Judge, results: Results) -> None:
-    """Builds (first included) no more than the manager's declared policy needs."""
+    """Builds (first included) no more, and none larger, than the manager's declared policy needs: after each
+    ``initialize`` the live handle is no larger, in any dimension the release's handle has, than the policy's
+    own handle for the layers seen so far (its trajectory; the covers checks bound it from below)."""
     if judge.policy is None:
         return
+    release = _release(results)
     for r in results:
         layers = judge.layers(r.stage)
         if not r.steps or r.stopped:
             continue
+        path = oracle.trajectory(judge.policy, layers, judge.ep_size, release)
         observed = sum(1 for s in r.steps if s.rebuilt)
-        least = oracle.minimal_rebuilds(judge.policy, layers, judge.ep_size, _release(results))
+        least = sum(s.rebuilt for s in path)
         if observed > least:
-            expected = [s.rebuilt for s in oracle.trajectory(judge.policy, layers, judge.ep_size, _release(results))]
             raise judge.fail(
                 MinimalRebuildsViolation,
                 f"more builds than the declared policy {judge.policy!r} needs",
                 stage=r.stage,
                 ranks=[r.rank],
-                expected=f"{least} builds {expected}",
+                expected=f"{least} builds {[s.rebuilt for s in path]}",
                 observed=f"{observed} builds {[s.rebuilt for s in r.steps]}",
             )
+        for step in r.steps:
+            st, bound = step.state, path[step.layer].capacity
+            if not st.initialized or st.size_per_rank is None:
+                continue  # no live handle: the covers checks' verdict
+            over = oracle.oversized(oracle.capacity_of(st), bound, release)
+            if over:
+                raise judge.fail(
+                    MinimalRebuildsViolation,
+                    f"the live handle is larger than the declared policy {judge.policy!r} needs for the layers so "
+                    f"far ({', '.join(f'{name} {have} > {most}' for name, (have, most) in over.items())})",
+                    stage=r.stage,
+                    layer=step.layer,
+                    ranks=[r.rank],
+                    expected=f"<= {_capacity_of(bound, release)}",
+                    observed=_capacity(st, release),
+                )
 
 
 #: How the sim's race detector names its error (the first line of an outcome starts with it).

@@ -130,6 +130,12 @@ def shrunk(before: Capacity, after: Capacity, release: str | None = None) -> boo
     return bool(arithmetic(release).shrunk(before, after))
 
 
+def oversized(capacity: Capacity, bound: Capacity, release: str | None = None) -> dict[str, tuple[int, int]]:
+    """The dimensions the release's handle has in which ``capacity`` holds more than ``bound`` (name ->
+    (observed, bound)); empty when it fits within ``bound`` everywhere."""
+    return dict(arithmetic(release).oversized(capacity, bound))
+
+
 def requirement(layer: LayerSpec, ep_size: int, release: str | None = None) -> dict[str, Any]:
     """What a handle needs to serve ``layer``, in the release's terms (violation messages)."""
     return dict(arithmetic(release).requirement(layer, ep_size))

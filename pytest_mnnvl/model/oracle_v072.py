@@ -52,6 +52,16 @@ def shrunk(before: Capacity, after: Capacity) -> bool:
     return after.size_per_rank < before.size_per_rank or after.max_num_tokens < before.max_num_tokens
 
 
+def oversized(capacity: Capacity, bound: Capacity) -> dict[str, tuple[int, int]]:
+    """The dimensions of a 0.7.2 handle (bytes per rank, max tokens) in which ``capacity`` exceeds ``bound``:
+    name -> (observed, bound)."""
+    pairs = {
+        "size_per_rank": (capacity.size_per_rank, bound.size_per_rank),
+        "max_num_tokens": (capacity.max_num_tokens, bound.max_num_tokens),
+    }
+    return {name: pair for name, pair in pairs.items() if pair[0] > pair[1]}
+
+
 def requirement(layer: LayerSpec, ep_size: int) -> dict[str, Any]:
     """What a handle must have to serve ``layer`` (for violation messages; ``covers`` decides)."""
     return {"size_per_rank": f">= {need(layer, ep_size)}", "max_num_tokens": f">= {layer.max_num_tokens}"}

@@ -154,6 +154,25 @@ def shrunk(before: Capacity, after: Capacity) -> bool:
     )
 
 
+def oversized(capacity: Capacity, bound: Capacity) -> dict[str, tuple[int, int]]:
+    """The dimensions of a 0.7.4 layout (bytes per rank, max tokens, the fixed dispatch and combine regions, the
+    EPLB slots) in which ``capacity`` exceeds ``bound``: name -> (observed, bound)."""
+    if _no_handle(capacity):
+        return {}
+    have = layout_of(capacity)
+    if _no_handle(bound):
+        return {"size_per_rank": (capacity.size_per_rank, 0)}
+    most = layout_of(bound)
+    pairs = {
+        "size_per_rank": (capacity.size_per_rank, bound.size_per_rank),
+        "max_num_tokens": (have.max_num_tokens, most.max_num_tokens),
+        "dispatch_capacity": (have.dispatch_payload_size, most.dispatch_payload_size),
+        "combine_capacity": (have.combine_input_size, most.combine_input_size),
+        "eplb_stats_num_experts": (have.eplb_stats_num_experts, most.eplb_stats_num_experts),
+    }
+    return {name: pair for name, pair in pairs.items() if pair[0] > pair[1]}
+
+
 def requirement(layer: LayerSpec, ep_size: int) -> dict[str, Any]:
     """What a handle must have to serve ``layer``: its regions at full tokens, its token count and top_k."""
     layout = layer_layout(layer, ep_size)
