@@ -34,6 +34,7 @@ from tests.manager_rank_fns import (
     NV_E16,
     NV_TOP4,
     WIDE,
+    E,
     T,
     cleanup_twice,
     first_error,
@@ -56,6 +57,7 @@ SAYS = {
         "narrow_combine": "combine payload region",
         "shrunk_below_earlier": "combine payload region",
         "retry_skipped": "combine payload region",
+        "cross_product": "workspace insufficient",
     },
     releases.V074: {
         "bf16_on_nvfp4": "Dispatch payload exceeds its workspace capacity",
@@ -64,6 +66,7 @@ SAYS = {
         "narrow_combine": "Combine payload exceeds its fixed workspace region",
         "shrunk_below_earlier": "Dispatch payload exceeds its workspace capacity",
         "retry_skipped": "Dispatch payload exceeds its workspace capacity",
+        "cross_product": "Dispatch payload exceeds its workspace capacity",
     },
 }[RELEASE]
 
@@ -233,6 +236,18 @@ def test_asymmetric_ranks_disagree(mnnvl_world: Any) -> None:
     assert tokens == [T, 2 * T] and len(sizes) == 1
 
 
+def test_skewed_expert_count_ranks_disagree_and_none_hangs(mnnvl_world: Any) -> None:
+    """Nothing refuses rank 0's expert count (sizes and layouts agree), its rows reach the wrong peer, and that peer
+    says so after taking part in the combine: a rank that skipped it left rank 0 in the combine kernel until the
+    deadlock verdict."""
+    results = mnnvl_world(2, 1).run(run_plan, mutant("skewed_expert_count"), plan([NV]), probes=False)
+    states = [r.steps[0].state for r in results]
+    assert [s.num_experts for s in states] == [E + 2, E]
+    assert len({(s.size_per_rank, s.max_num_tokens, s.layout) for s in states}) == 1
+    assert all(r.steps[0].raised is None for r in results)
+    assert all("RoundTripMismatch" in (r.steps[0].round_trip or "") for r in results), [r.steps[0] for r in results]
+
+
 def test_accepts_mismatch_raises_nothing(mnnvl_world: Any) -> None:
     for result in mnnvl_world(2, 1).run(mismatch, mutant("accepts_mismatch"), layer(NV), layer(NV_TOP4)):
         assert result.raised is None
@@ -295,6 +310,16 @@ def test_total_need_misses_the_cross_product(mnnvl_world: Any) -> None:
         assert [s.state.size_per_rank for s in result.steps] == [e.capacity.size_per_rank for e in expected]
         assert first_error(result) is None  # every MUST holds
         assert "workspace" in result.probes[0]  # the first probe, bf16 at max tokens (BF_2T), does not fit
+
+
+def test_region_total_need_misses_the_cross_product(mnnvl_world: Any) -> None:
+    """The bf16 layer's dispatch need (T × its row) is spread over 2T tokens: it fits at its own T tokens (every
+    MUST holds) but not at 2T, which the handle admits from it."""
+    results = mnnvl_world(2, 1).run(run_plan, mutant("region_total_need"), plan([NV_2T, BF]), recheck=True)
+    for result in results:
+        assert [s.rebuilt for s in result.steps] == [True, True]
+        assert first_error(result) is None
+        assert result.probes[0] == "ok" and SAYS["cross_product"] in result.probes[1]  # probe 1: bf16 at 2T
 
 
 def test_assert_only_mismatch_raises_without_O(mnnvl_world: Any) -> None:

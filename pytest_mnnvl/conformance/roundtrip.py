@@ -6,7 +6,8 @@ deterministic per (source rank, token), so every receiver can verify what arrive
 
 - dispatch: every source sends each token once to each distinct rank owning one of its experts;
   a receiver checks how many rows each source sent it and that every row is one of that source's
-  tokens, byte for byte (arrival order is not defined, so rows are compared as a set);
+  tokens, byte for byte (arrival order is not defined, so rows are compared as a set); a receiver
+  that got wrong rows says so only after the combine, which its peers wait in;
 - combine: every rank returns ones for every received slot, so each token's combined value must
   be the number of distinct ranks its experts live on.
 
@@ -315,6 +316,7 @@ def round_trip(a2a: Any, layer: LayerSpec, ep_rank: int, ep_size: int, tokens: i
 
     counts = []
     width = layer.dispatch_payloads[0].bytes_per_token
+    delivered_wrong: str | None = None
     for source in range(ep_size):
         routes = selected_experts(layer, source, tokens)
         mine = [t for t, row in enumerate(routes) if ep_rank in {owner_of(e, layer.num_experts, ep_size) for e in row}]
@@ -322,12 +324,21 @@ def round_trip(a2a: Any, layer: LayerSpec, ep_rank: int, ep_size: int, tokens: i
         # The activation payload's bytes (on 0.7.4 a layer's extra bytes follow them in the same row).
         got = received[source, : len(mine)].contiguous().view(torch.uint8)[:, :width].cpu()
         want = _payload_bytes(source, tokens, width, 0)[mine]
-        wrong = dispatch_mismatch(got, want, mine, ep_rank, source, layer.name or layer.quant.value)
-        if wrong is not None:
-            raise RoundTripMismatch(wrong)
+        delivered_wrong = delivered_wrong or dispatch_mismatch(
+            got, want, mine, ep_rank, source, layer.name or layer.quant.value
+        )
 
+    # A rank whose dispatch delivered wrong rows still takes part in the combine (as an engine, which never
+    # verifies, would): its peers' combine waits for this rank's flag, so skipping it would hang them.
     combine_in = torch.ones((ep_size, tokens, layer.hidden_size), dtype=torch.bfloat16, device=device)
-    combined = calls.combine(a2a, combine_in, tokens).float().cpu()
+    try:
+        combined = calls.combine(a2a, combine_in, tokens).float().cpu()
+    except Exception as exc:
+        if delivered_wrong is not None:
+            raise RoundTripMismatch(delivered_wrong) from exc
+        raise
+    if delivered_wrong is not None:
+        raise RoundTripMismatch(delivered_wrong)
     routes = selected_experts(layer, ep_rank, tokens)
     expected = torch.tensor(
         [len({owner_of(e, layer.num_experts, ep_size) for e in row}) for row in routes], dtype=torch.float32

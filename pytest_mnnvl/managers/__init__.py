@@ -35,6 +35,7 @@ MUTANT_NAMES = (
     "rebuild_every_call",
     "rebuilds_unless_dominated",
     "asymmetric",
+    "skewed_expert_count",
     "world_barrier",
     "world_comm_backend",
     "accepts_mismatch",
@@ -48,6 +49,7 @@ MUTANT_NAMES = (
     "skips_destroy",
     "half_updated_on_failure",
     "total_need",
+    "region_total_need",
 )
 SHAPES = ("pr42976", "moe_ep")
 POLICIES = ("total", "per_dimension")

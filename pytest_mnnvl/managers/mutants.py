@@ -208,6 +208,25 @@ class Asymmetric(Mutant):
         return self._builder.build(target, top_k, num_experts, self._comm(), max_num_tokens=tokens)
 
 
+class SkewedExpertCount(Mutant):
+    """EP rank 0 builds its handles for the physical expert count, one redundant (EPLB) slot per EP rank
+    added (``num_experts + ep``), its peers for the logical count. ``num_experts`` is no part of the
+    allocation on either release (0.7.2's size all-gather, 0.7.4's votes and layout leave it out), so no
+    rank refuses it; only the routing differs: rank 0's dispatch sends tokens to the owners of other
+    expert blocks than its peers'. Caught by **ep_symmetry**: the ranks' handles disagree on
+    ``num_experts`` from the first layer on (the round trips deliver rows to the wrong ranks, so covers
+    fails too)."""
+
+    mnnvl_mutant = "skewed_expert_count"
+    mnnvl_invariant = "ep_symmetry"
+    mnnvl_also = ("covers",)
+
+    def _build(self, target: Capacity, top_k: int, num_experts: int) -> Any:
+        if self.rank == 0:
+            num_experts += self.world_size
+        return super()._build(target, top_k, num_experts)
+
+
 class WorldBarrier(Mutant):
     """The post-build barrier runs on the world group, not the EP group (vLLM before PR #42976).
     With PP, stages rebuild different numbers of times and the world barrier never completes.
@@ -465,6 +484,47 @@ class TotalNeed(Mutant):
         return self._builder.build_sized(target.max_num_tokens, size, top_k, num_experts, self._comm())  # type: ignore[attr-defined]
 
 
+def _region_needs(capacity: Capacity) -> tuple[int, int]:
+    """(dispatch, combine) bytes of one capacity at its own max tokens, per EP peer."""
+    tokens = capacity.max_num_tokens
+    return tokens * capacity.dispatch_bytes_per_token, tokens * capacity.combine_bytes_per_token
+
+
+def _spread(need: int, tokens: int) -> int:
+    """Bytes per token that hold ``need`` bytes over ``tokens`` tokens (rounded up)."""
+    return -(-need // tokens)
+
+
+class RegionTotalNeed(Mutant):
+    """Keeps, per region, the largest need one layer declared (its max tokens × its dispatch bytes per
+    token; the same for combine) and builds for the largest token count with that need spread over it
+    (``ceil(max_l T_l·b_l / max T)`` bytes per token): vLLM 0.32's total-need policy written in the
+    per-token parameters 0.7.4 takes, and a byte size on 0.7.2. Every layer fits at its own declared
+    tokens, so the MUST covers passes, but the handle admits the largest token count from every layer
+    and a wide layer run at it overflows its region. Caught by **covers_cross_product** (a SHOULD), on
+    both releases; it declares the per-dimension policy, so minimal_rebuilds may catch it too."""
+
+    mnnvl_mutant = "region_total_need"
+    mnnvl_invariant = "covers_cross_product"
+    mnnvl_also = ("minimal_rebuilds",)
+
+    def _fits(self, want: Capacity) -> bool:
+        have = self.capacity
+        if have is None or have.max_num_tokens < want.max_num_tokens:
+            return False
+        return all(kept >= asked for kept, asked in zip(_region_needs(have), _region_needs(want), strict=True))
+
+    def _target(self, want: Capacity) -> Capacity:
+        have = self.capacity
+        if have is None:
+            return want
+        tokens = max(have.max_num_tokens, want.max_num_tokens)
+        dispatch, combine = (
+            max(kept, asked) for kept, asked in zip(_region_needs(have), _region_needs(want), strict=True)
+        )
+        return Capacity(tokens, _spread(dispatch, tokens), _spread(combine, tokens))
+
+
 MUTANTS: dict[str, type[Mutant]] = {
     cls.mnnvl_mutant: cls
     for cls in (
@@ -476,6 +536,7 @@ MUTANTS: dict[str, type[Mutant]] = {
         RebuildEveryCall,
         RebuildsUnlessDominated,
         Asymmetric,
+        SkewedExpertCount,
         WorldBarrier,
         WorldCommBackend,
         AcceptsMismatch,
@@ -489,6 +550,7 @@ MUTANTS: dict[str, type[Mutant]] = {
         SkipsDestroy,
         HalfUpdatedOnFailure,
         TotalNeed,
+        RegionTotalNeed,
     )
 }
 
