@@ -1,15 +1,30 @@
-# Source this on a GPU runner with no registry: restores the offline FlashInfer bundle carried in .gpu/
-# (see `python -m pytest_mnnvl.cli.bundle`), the JIT cache, and keeps NVLink multicast off.
+# Source this on a GPU runner with no registry: restores an offline FlashInfer bundle carried in .gpu/, the JIT
+# cache, and keeps NVLink multicast off.
 #
-# The JIT cache only hits when FlashInfer, tvm-ffi and the workspace sit at the paths the cache was built
-# with: ninja compares whole command lines (-I/tmp/fi/..., -isystem /tmp/site/tvm_ffi/include) and rebuilds
-# on any difference (~3 min on 16 cores instead of ~9 s). The shared bundle was built at these paths.
+#   . benchmarks/gpu_env.sh                                   # the shared 0.7.2.post1 bundle (.gpu/fi-trim.tar.xz)
+#   MNNVL_GPU_BUNDLE=.gpu/bundle-0.7.4 . benchmarks/gpu_env.sh  # a bundle built by `python -m pytest_mnnvl.cli.bundle`
+#
+# A carried JIT cache only hits when FlashInfer, tvm-ffi and the workspace sit at the paths the cache was built
+# with: ninja compares whole command lines (-I/tmp/fi/..., -isystem /tmp/site/tvm_ffi/include) and rebuilds on any
+# difference (minutes on 16 cores instead of seconds). The shared bundle was built at the paths below; a
+# cli.bundle bundle is restored under /tmp/mnnvl-bundle/<its release>, so a cache built there once (the `jit` step
+# of gpu_suite.sh brings it back) hits on every later runner.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-if [ ! -d /tmp/fi/flashinfer ]; then
-  mkdir -p /tmp/fi /tmp/site /tmp/fiws
-  tar -xJf .gpu/fi-trim.tar.xz -C /tmp/fi
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/apache_tvm_ffi-*.whl
-  [ -f .gpu/jitcache.tar.xz ] && tar -xJf .gpu/jitcache.tar.xz -C /tmp/fiws
+if [ -n "${MNNVL_GPU_BUNDLE:-}" ]; then
+  _release=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["flashinfer"])' \
+    "$MNNVL_GPU_BUNDLE/bundle.json") || return 2
+  _exports=$(PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 -m pytest_mnnvl.cli.bundle restore \
+    "$MNNVL_GPU_BUNDLE" --into "/tmp/mnnvl-bundle/$_release") || return 2
+  eval "$_exports"  # PYTHONPATH: the bundle's site folder, then this checkout and what was there
+  export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/mnnvl-bundle/$_release/workspace}
+  unset _release _exports
+else
+  if [ ! -d /tmp/fi/flashinfer ]; then
+    mkdir -p /tmp/fi /tmp/site /tmp/fiws
+    tar -xJf .gpu/fi-trim.tar.xz -C /tmp/fi
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/apache_tvm_ffi-*.whl
+    [ -f .gpu/jitcache.tar.xz ] && tar -xJf .gpu/jitcache.tar.xz -C /tmp/fiws
+  fi
+  export PYTHONPATH="/tmp/fi:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export FLASHINFER_WORKSPACE_BASE=/tmp/fiws
 fi
-export PYTHONPATH="/tmp/fi:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export FLASHINFER_WORKSPACE_BASE=/tmp/fiws

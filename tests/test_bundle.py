@@ -30,6 +30,42 @@ def test_keep(path: str, kept: bool) -> None:
     assert bundle.keep(path) is kept
 
 
+@pytest.mark.parametrize(
+    "path,kept",
+    [
+        ("moe_ep/backends/split/comm/nvlink_one_sided/kernels.py", True),
+        ("data/csrc/nvlink_one_sided_alltoall.cu", True),
+        ("data/csrc/nvlink_one_sided_lamport.cu", True),
+        ("data/cutlass/include/cutlass/arch/barrier.h", True),
+        ("data/cutlass/tools/util/include/cutlass/util/device_memory.h", True),
+        ("data/csrc/trtllm_moe_alltoall.cu", False),
+        ("data/cutlass/examples/00_basic_gemm/basic_gemm.cu", False),
+        ("data/csrc/batch_attention.cu", False),
+    ],
+)
+def test_keep_for_0_7_4(path: str, kept: bool) -> None:
+    """0.7.4's one-sided module is built from other sources, and its kernels include CUTLASS headers."""
+    assert bundle.keep(path, "0.7.4") is kept
+
+
+def test_every_supported_release_has_a_file_list() -> None:
+    from pytest_mnnvl.model import releases
+
+    assert tuple(bundle.KEEP_BY_RELEASE) == releases.SUPPORTED
+
+
+def test_build_refuses_an_unsupported_release(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_mnnvl.cli.bundle", "build", "--out", str(tmp_path), "--flashinfer", "0.8.0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--flashinfer=0.8.0: not a supported FlashInfer release (allowed: 0.7.2.post1, 0.7.4)" in done.stderr
+    assert not any(tmp_path.iterdir())  # refused before any download
+
+
 def test_trim_and_restore_the_installed_flashinfer(tmp_path: Path) -> None:
     spec = importlib.util.find_spec("flashinfer")
     if spec is None or not spec.submodule_search_locations:

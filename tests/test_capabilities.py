@@ -46,6 +46,8 @@ from pytest_mnnvl.probes.ptrace import (
     static_ptrace_verdict,
 )
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> Iterator[None]:
@@ -551,6 +553,47 @@ def test_multi_gpu_reason_xdist_share() -> None:
     assert multi_gpu_reason(1, inv, env) is None
 
 
+def test_flashinfer_info_knows_each_releases_one_sided_api(tmp_path: Path) -> None:
+    """0.7.4 has no MoeAlltoAll: its one-sided all-to-all is moe_ep's NVLinkOneSidedAlltoAll, which loads its own
+    op module; a probe that knew only 0.7.2's file refused every real world on 0.7.4 (seen on one H200)."""
+    new = make_package(
+        tmp_path / "new",
+        ["comm/mnnvl.py", "comm/fd_exchange.py", "moe_ep/backends/split/comm/nvlink_one_sided/kernels.py"],
+    )
+    info = flashinfer_info_at(new, "0.7.4")
+    assert info.one_sided and info.one_sided_api == "NVLinkOneSidedAlltoAll"
+    assert "one-sided NVLinkOneSidedAlltoAll present" in info.reason
+    legacy = flashinfer_info_at(make_package(tmp_path / "old", ["comm/trtllm_moe_alltoall.py"]), "0.7.2.post1")
+    assert legacy.one_sided_api == "MoeAlltoAll"
+    neither = flashinfer_info_at(make_package(tmp_path / "none", ["comm/mnnvl.py"]), "0.9.0")
+    assert not neither.one_sided and neither.one_sided_api is None
+    assert "trtllm_moe_alltoall.py" in neither.reason and "nvlink_one_sided/kernels.py" in neither.reason
+    reason = one_sided_reason(2, neither, None, None) or ""
+    assert "0.9.0" in reason and "nvlink_one_sided/kernels.py" in reason and "0.7.4" in reason
+
+
+def test_the_flashinfer_backend_loads_each_supported_releases_op_module() -> None:
+    """Every supported release has an op-module loader, and that function exists in that release's files (0.7.4's
+    from the `.fi074` copy CI installs beside the venv's 0.7.2.post1)."""
+    from pytest_mnnvl.backends.flashinfer import OP_MODULES
+    from pytest_mnnvl.model import releases
+
+    assert tuple(OP_MODULES) == releases.SUPPORTED
+    installed = flashinfer_info()
+    roots = {"0.7.4": REPO / ".fi074"}
+    if installed.location and installed.version:
+        roots.setdefault(installed.version, Path(installed.location).parent)
+    for release, (module, loader, _, _) in OP_MODULES.items():
+        root = roots.get(release)
+        if root is None:
+            pytest.skip(f"FlashInfer {release} is neither installed nor in .fi074: run `bash .ci/install`")
+        source = root.joinpath(*module.split(".")).with_suffix(".py")
+        if not source.is_file():
+            pytest.skip(f"FlashInfer {release} is not at {root}: run `bash .ci/install`")
+        assert f"def {loader}(" in source.read_text(), (release, source)
+        assert flashinfer_info_at(root / "flashinfer", release).one_sided
+
+
 def test_one_sided_reason() -> None:
     info = FlashInferInfo(True, "0.7.2.post1", "/x", True, True, "scm_rights", "ok")
     assert one_sided_reason(2, info, None, Probe(True, "NV18")) is None
@@ -560,7 +603,7 @@ def test_one_sided_reason() -> None:
     few = one_sided_reason(2, info, "needs 2 GPUs, 1 visible", None)
     assert few == "one-sided all-to-all needs 2 GPUs, 1 visible"
     old = FlashInferInfo(True, "0.5.0", "/x", False, False, "pidfd_getfd", "")
-    assert "trtllm_moe_alltoall.py" in (one_sided_reason(2, old, None, None) or "")
+    assert "trtllm_moe_alltoall.py" in (one_sided_reason(2, old, None, None) or "")  # names both APIs' files
     assert "not installed" in (one_sided_reason(2, flashinfer_info_at(None, None), None, None) or "")
 
 
@@ -580,7 +623,7 @@ def test_header_lines_on_this_machine() -> None:
     text = "\n".join(lines)
     assert lines[0].startswith("mnnvl: GPUs: 0 (")
     assert "mnnvl: links: none" in lines
-    assert "mnnvl: FlashInfer: 0.7.2.post1 (one-sided MoeAlltoAll: yes, moe_ep: yes)" in lines
+    assert "mnnvl: FlashInfer: 0.7.2.post1 (one-sided: MoeAlltoAll, moe_ep: yes)" in lines
     assert "mnnvl: handle type: n/a" in text
     assert "mnnvl: fd exchange: SCM_RIGHTS (no ptrace needed)" in lines
     assert lines[-1].startswith("mnnvl: ptrace: ok (") and "live probe skipped" in lines[-1]

@@ -7,7 +7,8 @@ runs only its named invariant's test, on 2 ranks, or on 4 ranks in 2 PP stages w
 needs PP (collective scope, deadlock freedom). The runs are independent parametrized cases, so
 ``-n 2`` splits them. ``MNNVL_MATRIX_OUT=DIR`` also writes the mutation matrix (JSON + Markdown).
 ``MNNVL_MATRIX_TOPOLOGIES=all`` runs every mutant on each of ws2-pp1, ws4-pp1 and ws4-pp2 instead (a defect
-that needs PP is run only where there is PP): the full GPU matrix, ~3× the time.
+that needs PP is run only where there is PP): the full GPU matrix, ~3× the time. ``MNNVL_MATRIX_ARGS`` adds
+options to every suite run (on a one-GPU box: ``--mnnvl-ranks-per-gpu=auto --mnnvl-mps=off``).
 
 The matrix is the installed FlashInfer release's (``.venv`` 0.7.2.post1, ``.venv074`` 0.7.4): a mutant runs
 on the invariant it names for that release (``Mutant.invariant_on``), and a mutant whose defect cannot exist
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,7 @@ def run_suite(
     ]
     if topology is not None:
         args += [f"--mnnvl-world-sizes={topology[0]}", f"--mnnvl-pp={topology[1]}"]
+    args += shlex.split(os.environ.get("MNNVL_MATRIX_ARGS", ""))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     t0 = time.monotonic()
     result = pytester.runpytest_subprocess(*args, timeout=300)

@@ -2,10 +2,10 @@
 
 :func:`install` binds the rank to its GPU, forbids NVLink multicast (``MoeAlltoAll`` never needs
 it; on these hosts a stray multicast object can take the GPUs out of service) and makes sure the
-one-sided op module can be built or loaded before any test collective runs, so a missing JIT
-toolchain is one clear error, not a hang of the peers. Like the sim backend, this module exposes
-FlashInfer's ``MoeAlltoAll``, ``Mapping``, ``MnnvlConfig`` and
-``moe_a2a_get_workspace_size_per_rank`` (here the real ones).
+one-sided op module of the installed release (:data:`OP_MODULES`) can be built or loaded before any test
+collective runs, so a missing JIT toolchain is one clear error, not a hang of the peers. Like the sim
+backend, this module exposes FlashInfer's ``MoeAlltoAll``, ``Mapping``, ``MnnvlConfig`` and
+``moe_a2a_get_workspace_size_per_rank`` (here the real ones; the first and last exist up to 0.7.2.post1).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import os
 from typing import Any
+
+from pytest_mnnvl.model.releases import V072, V074
 
 FORCE_POSIX_FD_ENV = "PYTEST_MNNVL_FORCE_POSIX_FD"
 #: The one platform query answered in a shared-GPU world, and the answer (see :func:`_answer_shared_gpu`).
@@ -23,6 +25,17 @@ _FLASHINFER_NAMES = {
     "Mapping": "flashinfer.comm.mapping",
     "MnnvlConfig": "flashinfer.comm.mnnvl",
     "MnnvlMemory": "flashinfer.comm.mnnvl",
+}
+#: Per supported release, the loader of the one-sided op module its all-to-all calls (module, function, its
+#: arguments) and the JIT module's name (for the error text).
+OP_MODULES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    V072: ("flashinfer.comm.trtllm_moe_alltoall", "get_moe_alltoall_module", ("trtllm",), "mnnvl_moe_alltoall"),
+    V074: (
+        "flashinfer.moe_ep.backends.split.comm.nvlink_one_sided.kernels",
+        "get_nvlink_one_sided_alltoall_module",
+        (),
+        "nvlink_one_sided_alltoall",
+    ),
 }
 _installed_pid: int | None = None
 #: What :func:`install` answered in this process in FlashInfer's place, recorded on every context it is given.
@@ -122,21 +135,27 @@ def install(ctx: Any) -> None:
         )
     torch.cuda.set_device(ctx.device)
     _forbid_multicast()
-    from flashinfer.comm.mnnvl import MnnvlMemory
-    from flashinfer.comm.trtllm_moe_alltoall import get_moe_alltoall_module
+    import importlib
 
+    from flashinfer.comm.mnnvl import MnnvlMemory
+
+    from pytest_mnnvl.model import releases
+
+    release = releases.current()
+    module_name, loader, args, jit_name = OP_MODULES[release]
     if os.environ.get(FORCE_POSIX_FD_ENV) == "1":
-        # A fabric probe can read "supported" in a VM without IMEX; POSIX fds always work on one host.
+        # A fabric probe can read "supported" in a VM without IMEX; POSIX fds always work on one host. (0.7.4
+        # has no such cache: its ranks vote on the handle type and fall back to POSIX fds themselves.)
         MnnvlMemory._fabric_supported = False
     if getattr(ctx, "ranks_per_gpu", 1) > 1:
         _answered = _answer_shared_gpu()
     try:
-        get_moe_alltoall_module("trtllm")
+        getattr(importlib.import_module(module_name), loader)(*args)
     except Exception as exc:
         raise RuntimeError(
-            "pytest-mnnvl flashinfer backend: FlashInfer's one-sided all-to-all module (mnnvl_moe_alltoall) "
+            f"pytest-mnnvl flashinfer backend: FlashInfer {release}'s one-sided all-to-all module ({jit_name}) "
             f"could not be built or loaded: {type(exc).__name__}: {exc}. It is JIT-compiled on first use "
-            "(several minutes; needs nvcc, cublasLt.h and a linkable libcuda). Point "
+            "(minutes; needs nvcc, cublasLt.h and a linkable libcuda). Point "
             "FLASHINFER_WORKSPACE_BASE at a prebuilt cache to skip the build, or use --mnnvl-backend=sim."
         ) from exc
     ctx.answered_queries = _answered

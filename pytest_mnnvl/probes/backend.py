@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Literal
 
-from pytest_mnnvl.probes.flashinfer import FlashInferInfo, flashinfer_info
+from pytest_mnnvl.probes.flashinfer import FlashInferInfo, flashinfer_info, missing_one_sided_text
 from pytest_mnnvl.probes.gpus import GpuInventory, _int_env, gpu_inventory, missing_for_multi_gpu
 from pytest_mnnvl.probes.links import nvlink_p2p
 from pytest_mnnvl.probes.probe import Probe
@@ -28,8 +28,8 @@ def one_sided_reason(
         return info.reason
     if not info.one_sided:
         return (
-            f"FlashInfer {info.version} at {info.location} has no comm/trtllm_moe_alltoall.py (one-sided "
-            "MoeAlltoAll): install a flashinfer-python release that ships it, e.g. 0.7.2.post1"
+            f"FlashInfer {info.version} at {info.location} has no one-sided all-to-all ({missing_one_sided_text()}):"
+            " install a supported flashinfer-python release, e.g. 0.7.2.post1 or 0.7.4"
         )
     if multi_gpu is not None:
         return f"one-sided all-to-all {multi_gpu}"

@@ -2,7 +2,7 @@
 seconds and may initialise CUDA).
 
 ``importlib.util.find_spec("flashinfer")`` locates it (a top-level lookup does not execute the package),
-then its files decide: ``comm/trtllm_moe_alltoall.py`` (one-sided ``MoeAlltoAll``), ``moe_ep/``, and how
+then its files decide: which one-sided all-to-all it has (:data:`ONE_SIDED_APIS`), ``moe_ep/``, and how
 POSIX fds travel between ranks: ``comm/fd_exchange.py`` (over ``SCM_RIGHTS``: no ptrace needed,
 releases >= 0.6.16) or its absence (``pidfd_getfd``: ptrace rights needed).
 """
@@ -19,6 +19,13 @@ from typing import Literal
 from pytest_mnnvl.probes.probe import _cached
 
 FdExchange = Literal["scm_rights", "pidfd_getfd"]
+#: The one-sided all-to-all APIs the harness drives, by the file that ships each (relative to the package):
+#: up to 0.7.2.post1 ``MoeAlltoAll`` over its op module; from 0.7.4 on ``flashinfer.moe_ep``'s
+#: ``NVLinkOneSidedAlltoAll``, which owns its workspace and loads its own op module from this file.
+ONE_SIDED_APIS = (
+    ("comm/trtllm_moe_alltoall.py", "MoeAlltoAll"),
+    ("moe_ep/backends/split/comm/nvlink_one_sided/kernels.py", "NVLinkOneSidedAlltoAll"),
+)
 
 
 @dataclass(frozen=True)
@@ -28,12 +35,14 @@ class FlashInferInfo:
     location: str | None
     """Directory of the ``flashinfer`` package."""
     one_sided: bool
-    """``flashinfer/comm/trtllm_moe_alltoall.py`` (``MoeAlltoAll``) is present."""
+    """A one-sided all-to-all of :data:`ONE_SIDED_APIS` is present (``one_sided_api`` names it)."""
     moe_ep: bool
     """``flashinfer/moe_ep`` (``NVLinkOneSidedAlltoAll``, 0.7.x) is present."""
     fd_exchange: FdExchange | None
     """How POSIX-fd handles travel between ranks; ``None`` when it cannot be told."""
     reason: str
+    one_sided_api: str | None = None
+    """``MoeAlltoAll`` or ``NVLinkOneSidedAlltoAll`` (see :data:`ONE_SIDED_APIS`); None without either."""
 
     @property
     def needs_ptrace(self) -> bool:
@@ -68,7 +77,8 @@ def flashinfer_info_at(package_dir: str | os.PathLike[str] | None, version: str 
         )
     root = Path(package_dir)
     comm = root / "comm"
-    one_sided = (comm / "trtllm_moe_alltoall.py").is_file()
+    api = next((name for rel, name in ONE_SIDED_APIS if (root / rel).is_file()), None)
+    one_sided = api is not None
     moe_ep = (root / "moe_ep").is_dir()
     if version is None:
         try:
@@ -94,10 +104,15 @@ def flashinfer_info_at(package_dir: str | os.PathLike[str] | None, version: str 
             how += f" (unexpected for {version}: releases >= 0.6.16 ship fd_exchange.py)"
     parts = [
         f"flashinfer {shown} at {root}",
-        "one-sided MoeAlltoAll present" if one_sided else "no comm/trtllm_moe_alltoall.py (no MoeAlltoAll)",
+        f"one-sided {api} present" if one_sided else f"no one-sided all-to-all ({missing_one_sided_text()})",
         how,
     ]
-    return FlashInferInfo(True, version, str(root), one_sided, moe_ep, mechanism, "; ".join(parts))
+    return FlashInferInfo(True, version, str(root), one_sided, moe_ep, mechanism, "; ".join(parts), api)
+
+
+def missing_one_sided_text() -> str:
+    """What a FlashInfer without a one-sided all-to-all lacks: every file of :data:`ONE_SIDED_APIS`."""
+    return " and ".join(f"no {rel} ({name})" for rel, name in ONE_SIDED_APIS)
 
 
 def _flashinfer_dir() -> tuple[str | None, str]:

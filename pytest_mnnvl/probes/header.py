@@ -27,8 +27,8 @@ def header_lines(live_ptrace: bool | None = None) -> list[str]:
     info = flashinfer_info()
     if info.installed:
         lines.append(
-            f"mnnvl: FlashInfer: {info.version or 'unknown version'} (one-sided MoeAlltoAll: "
-            f"{'yes' if info.one_sided else 'no'}, moe_ep: {'yes' if info.moe_ep else 'no'}"
+            f"mnnvl: FlashInfer: {info.version or 'unknown version'} (one-sided: "
+            f"{info.one_sided_api or 'none'}, moe_ep: {'yes' if info.moe_ep else 'no'}"
             f"{releases.header_note(info.version)})"
         )
         ht = handle_type()
