@@ -64,26 +64,33 @@ TIMEOUT_OUTPUT = "timeout"  # cosmic-ray's output for a test command it killed a
 #: ``gap-closed`` (the suite was extended; the check named in the results kills it), ``gap-unit`` (the
 #: conformance run never reaches it, the unit tests kill it: set from the unit check), ``gap-unreached`` (the
 #: conformance run with the pr42976-shape reference never reaches it and the unit tests do not kill it),
-#: ``gap`` (reachable, open).
+#: ``gap`` (reachable, open), ``deleted`` (dead code, deleted since the run: the mutated line is gone).
+#: The second pass (2026-12-02) reclassified the 31 ``gap`` survivors after the suite and the tests changed;
+#: each ``why`` below says what closes it and which check shows it.
 REF = "pytest_mnnvl/managers/reference.py"
 ADP = "pytest_mnnvl/managers/adapters.py"
 _OVERSIZE = (
-    "gap",
-    "over-allocates (the dispatch or combine bytes per token grow); the suite checks that the handle covers every "
-    "layer (a lower bound) and counts builds, nothing bounds the size from above. Closing it needs a new check "
-    "(size <= what the declared policy needs, from the oracle's trajectory): a catalog change, not made here",
+    "should",
+    "over-allocates (the dispatch or combine bytes per token grow). First pass: a gap (nothing bounded the size "
+    "from above). Second pass: minimal_rebuilds (SHOULD) now also bounds every live handle by the declared policy's "
+    "own handle for the layers so far, per dimension of the release's handle, so the test command reports it as an "
+    "xfail and --mnnvl-strict kills it (checks below)",
 )
 _VALIDATION = (
-    "gap",
-    "loosens the reference's own argument check; the suite drives only valid layers (>= 1 token, top_k, experts, "
-    "hidden, activation byte), so no test passes 0, a bool or a negative value. No invariant asks for input "
-    "validation (it is the reference's extra); a unit test of ReferenceManager.initialize would kill it",
+    "gap-unit",
+    "changes the reference's own argument check (loosens it, or refuses a smallest valid value). Not a conformance "
+    "matter: vLLM 0.33's manager checks only extra_payload_bytes_per_token and serves a 0-token layer on a live "
+    "workspace as dominated, which is sound, so no invariant may ask for it. Second pass: the unit test "
+    "tests/test_reference_arguments.py (a real 2-rank sim world) kills it (check below)",
 )
 _BOOKKEEPING = (
-    "gap",
+    "equivalent",
     "changes only the manager's own bookkeeping attribute (workspace_size / max_num_tokens / top_k / num_experts "
-    "while uninitialized, or as published after a build); no decision reads it and the suite, by design, reads "
-    "FlashInfer's objects, never the manager's bookkeeping. Visible to a caller that reads the attribute",
+    "while uninitialized, or as published after a build). Equivalent for the suite's contract: the reference reads "
+    "top_k / num_experts only while initialized (after _commit set them) and workspace_size / max_num_tokens never, "
+    "and no model code reads them from the manager: vLLM 0.32's one-sided prepare/finalize reads only its "
+    "initialize(), moe_alltoall, world_size and combine_into; vLLM 0.33's only initialize() and get_communication() "
+    "(the max_num_tokens / top_k / num_experts it uses are its own, from the layer's config)",
 )
 _BCAST = (
     "equivalent",
@@ -193,7 +200,8 @@ CLASSIFICATION: dict[str, tuple[str, str]] = {
         "gap",
         "the except path of _rebuild (quiesce/barrier failing after a successful build: retire the new handle, "
         "keep the old) never runs; failed_rebuild_consistent injects its failure in the build only. Closing it "
-        "needs a failure injected at the manager's barrier",
+        "needs a failure injected at the manager's barrier. Still open after the second pass (not attempted: a "
+        "manager-agnostic injection point after the build, with a no-leak verdict on both releases, is its own change)",
     ),
     **dict.fromkeys([f"{REF}:254:core/AddNot:10", f"{REF}:254:core/ReplaceAndWithOr:3"], _QUIESCE),
     **dict.fromkeys(
@@ -271,11 +279,11 @@ CLASSIFICATION: dict[str, tuple[str, str]] = {
         "FlashInfer's handles define no __eq__: `==` is identity",
     ),
     f"{ADP}:248:core/ReplaceAndWithOr:5": (
-        "gap",
-        "same_handle() is True for any live handle, so the suite stops seeing rebuilds (rank.py's `rebuilt`): "
-        "the reference never rebuilds needlessly, so its run passes either way, but the suite is blinded: "
-        "`mutant:rebuilds_unless_dominated` is no longer caught by minimal_rebuilds (check below). A harness "
-        "defect only a run against a bad manager shows (the built-in mutants' matrix), not the reference's",
+        "gap-closed",
+        "same_handle() is True for any live handle, so the suite stopped seeing rebuilds (rank.py's `rebuilt`) and "
+        "`mutant:rebuilds_unless_dominated` passed minimal_rebuilds (first pass, check below). Second pass: the "
+        "suite reads handle identity twice, by same_handle() and by the stamps (rank.same_handle), and stops with "
+        "HandleIdentityDisagrees (an infrastructure failure) when they differ: the reference's own run now kills it",
     ),
     **dict.fromkeys(
         [
@@ -361,9 +369,9 @@ CLASSIFICATION: dict[str, tuple[str, str]] = {
     **dict.fromkeys(
         [f"{ADP}:230:core/ReplaceComparisonOperator_IsNot_Is:3", f"{ADP}:228:core/RemoveDecorator:2"],
         (
-            "gap-unreached",
-            "StateRecord.has_handle is called nowhere in the package (the suite tests `stamp is not None` itself) "
-            "and by no test",
+            "deleted",
+            "StateRecord.has_handle was called nowhere in the package (the suite tests `stamp is not None` itself) "
+            "and by no test: dead code, deleted in the second pass (the mutated line no longer exists)",
         ),
     ),
     f"{ADP}:294:core/ReplaceFalseWithTrue:5": (
