@@ -213,13 +213,13 @@ class SkewedExpertCount(Mutant):
     added (``num_experts + ep``), its peers for the logical count. ``num_experts`` is no part of the
     allocation on either release (0.7.2's size all-gather, 0.7.4's votes and layout leave it out), so no
     rank refuses it; only the routing differs: rank 0's dispatch sends tokens to the owners of other
-    expert blocks than its peers'. Caught by **ep_symmetry**: the ranks' handles disagree on
-    ``num_experts`` from the first layer on (the round trips deliver rows to the wrong ranks, so covers
-    fails too)."""
+    expert blocks than its peers'. Caught by **ep_symmetry**, the one check that names the cause: the
+    ranks' handles disagree on ``num_experts`` from the first layer on (every round trip delivers rows
+    to the wrong ranks, so each invariant that round-trips fails too, covers first)."""
 
     mnnvl_mutant = "skewed_expert_count"
     mnnvl_invariant = "ep_symmetry"
-    mnnvl_also = ("covers",)
+    mnnvl_also = ("covers", "cleanup", "shape_mismatch", "mismatch_survives_O", "failed_rebuild_consistent")
 
     def _build(self, target: Capacity, top_k: int, num_experts: int) -> Any:
         if self.rank == 0:
