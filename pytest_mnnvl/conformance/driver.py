@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
+from pytest_mnnvl.conformance.catalog import SIM_JUDGED
 from pytest_mnnvl.conformance.invariants import InvariantViolation, Judge
 from pytest_mnnvl.conformance.recorder import (
     RECORDER_KEY,
@@ -23,7 +24,7 @@ from pytest_mnnvl.conformance.recorder import (
     hide_for_attributed,
 )
 from pytest_mnnvl.errors import FailureKind, MnnvlError, MnnvlUsageError
-from pytest_mnnvl.session import SETTINGS_KEY
+from pytest_mnnvl.session import SETTINGS_KEY, resolve_backend
 from pytest_mnnvl.worlds.layout import Topology
 
 if TYPE_CHECKING:
@@ -97,6 +98,11 @@ class Conformance:
         entry = self.recorder.test(request.node.nodeid)
         entry["invariant"] = self.invariant
         self.entry = entry
+        #: ``sim`` for an invariant of :data:`~.catalog.SIM_JUDGED` in a session on another backend, else None.
+        self.judged_on: str | None = None
+        if self.invariant in SIM_JUDGED and resolve_backend(self.config) != "sim":
+            self.judged_on = "sim"
+            entry["judged_on"] = "sim"
 
     # -- worlds and observations ---------------------------------------------------------------
 
@@ -113,6 +119,8 @@ class Conformance:
                 halt.skipped.append(nodeid)
             self.recorder.skipped_after[nodeid] = halt.kind
             raise pytest.skip.Exception(halt.skip_reason(), _use_item_location=True)
+        if self.judged_on is not None:
+            kwargs.setdefault("backend", self.judged_on)
         world: World = self.worlds(topology.world_size, topology.pp, **kwargs)
         self._load_manager(world, topology)
         return world
@@ -161,7 +169,7 @@ class Conformance:
         from pytest_mnnvl.errors import WorldDeadlock
 
         text = plan.to_json(indent=None)
-        key = (self.manager, topology, text)
+        key = (self.manager, topology, text, self.judged_on)
         if key in self.recorder.cache:
             self.recorder.cache_hits += 1
             return self.recorder.cache[key]

@@ -258,7 +258,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     for name in INVARIANTS:
         v = verdicts[name]
         level = "SHOULD" if name in SHOULD else "MUST"
-        terminalreporter.write_line(f"{level:6} {name:26} {v['status']}")
+        terminalreporter.write_line(f"{level:6} {name:26} {report.status_text(v)}")
     terminalreporter.write_line(
         f"plans run: {recorder.plan_runs} ({recorder.plan_seconds:.1f} s), examples: {recorder.examples}, "
         f"cache hits: {recorder.cache_hits}, hypothesis profile: {recorder.profile}, backend: {resolve_backend(config)}"

@@ -116,8 +116,16 @@ def verdicts(recorder: Recorder) -> dict[str, dict[str, Any]]:
             "tests": tests,
             "counterexample": violations[0] if violations else None,
             "violated": sorted({v["invariant"] for v in violations}),
+            "judged_on": "sim" if any(t.get("judged_on") == "sim" for t in tests) else None,
         }
     return out
+
+
+def status_text(verdict: dict[str, Any]) -> str:
+    """An invariant's status as the terminal and Markdown show it: with where it was judged when that is not the
+    session's backend (an invariant of the catalog's SIM_JUDGED in a session on GPUs)."""
+    judged_on = verdict.get("judged_on")
+    return f"{verdict['status']} (judged on the {judged_on})" if judged_on else str(verdict["status"])
 
 
 def build(
@@ -302,7 +310,8 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     for name, v in data["invariants"].items():
         outcomes = ", ".join(_outcome(t) for t in v["tests"]) or "-"
-        lines.append(f"| {v['level'].upper()} | {name} | **{v['status']}** | {outcomes} |")
+        shown = f"**{v['status']}**" + (f" (judged on the {v['judged_on']})" if v.get("judged_on") else "")
+        lines.append(f"| {v['level'].upper()} | {name} | {shown} | {outcomes} |")
     errored = [t for v in data["invariants"].values() for t in v["tests"] if t.get("failure")]
     if errored:
         lines += ["", "## Errors (no invariant blamed, no plan saved)"]
