@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from pytest_mnnvl.conformance.observations import (
     OK,
     Decision,
+    FailedCommitObservation,
     FailedRebuildObservation,
     LayerStep,
     MismatchObservation,
@@ -873,3 +874,52 @@ def check_failed_rebuild(judge: Judge, results: Sequence[FailedRebuildObservatio
                 **where,
             )
     check_continuation(judge, results, "the failed rebuild and its retry", FailedRebuildViolation)
+
+
+def check_failed_commit(judge: Judge, results: Sequence[FailedCommitObservation]) -> None:
+    """A rebuild whose build succeeded but whose synchronisation after it failed leaves one working state (the
+    previous one, or a live handle that serves the new layer), no more of FlashInfer's workspaces than the same
+    growth leaves when it succeeds, and a retry that works. Judged only where the manager met the injected failure
+    (it issues a ``torch.distributed.barrier`` after its build)."""
+    ep = judge.ep_size
+    release = _release()  # the observation names no release: the ranks run this process's
+    second = judge.layers(0)[1]
+    for r in results:
+        if not r.injected:
+            continue
+        where = {"stage": 0, "layer": 1, "ranks": [r.rank]}
+        kept = r.same_handle and r.after_failure == r.before
+        serves = r.after_failure.initialized and oracle.covers(oracle.capacity_of(r.after_failure), second, ep, release)
+        if r.raised is not None and not kept and not serves:
+            raise judge.fail(
+                FailedRebuildViolation,
+                "after the barrier that followed a successful build failed, the manager holds neither its previous "
+                "state nor a handle that serves the layer",
+                expected={"previous": r.before, "or serving": oracle.requirement(second, ep, release)},
+                observed=r.after_failure,
+                **where,
+            )
+        if r.extra_workspaces > r.control_extra_workspaces:
+            rules = oracle.arithmetic(release)
+            raise judge.fail(
+                FailedRebuildViolation,
+                f"the barrier after a successful build failed and the new workspace was left in {rules.WORKSPACE_TABLE}"
+                " (the manager neither released it nor kept it live)",
+                expected=f"<= {r.control_extra_workspaces} workspace(s) beyond the live one (as the same growth leaves"
+                " when it succeeds)",
+                observed=f"{r.extra_workspaces} beyond the live one",
+                **where,
+            )
+        st = r.after_retry
+        if (
+            r.retry_raised
+            or not oracle.covers(oracle.capacity_of(st), second, ep, release)
+            or _failed(r.retry_round_trip)
+        ):
+            raise judge.fail(
+                FailedRebuildViolation,
+                "retrying the layer after the failed barrier did not serve it",
+                expected=f"handle covering need {oracle.need(second, ep, release)}, round trip ok",
+                observed={"raised": r.retry_raised, **_capacity(st, release), "round_trip": r.retry_round_trip},
+                **where,
+            )

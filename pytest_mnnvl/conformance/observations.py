@@ -194,6 +194,26 @@ class MismatchObservation:
 
 
 @dataclass(frozen=True)
+class FailedCommitObservation:
+    """A growth whose build succeeded and whose first barrier after it failed, then retried (``rank.failed_commit``)."""
+
+    rank: int
+    #: The manager issued a barrier after its build, so the injected failure happened (else nothing to judge).
+    injected: bool
+    raised: str | None
+    same_handle: bool
+    before: StateRecord
+    after_failure: StateRecord
+    #: FlashInfer's workspaces beyond the live handle's right after the failure, and after the same growth with no
+    #: failure on a fresh manager: a failure may leave no more behind than the manager's own success does.
+    extra_workspaces: int
+    control_extra_workspaces: int
+    retry_raised: str | None
+    after_retry: StateRecord
+    retry_round_trip: str | None
+
+
+@dataclass(frozen=True)
 class FailedRebuildObservation:
     """A growth whose allocation was made to fail, then retried (``rank.failed_rebuild``)."""
 

@@ -26,13 +26,15 @@ barrier every round trip starts with is the one consecutive layouts need (Tensor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from pytest_mnnvl.conformance.observations import (
     OK,
     CallError,
     Collective,
+    FailedCommitObservation,
     FailedRebuildObservation,
     LayerStep,
     MismatchObservation,
@@ -521,6 +523,87 @@ def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_js
         continuation=continuation,
         control=control,
         control_stopped=control_stopped,
+    )
+
+
+@contextmanager
+def inject_barrier_failure() -> Iterator[list[bool]]:
+    """Make the first ``torch.distributed.barrier`` this rank issues after a FlashInfer handle construction
+    returned raise :class:`InjectedBarrierFailure`, before it enters the collective; the list it yields gets
+    ``True`` once that happened (a manager with no barrier after its build never meets it).
+
+    It tests what a manager leaves behind when the synchronisation after a successful build fails: the new
+    workspace is allocated, the rebuild is not done. The construction's own barriers come before it returns,
+    so they pass. Use it on every rank of the EP group alike, as ``inject_build_failure``."""
+    import torch.distributed as dist
+
+    from pytest_mnnvl.managers import handles
+
+    cls = handles.api().handle_type()
+    init = cls.__dict__["__init__"]
+    barrier = dist.barrier
+    built: list[bool] = []
+    fired: list[bool] = []
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        built.append(True)
+
+    def failing_barrier(*args: Any, **kwargs: Any) -> Any:
+        if built and not fired:
+            fired.append(True)
+            raise handles.InjectedBarrierFailure(
+                "pytest-mnnvl: injected failure of the first torch.distributed.barrier after a handle was built"
+            )
+        return barrier(*args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    dist.barrier = failing_barrier
+    try:
+        yield fired
+    finally:
+        cls.__init__ = init  # type: ignore[misc]
+        dist.barrier = barrier
+
+
+def failed_commit(ctx: Any, factory: ManagerFactory, first_json: str, second_json: str) -> FailedCommitObservation:
+    """Grow from ``first`` to ``second`` with FlashInfer's build succeeding and the first barrier after it made to
+    fail (:func:`inject_barrier_failure`), then retry ``second``; and the same growth
+    on a fresh manager with no failure, for the workspaces its own success leaves in FlashInfer's table."""
+    adapter, first, second = _initialized_on_first(ctx, factory, first_json, second_json)
+    before = adapter.state()
+    with inject_barrier_failure() as fired:
+        error, _ = _initialize(ctx, adapter, second)
+    after = adapter.state()
+    unmoved = same_handle(after, before)
+    before_record, after_failure = before.record(), after.record()
+    extra = _workspace_count() - (1 if after.handle is not None else 0)
+    del before, after
+    retry_error, _ = _initialize(ctx, adapter, second)
+    retry_raised = _first_line_of(retry_error)
+    after_retry = adapter.state().record()
+    retry_round_trip = None
+    if not [r for r in _gather(ctx, retry_raised) if r is not None]:
+        retry_round_trip = round_trip(ctx, adapter, second)
+    adapter.cleanup()
+    evict_workspaces()
+    control = factory.adapter(factory(ctx.cpu_group))
+    control_extra = 0
+    if _initialize(ctx, control, first)[0] is None and _initialize(ctx, control, second)[0] is None:
+        control_extra = _workspace_count() - (1 if control.state().handle is not None else 0)
+    control.cleanup()
+    return FailedCommitObservation(
+        rank=ctx.rank,
+        injected=bool(fired),
+        raised=_first_line_of(error),
+        same_handle=unmoved,
+        before=before_record,
+        after_failure=after_failure,
+        extra_workspaces=extra,
+        control_extra_workspaces=control_extra,
+        retry_raised=retry_raised,
+        after_retry=after_retry,
+        retry_round_trip=retry_round_trip,
     )
 
 

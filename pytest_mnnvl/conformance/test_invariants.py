@@ -113,17 +113,23 @@ def _json(layer: Any) -> str:
 @pytest.mark.conformance("failed_rebuild_consistent")
 def test_failed_rebuild_consistent(conformance: Conformance, mnnvl_topology: Topology) -> None:
     """A rebuild whose allocation fails leaves the previous working state, a retry works, and the layers
-    after it initialize, round-trip and rebuild as on a fresh manager that never saw the failure."""
+    after it initialize, round-trip and rebuild as on a fresh manager that never saw the failure. Then the same
+    growth with the build succeeding and the manager's first barrier after it failing: one working state, no
+    workspace left behind beyond what the growth leaves when it succeeds, and a retry that works."""
     from pytest_mnnvl.conformance import strategies
-    from pytest_mnnvl.conformance.rank import continuation_of, failed_rebuild
+    from pytest_mnnvl.conformance.rank import continuation_of, failed_commit, failed_rebuild
     from pytest_mnnvl.model.layers import ModelPlan
 
     first, second = strategies.growth_pair()
-    results = conformance.world(mnnvl_topology).run(failed_rebuild, conformance.manager, _json(first), _json(second))
+    world = conformance.world(mnnvl_topology)
+    results = world.run(failed_rebuild, conformance.manager, _json(first), _json(second))
     plan = ModelPlan(((first, second, *continuation_of(second)),) * mnnvl_topology.pp)
     judge = conformance.judge(plan, mnnvl_topology)
     try:
         invariants.check_failed_rebuild(judge, results)
+        # The same growth with the build succeeding and the manager's barrier after it failing.
+        commits = world.run(failed_commit, conformance.manager, _json(first), _json(second))
+        invariants.check_failed_commit(judge, commits)
     except invariants.InvariantViolation as violation:
         conformance.verdict(violation, violation)
 

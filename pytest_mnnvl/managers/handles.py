@@ -73,6 +73,10 @@ class InjectedBuildFailure(RuntimeError):
     """Raised by FlashInfer's workspace allocation inside ``inject_build_failure()``."""
 
 
+class InjectedBarrierFailure(RuntimeError):
+    """Raised by the first ``torch.distributed.barrier`` after a handle was built (``rank.inject_barrier_failure``)."""
+
+
 class Builder(Protocol):
     """Builds and releases one release's handles for one EP rank (the reference manager's only contact
     with FlashInfer's constructors). ``comm`` is the FlashInfer comm backend the allocation collectives
@@ -123,6 +127,10 @@ class HandleApi(Protocol):
     def reinitialize(self, a2a: Any) -> None: ...
 
     def inject_build_failure(self) -> AbstractContextManager[None]: ...
+
+    def handle_type(self) -> type:
+        """The FlashInfer class whose construction builds a workspace (``MoeAlltoAll``, ``NVLinkOneSidedAlltoAll``)."""
+        ...
 
     def evict_all(self) -> int: ...
 

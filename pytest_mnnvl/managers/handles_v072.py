@@ -144,6 +144,12 @@ def inject_build_failure() -> Iterator[None]:
         MoeAlltoAll.get_workspace = original  # type: ignore[method-assign]
 
 
+def handle_type() -> type:
+    from flashinfer.comm.trtllm_moe_alltoall import MoeAlltoAll
+
+    return MoeAlltoAll
+
+
 def evict_all() -> int:
     """Empty ``MoeAlltoAll._WORKSPACE_CACHE`` (nothing to do if FlashInfer's module was never imported)."""
     import sys

@@ -197,6 +197,11 @@ def inject_build_failure() -> Iterator[None]:
         cls._acquire_workspace = original
 
 
+def handle_type() -> type:
+    cls: type = _moe_ep().NVLinkOneSidedAlltoAll
+    return cls
+
+
 def evict_all() -> int:
     """Free every ``_WORKSPACES`` entry as the last ``destroy()`` would (between plans: whatever a
     leaking manager left behind). Nothing to do if ``flashinfer.moe_ep`` was never imported."""
