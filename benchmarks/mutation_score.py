@@ -197,11 +197,12 @@ CLASSIFICATION: dict[str, tuple[str, str]] = {
         ),
     ),
     f"{REF}:231:core/ExceptionReplacer:0": (
-        "gap",
+        "should",
         "the except path of _rebuild (quiesce/barrier failing after a successful build: retire the new handle, "
-        "keep the old) never runs; failed_rebuild_consistent injects its failure in the build only. Closing it "
-        "needs a failure injected at the manager's barrier. Still open after the second pass (not attempted: a "
-        "manager-agnostic injection point after the build, with a no-leak verdict on both releases, is its own change)",
+        "keep the old). First pass: never ran (failed_rebuild_consistent injected its failure in the build only). "
+        "Second pass: failed_rebuild_consistent (SHOULD) also fails the first torch.distributed.barrier after a "
+        "successful build (rank.failed_commit) and wants no workspace left behind: the mutant leaves the new one in "
+        "FlashInfer's table, an xfail on the test command, killed under --mnnvl-strict (checks below)",
     ),
     **dict.fromkeys([f"{REF}:254:core/AddNot:10", f"{REF}:254:core/ReplaceAndWithOr:3"], _QUIESCE),
     **dict.fromkeys(
