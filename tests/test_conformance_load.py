@@ -5,14 +5,11 @@ importing again, and the report says why."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SUITE = REPO / "conformance" / "test_invariants.py"
+from tests.suite_runs import SUITE, run_suite
 
 pytestmark = pytest.mark.skipif(not SUITE.exists(), reason="the conformance suite is not in this checkout")
 
@@ -41,21 +38,8 @@ def test_a_manager_that_cannot_load_fails_once_and_skips_the_rest(
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pytester.path), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     report = pytester.path / "report.json"
-    result = pytester.runpytest_subprocess(
-        "-p",
-        "pytest_mnnvl",
-        "-p",
-        "no:randomly",
-        f"{SUITE}::test_covers",
-        f"{SUITE}::test_no_shrink",
-        f"{SUITE}::test_cleanup",
-        "--mnnvl-manager=unloadable_manager:Unloadable",
-        "--mnnvl-backend=sim",
-        "--mnnvl-world-sizes=2",
-        "--mnnvl-pp=1",
-        f"--mnnvl-report={report}",
-        timeout=240,
-    )
+    targets = (f"{SUITE}::test_covers", f"{SUITE}::test_no_shrink", f"{SUITE}::test_cleanup")
+    result, data = run_suite(pytester, *targets, manager="unloadable_manager:Unloadable")
     # A manager error, not an invariant's failure: pytest counts it as an error (JUnit <error>).
     result.assert_outcomes(errors=1, skipped=2)
     result.stdout.fnmatch_lines(
@@ -67,7 +51,6 @@ def test_a_manager_that_cannot_load_fails_once_and_skips_the_rest(
     )
     # One import per rank of the one world; the skipped tests did not try again.
     assert len(attempts.read_text().split()) == 2
-    data = json.loads(report.read_text())
     assert data["manager_load_error"]["test"].endswith("test_covers[ws2-pp1]")
     assert "SentencePieceBackend" in data["manager_load_error"]["error"]
     assert "could not be loaded in the ranks" in report.with_suffix(".md").read_text()

@@ -5,18 +5,14 @@ over-allocating mutants of the reference survived it."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 
 from pytest_mnnvl.conformance.catalog import MUST
 from pytest_mnnvl.model import oracle, releases
 from pytest_mnnvl.model.layers import LayerSpec
-
-REPO = Path(__file__).resolve().parent.parent
-SUITE = REPO / "conformance" / "test_invariants.py"
+from tests.suite_runs import SUITE, run_suite
 
 SPARE = '''
 import dataclasses
@@ -37,22 +33,7 @@ def _suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, *extra: s
     pytester.makepyfile(spare_manager=SPARE)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pytester.path), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    report = pytester.path / "report.json"
-    result = pytester.runpytest_subprocess(
-        "-p",
-        "pytest_mnnvl",
-        "-p",
-        "no:randomly",
-        "--mnnvl-manager=spare_manager:SpareCombine",
-        "--mnnvl-backend=sim",
-        "--mnnvl-world-sizes=2",
-        "--mnnvl-pp=1",
-        f"--mnnvl-report={report}",
-        *extra,
-        timeout=300,
-    )
-    assert report.exists(), result.stdout.str()[-3000:]
-    return result, json.loads(report.read_text())
+    return run_suite(pytester, *extra, manager="spare_manager:SpareCombine", timeout=300)
 
 
 @pytest.mark.skipif(not SUITE.exists(), reason="the conformance suite is not in this checkout")

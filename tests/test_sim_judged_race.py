@@ -6,13 +6,11 @@ other test for want of GPUs, and the race verdict still comes, from the sim, say
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SUITE = REPO / "conformance" / "test_invariants.py"
+from tests.suite_runs import SUITE, run_suite
 
 
 def _gpu_worlds_run_here() -> bool:
@@ -28,23 +26,8 @@ pytestmark = [
 
 
 def run(pytester: pytest.Pytester, manager: str) -> tuple[pytest.RunResult, dict[str, Any]]:
-    report = pytester.path / "report.json"
-    result = pytester.runpytest_subprocess(
-        "-p",
-        "pytest_mnnvl",
-        "-p",
-        "no:randomly",
-        f"{SUITE}::test_workspace_race_free",
-        f"{SUITE}::test_covers",
-        f"--mnnvl-manager={manager}",
-        "--mnnvl-backend=flashinfer",
-        "--mnnvl-world-sizes=2",
-        "--mnnvl-pp=1",
-        f"--mnnvl-report={report}",
-        "-rs",
-        timeout=240,
-    )
-    return result, json.loads(report.read_text())
+    targets = (f"{SUITE}::test_workspace_race_free", f"{SUITE}::test_covers", "-rs")
+    return run_suite(pytester, *targets, manager=manager, backend="flashinfer")
 
 
 def test_the_reference_passes_it_on_the_sim_in_a_gpu_session(pytester: pytest.Pytester) -> None:

@@ -479,6 +479,18 @@ def mismatch(ctx: Any, factory: ManagerFactory, first_json: str, second_json: st
     )
 
 
+def _retry(ctx: Any, adapter: Any, layer: LayerSpec) -> tuple[str | None, Any, str | None]:
+    """Initialize ``layer`` again after a failed call: (what it raised, the state record after it, the round trip
+    when no EP rank raised, else None)."""
+    error, _ = _initialize(ctx, adapter, layer)
+    raised = _first_line_of(error)
+    after = adapter.state().record()
+    trip = None
+    if not [r for r in _gather(ctx, raised) if r is not None]:
+        trip = round_trip(ctx, adapter, layer)
+    return raised, after, trip
+
+
 def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_json: str) -> FailedRebuildObservation:
     """Grow from ``first`` to ``second`` with FlashInfer's workspace allocation made to fail, then
     retry ``second`` normally; then, unless that failed, the rest of the plan (:func:`continuation_of`
@@ -495,12 +507,7 @@ def failed_rebuild(ctx: Any, factory: ManagerFactory, first_json: str, second_js
     has_handle = [h for h in _gather(ctx, after.handle is not None) if h]
     del before, after
     first_round_trip = round_trip(ctx, adapter, first) if len(has_handle) == ctx.ep_size else None
-    retry_error, _ = _initialize(ctx, adapter, second)
-    retry_raised = _first_line_of(retry_error)
-    after_retry = adapter.state().record()
-    retry_round_trip = None
-    if not [r for r in _gather(ctx, retry_raised) if r is not None]:
-        retry_round_trip = round_trip(ctx, adapter, second)
+    retry_raised, after_retry, retry_round_trip = _retry(ctx, adapter, second)
     layers = continuation_of(second)
     continuation = _continue(ctx, adapter, layers) if retry_round_trip == OK else ()
     cleanup_raised = None
@@ -579,12 +586,7 @@ def failed_commit(ctx: Any, factory: ManagerFactory, first_json: str, second_jso
     before_record, after_failure = before.record(), after.record()
     extra = _workspace_count() - (1 if after.handle is not None else 0)
     del before, after
-    retry_error, _ = _initialize(ctx, adapter, second)
-    retry_raised = _first_line_of(retry_error)
-    after_retry = adapter.state().record()
-    retry_round_trip = None
-    if not [r for r in _gather(ctx, retry_raised) if r is not None]:
-        retry_round_trip = round_trip(ctx, adapter, second)
+    retry_raised, after_retry, retry_round_trip = _retry(ctx, adapter, second)
     adapter.cleanup()
     evict_workspaces()
     control = factory.adapter(factory(ctx.cpu_group))
