@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypedDict
 
 from pytest_mnnvl.cli.inputs import LoadedPlan, stage_shape_error
 from pytest_mnnvl.cli.policy import ManagerModel
@@ -368,17 +368,34 @@ def walk_stage(
                 built_by=held.built_by,
                 geometry=handle.geometry,
                 runtime_tokens=layer.max_num_tokens,
-                verdict=trip.verdict,
-                error_type=trip.error_type,
-                error=trip.error,
-                check=trip.check,
-                first_failing_tokens=None if first is None else first.tokens,
                 release=release,
-                first_trip=first,
+                **_trip_fields(trip, first),
             )
         )
     ranks = tuple(range(stage * ep, (stage + 1) * ep))
     return StageWalk(stage, ranks, tuple(outcomes), _final_pass(outcomes, holdings, handles))
+
+
+class _TripFields(TypedDict):
+    verdict: Verdict
+    error_type: str | None
+    error: str | None
+    check: Check | None
+    first_failing_tokens: int | None
+    first_trip: Trip | None
+
+
+def _trip_fields(trip: Trip, first: Trip | None) -> _TripFields:
+    """A LayerOutcome's fields that say how its round trip at full size went (``trip``) and where it first fails
+    (``first``): one place for the step's outcome and for its final-pass replacement."""
+    return _TripFields(
+        verdict=trip.verdict,
+        error_type=trip.error_type,
+        error=trip.error,
+        check=trip.check,
+        first_failing_tokens=None if first is None else first.tokens,
+        first_trip=first,
+    )
 
 
 def _final_pass(
@@ -403,13 +420,8 @@ def _final_pass(
                 rebuilt=False,
                 built_by=last.built_by,
                 geometry=handle.geometry,
-                verdict=trip.verdict,
-                error_type=trip.error_type,
-                error=trip.error,
-                check=trip.check,
-                first_failing_tokens=None if first is None else first.tokens,
-                first_trip=first,
                 final_pass=True,
+                **_trip_fields(trip, first),
             )
         )
     return tuple(final)
