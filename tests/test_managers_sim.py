@@ -302,6 +302,17 @@ def test_half_updated_on_failure_skips_the_retry(mnnvl_world: Any) -> None:
         assert SAYS["retry_skipped"] in result.retry_round_trip
 
 
+def test_stale_after_failed_rebuild_rebuilds_the_next_layer_that_fits(mnnvl_world: Any) -> None:
+    """Everything the snapshot and retry checks read is right; after the retry, the layer that fits is rebuilt
+    (a fresh manager that never saw the failure keeps its handle)."""
+    for result in mnnvl_world(2, 1).run(failed_rebuild, mutant("stale_after_failed_rebuild"), layer(NV), layer(BF)):
+        assert raised(result.raised) == "InjectedBuildFailure"
+        assert result.same_handle and result.after_failure == result.before and result.first_round_trip == "ok"
+        assert result.retry_raised is None and result.retry_round_trip == "ok"
+        assert [(s.rebuilt, s.round_trip) for s in result.continuation] == [(True, "ok"), (True, "ok")]
+        assert [s.rebuilt for s in result.control] == [False, True]
+
+
 def test_total_need_misses_the_cross_product(mnnvl_world: Any) -> None:
     layers = [BF, NV_2T]
     results = mnnvl_world(2, 1).run(run_plan, mutant("total_need"), plan(layers), recheck=True)

@@ -48,6 +48,7 @@ MUTANT_NAMES = (
     "leaks_superseded",
     "skips_destroy",
     "half_updated_on_failure",
+    "stale_after_failed_rebuild",
     "total_need",
     "region_total_need",
 )

@@ -449,6 +449,34 @@ class HalfUpdatedOnFailure(Mutant):
         super()._rebuild(target, top_k, num_experts)
 
 
+class StaleAfterFailedRebuild(Mutant):
+    """When a rebuild raises, keeps the live handle and every field a snapshot reads, but stops trusting its
+    record of the capacity it built (the failure might have left it half-grown), so that the retry rebuilds even
+    where the layer looks as if it fits; only ``cleanup()`` clears that mark, the retry's successful rebuild does
+    not: from the failure on, every layer the handle fits is rebuilt anyway (the same union size, a new collective
+    allocation and handle each time, where a fresh manager keeps its handle). Passes the snapshot and retry checks
+    (it raised, nothing a snapshot reads moved, the previous layer still round-trips, the retry must rebuild
+    anyway and serves its layer). Caught by **failed_rebuild_consistent** on what follows the retry: the next layer
+    that fits gets another rebuild decision than on a fresh manager that never saw the failure."""
+
+    mnnvl_mutant = "stale_after_failed_rebuild"
+    mnnvl_invariant = "failed_rebuild_consistent"
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._stale = False
+
+    def _fits(self, want: Capacity) -> bool:
+        return not self._stale and super()._fits(want)
+
+    def _rebuild(self, target: Capacity, top_k: int, num_experts: int) -> None:
+        try:
+            super()._rebuild(target, top_k, num_experts)
+        except Exception:
+            self._stale = True
+            raise
+
+
 class TotalNeed(Mutant):
     """Grows the total need (``max need(l)``, and max tokens), as vLLM 0.32 does, declaring that
     policy honestly. The workspace misses max tokens × max payload of layers seen apart. Caught by
@@ -549,6 +577,7 @@ MUTANTS: dict[str, type[Mutant]] = {
         LeaksSuperseded,
         SkipsDestroy,
         HalfUpdatedOnFailure,
+        StaleAfterFailedRebuild,
         TotalNeed,
         RegionTotalNeed,
     )
