@@ -21,7 +21,7 @@ LAUNCHER_CHOICES = ("spawn", "torchrun")
 MPS_CHOICES = ("auto", "off", "start")
 #: What a torchrun worker finds in its environment and a torchrun session cannot do without.
 TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-BUILTIN_MANAGERS = ("reference", "vllm", "mutant:<name>")
+BUILTIN_MANAGERS = ("reference", "moe_ep_reference", "vllm", "mutant:<name>")
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_WORLD_SIZES = (2, 4)
 DEFAULT_PP = (1, 2)
@@ -34,7 +34,7 @@ MAX_TIMEOUT_S = 86_400.0
 #: ASCII only: ``str.isdigit()``, ``int()`` and ``float()`` also take '²', '١' and '４'.
 _ASCII_INT = re.compile(r"[+-]?[0-9]{1,18}")  # and short: int() refuses over 4,300 digits
 _ASCII_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-_MANAGER_SPEC = re.compile(r"^(reference|vllm|mutant:[A-Za-z0-9_\-]+|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
+_MANAGER_SPEC = re.compile(r"^((moe_ep_)?reference|vllm|mutant:[A-Za-z0-9_\-]+|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
 
 # Help texts are shared by the option and its ini twin.
 BACKEND_HELP = (

@@ -219,7 +219,7 @@ def test_resolve_errors_say_what_was_tried(spec: str, words: str) -> None:
         resolve(spec)
     text = str(info.value)
     assert words in text
-    assert "built-in names: reference, vllm" in text
+    assert "built-in names: reference, moe_ep_reference, vllm" in text
     assert "mutant:first_call_wins" in text
     assert "package.module:Class" in text
 
@@ -292,7 +292,7 @@ def test_installed_vllm_reads_metadata_only() -> None:
 
 def test_catalog_lists_every_mutant_once() -> None:
     assert tuple(mutants.MUTANTS) == MUTANT_NAMES
-    assert set(BUILTIN_NAMES) == {"reference", "vllm"}
+    assert set(BUILTIN_NAMES) == {"reference", "moe_ep_reference", "vllm"}
     rows = mutants.catalog()
     assert [row["name"] for row in rows] == list(MUTANT_NAMES)
     reached = {row["invariant"] for row in rows}

@@ -22,7 +22,7 @@ import pytest
         (["--mnnvl-pp=0"], "--mnnvl-pp='0': '0' is not valid*"),
         (
             ["--mnnvl-manager=not a spec"],
-            "--mnnvl-manager='not a spec' is not valid; allowed: reference, vllm*",
+            "--mnnvl-manager='not a spec' is not valid; allowed: reference, moe_ep_reference, vllm*",
         ),
         (
             ["--mnnvl-world-sizes=3", "--mnnvl-pp=2"],

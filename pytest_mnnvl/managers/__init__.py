@@ -1,6 +1,6 @@
 """Managers under test: resolving ``--mnnvl-manager=SPEC`` to something every rank can build.
 
-A spec is ``reference``, ``vllm``, ``mutant:<name>`` or ``package.module:Class``. :func:`resolve`
+A spec is ``reference``, ``moe_ep_reference``, ``vllm``, ``mutant:<name>`` or ``package.module:Class``. :func:`resolve`
 runs in the pytest process and only *finds* the class (it constructs nothing and, for the built-ins,
 imports neither torch, FlashInfer nor vLLM): a bad spec must fail at start-up as a usage error,
 not inside eight ranks. The returned :class:`ManagerFactory` is a small picklable record; ranks call
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pytest_mnnvl.managers.adapters import ManagerAdapter
 
 #: Names a spec may use as is; ``mutant:<name>`` takes one of :data:`MUTANT_NAMES`.
-BUILTIN_NAMES = ("reference", "vllm")
+BUILTIN_NAMES = ("reference", "moe_ep_reference", "vllm")
 #: The mutant catalog (:mod:`pytest_mnnvl.managers.mutants`), listed here so that resolving a
 #: built-in name never imports anything; a test keeps the two in step.
 MUTANT_NAMES = (
@@ -56,6 +56,7 @@ SHAPES = ("pr42976", "moe_ep")
 POLICIES = ("total", "per_dimension")
 
 _REFERENCE = ("pytest_mnnvl.managers.reference", "ReferenceManager")
+_MOE_EP_REFERENCE = ("pytest_mnnvl.managers.moe_ep_manager", "MoeEpManager")
 _MUTANTS_MODULE = "pytest_mnnvl.managers.mutants"
 INSTALL_HINT = (
     "install it into a separate venv with `pytest_mnnvl/managers/install_vllm.sh 0.33.0 VENV REPO` "
@@ -171,6 +172,9 @@ def resolve(spec: str) -> ManagerFactory:
     if spec == "reference":
         module, qualname = _REFERENCE
         return ManagerFactory(spec, "reference", module, qualname, "pr42976", "per_dimension")
+    if spec == "moe_ep_reference":
+        module, qualname = _MOE_EP_REFERENCE
+        return ManagerFactory(spec, "reference", module, qualname, "moe_ep", "per_dimension")
     if spec == "vllm":
         return _resolve_vllm(spec)
     if spec.startswith("mutant:"):
