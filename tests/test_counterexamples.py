@@ -89,3 +89,19 @@ def test_two_sessions_and_two_managers_save_distinct_plans_each_named_by_its_com
         cwd=pytester.path,
     )
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_a_violation_repro_cannot_replay_offers_explain_and_says_what_to_rerun(pytester: pytest.Pytester) -> None:
+    """A failed rebuild is injected by the check; repro only walks the plan, so the command the failure printed
+    ran clean ("no failure", exit 0) on the mutant that failed it: it must not offer repro."""
+    from tests.suite_runs import run_suite
+
+    result, report = run_suite(
+        pytester, f"{SUITE}::test_failed_rebuild_consistent", "--mnnvl-strict", manager="mutant:half_updated_on_failure"
+    )
+    assert result.ret == 1
+    command = report["invariants"]["failed_rebuild_consistent"]["counterexample"]["command"]
+    assert command.startswith("python -m pytest_mnnvl explain ") and "explain|repro" not in command
+    why = "(repro does not inject the failed build or barrier this check injects: rerun this test to reproduce)"
+    assert command.endswith(why)
+    result.stdout.fnmatch_lines(["*minimal plan (saved to *; `python -m pytest_mnnvl explain *rerun this test*`):"])

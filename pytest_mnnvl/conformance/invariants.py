@@ -41,6 +41,9 @@ class InvariantViolation(AssertionError):
 
     invariant: ClassVar[str] = ""
     level: ClassVar[str] = "must"
+    #: What ``repro`` cannot do that this check did to find the violation (None: replaying the plan is enough);
+    #: the printed command then offers ``explain`` only and says what to rerun instead.
+    not_replayed: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -161,11 +164,13 @@ class FreesSupersededViolation(InvariantViolation):
 class MismatchUnderOViolation(InvariantViolation):
     invariant = "mismatch_survives_O"
     level = "should"
+    not_replayed = "repro does not run the manager under python -O"
 
 
 class FailedRebuildViolation(InvariantViolation):
     invariant = "failed_rebuild_consistent"
     level = "should"
+    not_replayed = "repro does not inject the failed build or barrier this check injects"
 
 
 class CrossProductViolation(InvariantViolation):
@@ -241,12 +246,15 @@ class Judge:
         self.saved.append(path)
         return path
 
-    def command(self, path: str | None) -> str:
-        """``python -m pytest_mnnvl explain|repro PATH --manager SPEC --ep N``: the plan on this topology's EP size."""
+    def command(self, path: str | None, not_replayed: str | None = None) -> str:
+        """``python -m pytest_mnnvl explain|repro PATH --manager SPEC --ep N``: the plan on this topology's EP size;
+        ``explain`` alone, saying why, when ``repro`` cannot replay what found the violation (``not_replayed``)."""
         if path is None:
             return ""
         manager = f" --manager {shlex.quote(self.manager)}" if self.manager else ""
-        return f"python -m pytest_mnnvl explain|repro {shlex.quote(path)}{manager} --ep {self.ep_size}"
+        verbs = "explain" if not_replayed else "explain|repro"
+        command = f"python -m pytest_mnnvl {verbs} {shlex.quote(path)}{manager} --ep {self.ep_size}"
+        return f"{command} ({not_replayed}: rerun this test to reproduce)" if not_replayed else command
 
     def fail(self, cls: type[InvariantViolation], detail: str, **kwargs: Any) -> InvariantViolation:
         stage, layer = kwargs.get("stage"), kwargs.get("layer")
@@ -255,7 +263,8 @@ class Judge:
             if 0 <= layer < len(layers):
                 kwargs["layer_name"] = layers[layer].name or layers[layer].quant.value
         path = self.save(cls.invariant)
-        return cls(detail, plan=self.plan, plan_path=path, topology=self.topology, command=self.command(path), **kwargs)
+        command = self.command(path, cls.not_replayed)
+        return cls(detail, plan=self.plan, plan_path=path, topology=self.topology, command=command, **kwargs)
 
 
 Results = Sequence[PlanObservation]
