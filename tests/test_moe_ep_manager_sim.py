@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from pytest_mnnvl.conformance.dispatch_path import PROBE_LAYER
 from pytest_mnnvl.conformance.rank import mismatch
 from pytest_mnnvl.managers import adapters, resolve
 from pytest_mnnvl.managers.moe_ep_manager import MoeEpManager, Reach
@@ -39,6 +40,13 @@ def test_reach_grows_each_dimension_to_its_maximum() -> None:
     assert grown.capacity(top_k=8).combine_bytes_per_token == 7168 * 2
 
 
+def test_moe_ep_arguments_take_a_mapping_of_formats() -> None:
+    """``moe_ep_kwargs`` accepts a name -> format Mapping as well as the ``QuantFormat`` enum (read by name)."""
+    marker = object()
+    kwargs = adapters.moe_ep_kwargs(NV, {NV.quant.flashinfer_name: marker})
+    assert kwargs["dispatch_format"] is marker
+
+
 @pytest.mark.parametrize("second", [NV_TOP4, NV_E16], ids=["top_k", "num_experts"])
 def test_refuses_another_expert_layout_with_its_own_exception(
     request: pytest.FixtureRequest, mnnvl_world: Any, second: Any
@@ -48,6 +56,20 @@ def test_refuses_another_expert_layout_with_its_own_exception(
         assert raised(result.raised) == "ExpertLayoutChanged"
         assert result.same_handle and result.after == result.before
         assert result.round_trip_after == "ok"
+
+
+def _dispatch_path_name(ctx: Any, factory: Any) -> str | None:
+    """In a rank: the name of the dispatch path the suite would send its probe batch through (nothing is built)."""
+    path = factory.adapter(factory(ctx.cpu_group)).dispatch_path(PROBE_LAYER)
+    return None if path is None else str(path.name)
+
+
+def test_its_adapter_hands_the_suite_its_own_dispatch_path(request: pytest.FixtureRequest, mnnvl_world: Any) -> None:
+    """The suite's dispatch-path check returns quietly when the adapter offers no path, so the path it is
+    handed must be the manager's own methods."""
+    require_sim(request.config)
+    names = mnnvl_world(2, 1).run(_dispatch_path_name, resolve(SPEC))
+    assert names == ["MoeEpManager.mnnvl_dispatch/mnnvl_combine"] * 2
 
 
 @pytest.mark.skipif(not SUITE.exists(), reason="the conformance suite is not in this checkout")
