@@ -7,6 +7,9 @@ and through a manager's own dispatch path. They run on the installed FlashInfer 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -27,6 +30,19 @@ def test_resolves_to_a_moe_ep_manager_with_its_own_dispatch_path() -> None:
     assert (factory.shape, factory.policy) == ("moe_ep", "per_dimension")
     assert adapters.detect_shape(MoeEpManager) == adapters.Shape("moe_ep", "moe_ep", declared=True)
     assert factory.has_dispatch_path(MoeEpManager)
+
+
+def test_the_cli_models_it_by_its_declared_policy() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_mnnvl", "predict", "deepseek-v3-r1-nvfp4-mtp", "--manager", SPEC, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert (out["manager"], out["policy"]) == (SPEC, "per_dimension")
+    assert out["policy_source"] == "declared by MoeEpManager.mnnvl_policy"
 
 
 def test_reach_grows_each_dimension_to_its_maximum() -> None:

@@ -34,7 +34,9 @@ from pytest_mnnvl.model.oracle import POLICIES
 
 #: Mutants whose defect is exactly one of the oracle's policies.
 MUTANT_POLICIES = {"first_call_wins": "first_call", "total_need": "total"}
-SPEC_HELP = "reference (default), vllm, mutant:<name> (e.g. mutant:first_call_wins) or package.module:Class"
+SPEC_HELP = (
+    "reference (default), moe_ep_reference, vllm, mutant:<name> (e.g. mutant:first_call_wins) or package.module:Class"
+)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,9 @@ def _resolve_model(spec: str | None, policy: str | None, observe: bool) -> Manag
             return ManagerModel(name, "total", "the reference grows the total need (vLLM PR #42976's rule)")
         factory = managers.resolve(name)
         return ManagerModel(name, factory.policy or "total", f"declared by {factory.qualname}.mnnvl_policy")
+    if name == "moe_ep_reference":
+        factory = resolve_factory(name)
+        return ManagerModel(name, factory.policy, f"declared by {factory.qualname}.mnnvl_policy")
     if name == "vllm":
         return _vllm_model()
     if name.startswith("mutant:") and name.partition(":")[2] in MUTANT_POLICIES:
