@@ -81,11 +81,34 @@ def _dispatch_path_name(ctx: Any, factory: Any) -> str | None:
 
 
 def test_its_adapter_hands_the_suite_its_own_dispatch_path(request: pytest.FixtureRequest, mnnvl_world: Any) -> None:
-    """The suite's dispatch-path check returns quietly when the adapter offers no path, so the path it is
-    handed must be the manager's own methods."""
+    """The path the suite is handed must be the manager's own methods."""
     require_sim(request.config)
     names = mnnvl_world(2, 1).run(_dispatch_path_name, resolve(SPEC))
     assert names == ["MoeEpManager.mnnvl_dispatch/mnnvl_combine"] * 2
+
+
+def _check_with_the_path_lost(ctx: Any, factory: Any) -> str:
+    """In a rank: the suite's dispatch-path check with the adapters made to lose the manager's own path (a
+    harness defect, as a mutation of ``own_dispatch_path`` makes it); the error it raises, first line."""
+    from pytest_mnnvl.conformance import dispatch_path
+
+    saved = adapters.own_dispatch_path
+    adapters.own_dispatch_path = lambda manager: None
+    try:
+        dispatch_path.check(ctx, factory)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    finally:
+        adapters.own_dispatch_path = saved
+    return "no error"
+
+
+def test_a_dispatch_path_the_harness_loses_is_a_harness_fault(request: pytest.FixtureRequest, mnnvl_world: Any) -> None:
+    """The check runs only for a manager whose class has a path; an adapter that then builds none used to make it
+    return quietly ("none"), so the manager passed with its path unchecked."""
+    require_sim(request.config)
+    errors = mnnvl_world(2, 1).run(_check_with_the_path_lost, resolve(SPEC))
+    assert all(e.startswith("HarnessFault: ") and "the adapter built none" in e for e in errors), errors
 
 
 @pytest.mark.skipif(not SUITE.exists(), reason="the conformance suite is not in this checkout")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pytest_mnnvl.errors import HarnessFault
 from pytest_mnnvl.managers import ManagerFactory
 from pytest_mnnvl.model.layers import LayerSpec, QuantFormat
 
@@ -26,8 +27,9 @@ class DispatchPathMismatch(AssertionError):
 
 
 def check(ctx: Any, factory: ManagerFactory) -> str:
-    """Run :data:`PROBE_LAYER` through the manager's own dispatch and combine on this rank; ``ok``, or
-    ``none`` when the built adapter offers no path after all."""
+    """Run :data:`PROBE_LAYER` through the manager's own dispatch and combine on this rank; ``ok``. Called only for
+    a manager the factory says has a path (:meth:`ManagerFactory.has_dispatch_path`), so an adapter that builds none
+    is the harness losing it (a :class:`~pytest_mnnvl.errors.HarnessFault`), never a manager that passes unchecked."""
     import torch
 
     from pytest_mnnvl.conformance.roundtrip import combine_mismatch, ep_barrier, make_inputs, owner_of, selected_experts
@@ -42,7 +44,10 @@ def check(ctx: Any, factory: ManagerFactory) -> str:
         with verdict_on(factory.label, Stage.DISPATCH, [adapter.handle(), adapter.moe_alltoall()]):
             path = adapter.dispatch_path(layer)
             if path is None:
-                return "none"
+                raise HarnessFault(
+                    f"{factory.label}: the manager has its own dispatch path (known from its class), but the adapter "
+                    "built none, so the suite would not check it"
+                )
             ep_barrier(ctx)
             tokens = layer.max_num_tokens
             experts, payloads = make_inputs(layer, ctx.ep_rank, tokens, ctx.device)
