@@ -8,6 +8,8 @@
 #   jit          benchmarks/jit_build.py: the release's one-sided module built cold in the workspace, then loaded
 #                warm; its cache comes back as OUTDIR/jitcache-RELEASE.tar.xz (cold when the workspace was empty)
 #   header       the plugin's capability header (`pytest --co`)
+#   gputests     the GPU tests of the sharing and MPS code (tests/test_sharing.py, tests/test_mps.py -k test_gpu_:
+#                two ranks on one GPU, a real private MPS daemon started and stopped, none left after a SIGKILL)
 #   examples     examples/ on real FlashInfer (the combinePayloadOffset demo, the vendor example)
 #   reference    the conformance suite, reference manager, ws2-pp1, ws4-pp1, ws4-pp2 (fewer if fewer GPUs)
 #   vllm         the conformance suite, vLLM's manager (needs benchmarks/gpu_vllm_env.sh sourced first)
@@ -109,6 +111,9 @@ for step in "$@"; do
         "$PY" -m pip list 2>/dev/null
       } >"$OUT/env.txt" 2>&1
       head -n 12 "$OUT/env.txt" ;;
+    gputests)
+      run_step gputests "$(step_limit gputests 120)" "${PYTEST[@]}" tests/test_sharing.py tests/test_mps.py \
+        -k test_gpu_ -v -rs --mnnvl-ranks-per-gpu="${MNNVL_RANKS_PER_GPU:-auto}" --junitxml="$OUT/gputests.xml" ;;
     header)
       run_step header "$(step_limit header 120)" "${PYTEST[@]}" --co -q examples/ --mnnvl-backend="$BACKEND" ;;
     examples)
@@ -181,7 +186,7 @@ $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c
       run_step bench "$(step_limit bench 300)" "$PY" benchmarks/bench_example.py "$OUT/bench_example-$BACKEND.json" \
         --backend "$BACKEND" --world-sizes "$WS" ${MNNVL_BENCH_ARGS:-} ;;
     *)
-      echo "gpu_suite.sh: unknown step '$step' (allowed: env jit header smoke examples reference vllm mutants" \
+      echo "gpu_suite.sh: unknown step '$step' (allowed: env jit gputests header smoke examples reference vllm mutants" \
         "torchrun repro findings fidelity layout bench)" >&2
       exit 2 ;;
   esac
