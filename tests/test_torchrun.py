@@ -323,7 +323,13 @@ def test_two_nodes_conformance_reference_passes(inner: pytest.Pytester) -> None:
     assert run.ret == 0, run.output[-5000:]
     data = json.loads(report.read_text())
     assert data["invariants"]["covers"]["status"] == "pass"
-    assert data["launcher"]["world_size"] == 4 and data["launcher"]["plan_disagreements"] == []
+    assert data["launcher"]["world_size"] == 4
+    # Hypothesis' draws can drift between the ranks' processes when one is loaded (seen on 2 cores: rank 0's plan
+    # had one layer's extra payload 434 B where ranks 1-3 drew 438 B, in 2 of 8 examples); every rank then runs rank
+    # 0's plan, and the report lists the ranks that drew another: never rank 0, only this test's plans.
+    for disagreement in data["launcher"]["plan_disagreements"]:
+        assert disagreement["what"] == "plan of ::test_covers[ws4-pp1]", disagreement
+        assert disagreement["ranks"] and 0 not in disagreement["ranks"], disagreement
     for rank in range(4):
         assert [outcome for _, _, outcome in run.outcomes(rank)] == ["passed"], f"rank {rank}"
 
