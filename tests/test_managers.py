@@ -160,6 +160,79 @@ def test_builtin_managers_have_their_shapes() -> None:
         assert detect_shape(cls) == detect_shape(ReferenceManager)
 
 
+_X_BYTES = ("max_num_tokens", "top_k", "num_experts", "hidden_size", "x_bytes_per_token", "x_sf_bytes_per_token")
+
+
+class StaticInitialize:
+    @staticmethod
+    def initialize(
+        max_num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        hidden_size: int,
+        x_bytes_per_token: int,
+        x_sf_bytes_per_token: int,
+    ) -> None: ...
+
+
+class ClassInitialize:
+    @classmethod
+    def initialize(
+        cls,
+        max_num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        hidden_size: int,
+        x_bytes_per_token: int,
+        x_sf_bytes_per_token: int,
+    ) -> None: ...
+
+
+@pytest.mark.parametrize("cls", [StaticInitialize, ClassInitialize])
+def test_detect_shape_keeps_every_parameter_of_a_static_or_class_initialize(cls: type) -> None:
+    """Only a plain method's first parameter is ``self``: a staticmethod's first parameter is a real one."""
+    assert [p.name for p in adapters._initialize_parameters(cls)[0]] == list(_X_BYTES)
+    assert (detect_shape(cls).name, detect_shape(cls).keywords) == ("pr42976", "x_bytes")
+
+
+class _NoSignature:
+    """A callable whose signature inspect cannot read: ``TypeError`` (a bad ``__signature__``)."""
+
+    __signature__ = "unreadable"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None: ...
+
+
+class UnreadableTypeError:
+    initialize = _NoSignature()
+
+
+class UnreadableValueError:
+    initialize = min  # a builtin without a signature: ValueError
+
+
+@pytest.mark.parametrize("cls", [UnreadableTypeError, UnreadableValueError])
+def test_detect_shape_refuses_an_initialize_whose_signature_cannot_be_read(cls: type) -> None:
+    with pytest.raises(ShapeError, match=rf"the signature of {cls.__qualname__}\.initialize cannot be read \(.+\)"):
+        detect_shape(cls)
+
+
+class UndeclaredKwargs:
+    def initialize(
+        self, max_num_tokens: int, top_k: int, num_experts: int, hidden_size: int, **kwargs: Any
+    ) -> None: ...
+
+
+def test_an_undeclared_kwargs_initialize_matches_no_shape() -> None:
+    """``**kwargs`` stands for a shape's keywords only where ``mnnvl_shape`` says which shape; the refusal lists
+    the signature as written, ``**kwargs`` included."""
+    with pytest.raises(ShapeError) as refused:
+        detect_shape(UndeclaredKwargs)
+    assert str(refused.value).startswith(
+        "initialize(max_num_tokens, top_k, num_experts, hidden_size, **kwargs) takes neither shape's payload keywords"
+    )
+
+
 # ---- resolve ---------------------------------------------------------------------------------
 
 
@@ -400,6 +473,45 @@ def test_eplb_layers_are_refused() -> None:
         moe_ep_kwargs(layer, {"BF16": 1})
 
 
+@pytest.mark.parametrize(("name", "shown"), [("mtp", "layer mtp:"), ("", "layer bf16:")])
+def test_eplb_refusal_names_the_layer(name: str, shown: str) -> None:
+    """By its name, or by its format where it has none."""
+    layer = LayerSpec("bf16", 1024, 2, 8, 64, name=name, eplb_stats_num_experts=8)
+    with pytest.raises(adapters.UnsupportedLayer) as refused:
+        pr42976_kwargs(layer)
+    assert str(refused.value).startswith(f"{shown} eplb_stats_num_experts=8, but ")
+
+
+@pytest.mark.parametrize("family", ["", "a", "dtype_elems", "x_bytez", "zzz"])
+def test_pr42976_kwargs_refuses_an_unknown_keyword_family(family: str) -> None:
+    """Names on either side of the two real families, in string order, are refused, never mapped to one."""
+    with pytest.raises(ValueError, match=f"unknown pr42976 keyword family {family!r}"):
+        pr42976_kwargs(NV, family)
+
+
+class _NoFlag:
+    """A manager with no ``initialized`` flag: its handle alone says whether it is initialized."""
+
+    def __init__(self, handle: Any = None) -> None:
+        self.moe_alltoall = handle
+
+
+class _Flagged(_NoFlag):
+    def __init__(self, handle: Any, initialized: bool) -> None:
+        super().__init__(handle)
+        self.initialized = initialized
+
+
+def test_state_without_an_initialized_flag_follows_the_handle() -> None:
+    shape = detect_shape(NewKeywords)
+    live = _Handle()  # the release's reader finds no FlashInfer facts on it: all None
+    assert adapters.Pr42976Adapter(_NoFlag(), shape).state().initialized is False
+    assert adapters.Pr42976Adapter(_NoFlag(live), shape).state().initialized is True
+    # A flag, where there is one, is the manager's own word, handle or not.
+    assert adapters.Pr42976Adapter(_Flagged(live, False), shape).state().initialized is False
+    assert adapters.Pr42976Adapter(_Flagged(None, True), shape).state().initialized is True
+
+
 def test_stamps_follow_objects_not_addresses() -> None:
     class Handle:
         pass
@@ -411,6 +523,21 @@ def test_stamps_follow_objects_not_addresses() -> None:
     second = Handle()  # may well land at the freed object's address
     assert adapters.stamp(second) != one
     assert adapters.stamp(None) is None
+
+
+class _Slotted:
+    """Not weakly referenceable, but it can carry the stamp attribute."""
+
+    __slots__ = ("_pytest_mnnvl_stamp",)
+
+
+def test_stamps_of_objects_without_weak_references() -> None:
+    first, second = _Slotted(), _Slotted()
+    one = adapters.stamp(first)
+    assert isinstance(one, int) and adapters.stamp(first) == one
+    assert adapters.stamp(second) not in (None, one)
+    with pytest.raises(TypeError, match=r"a handle of type tuple can be neither weakly referenced nor given"):
+        adapters.stamp((1, 2))
 
 
 class _Handle:

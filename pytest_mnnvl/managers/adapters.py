@@ -205,7 +205,13 @@ def stamp(handle: Any) -> int | None:
         found = getattr(handle, _STAMP_ATTRIBUTE, None)
         if found is None:
             found = next(_COUNTER)
-            setattr(handle, _STAMP_ATTRIBUTE, found)
+            try:
+                setattr(handle, _STAMP_ATTRIBUTE, found)
+            except (AttributeError, TypeError):
+                raise TypeError(
+                    f"a handle of type {type(handle).__qualname__} can be neither weakly referenced nor given the "
+                    f"attribute {_STAMP_ATTRIBUTE}, so its identity cannot be followed"
+                ) from None
         return int(found)
 
 
@@ -286,8 +292,10 @@ class ManagerAdapter:
         handle = self.handle()
         a2a = self.moe_alltoall()
         facts = handles.api().facts(a2a) if a2a is not None else handles.HandleFacts(None, None, None, None)
+        flag = getattr(self.manager, "initialized", None)
         return ManagerState(
-            initialized=bool(getattr(self.manager, "initialized", False)),
+            # A manager with no such flag is initialized while it holds a handle.
+            initialized=handle is not None if flag is None else bool(flag),
             handle=handle,
             moe_alltoall=a2a,
             stamp=stamp(handle),
