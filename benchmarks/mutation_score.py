@@ -56,6 +56,45 @@ TARGETS = ("pytest_mnnvl/managers/reference.py", "pytest_mnnvl/managers/adapters
 SUITE_ARGS = "-m pytest -p pytest_mnnvl conformance/ -x -q -k ws2-pp1 -p no:xdist"
 TIMEOUT_FACTOR = 3.0
 FIRST_PORT = 9876
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A command a survivor of the test command is run again under; a kill there gives it the class ``kills_as``.
+
+    The final checks (:data:`FINAL_CHECKS`) run in order, each on the survivors no earlier one killed, so a
+    survivor's class names the cheapest part of the project's tests that finds its defect."""
+
+    label: str
+    args: str
+    kills_as: str
+    why: str
+
+
+_SUITE_REST = SUITE_ARGS.split(" ", 2)[2]
+FINAL_CHECKS = (
+    Check(
+        "final: the test command under --mnnvl-strict",
+        f"{_SUITE_REST} --mnnvl-strict",
+        "should",
+        "a SHOULD violation: the test command reports it as an xfail (exit 0); --mnnvl-strict, the CI gate's "
+        "setting, fails on it",
+    ),
+    Check(
+        "final: the suite on moe_ep_reference (--mnnvl-strict)",
+        f"{_SUITE_REST} --mnnvl-strict --mnnvl-manager=moe_ep_reference",
+        "suite-moe_ep",
+        "the suite on the second built-in correct manager (the moe_ep shape, its own dispatch path) kills it: the "
+        "pr42976-shape reference never takes this path",
+    ),
+    Check(
+        "final: unit tests of the manager modules",
+        "tests/test_managers.py tests/test_reference_arguments.py -x -q -p no:xdist",
+        "gap-unit",
+        "no conformance run reaches this path (a malformed manager class, an unknown keyword family, the reference's "
+        "own argument check, a handle that cannot be weakly referenced); the unit tests kill it",
+    ),
+)
 TIMEOUT_OUTPUT = "timeout"  # cosmic-ray's output for a test command it killed at the timeout
 
 #: Survivors, classified by hand: ``"file:line:operator:occurrence"`` -> (class, why). Classes: ``equivalent``
@@ -118,6 +157,8 @@ _UNIT_WHY = (
     "the conformance run with the pr42976-shape reference never takes this path (another shape, keyword family or "
     "malformed manager class); the unit tests kill it"
 )
+#: The sha256 of each target the keys of :data:`CLASSIFICATION` (lines, occurrences) were written for.
+CLASSIFIED_FOR: dict[str, str] = {}
 CLASSIFICATION: dict[str, tuple[str, str]] = {
     **dict.fromkeys(
         [
@@ -765,15 +806,7 @@ def check(args: argparse.Namespace, layout: Layout) -> None:
     how a gap closed in the suite is shown killing its mutant."""
     state = _load_state(layout)
     timeout = float(args.timeout or state["timeout_seconds"])
-    copy = layout.work / "check"
-    if copy.exists():
-        shutil.rmtree(copy)
-    shutil.copytree(layout.clone, copy, symlinks=True)
-    source = Path(state["source"])
-    for name in filter(None, _git(source, "ls-files", "-co", "--exclude-standard", "-z").split("\0")):
-        if name not in TARGETS and not (name.startswith(".") and "/" in name) and (source / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, copy / name)
+    copy = _refreshed_copy(layout, Path(state["source"]), "check")
     label = args.check_label or args.check_args
     checks = _load_checks(layout)
     results = checks.setdefault(label, {"args": args.check_args, "at": _now(), "mutants": {}})
@@ -789,6 +822,61 @@ def check(args: argparse.Namespace, layout: Layout) -> None:
             results["mutants"][key(job)] = done
             layout.checks.write_text(json.dumps(checks, indent=2) + "\n")
             print(key(job), done["outcome"], done["killed_by"])
+
+
+def finals(args: argparse.Namespace, layout: Layout) -> None:
+    """Every :data:`FINAL_CHECKS` in order, each on the survivors no earlier one killed, ``--workers`` mutants at
+    a time (one refreshed copy of the clone each)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from queue import Queue
+
+    state = _load_state(layout)
+    timeout = float(args.timeout or state.get("run_timeout_seconds") or state["timeout_seconds"])
+    copies: Queue[Path] = Queue()
+    for index in range(layout.workers):
+        copies.put(_refreshed_copy(layout, Path(state["source"]), f"check-{index}"))
+    checks = _load_checks(layout)
+    lock = threading.Lock()
+    survivors = [job for target in TARGETS for job in jobs(layout, target) if outcome(job) == "survived"]
+
+    def killed_before(job: dict[str, Any], final: Check) -> bool:
+        earlier = FINAL_CHECKS[: FINAL_CHECKS.index(final)]
+        return any(
+            checks.get(f.label, {}).get("mutants", {}).get(key(job), {}).get("outcome") == "killed" for f in earlier
+        )
+
+    def one(final: Check, job: dict[str, Any]) -> None:
+        copy = copies.get()
+        try:
+            done = run_one(copy, job, timeout, args.suite_python, final.args)
+        finally:
+            copies.put(copy)
+        done["killed_by"] = _first_failure(done["tail"])
+        with lock:
+            checks[final.label]["mutants"][key(job)] = done
+            layout.checks.write_text(json.dumps(checks, indent=2) + "\n")
+        print(final.label, key(job), done["outcome"], done["killed_by"], flush=True)
+
+    for final in FINAL_CHECKS:
+        results = checks.setdefault(final.label, {"args": final.args, "at": _now(), "mutants": {}})
+        left = [job for job in survivors if key(job) not in results["mutants"] and not killed_before(job, final)]
+        with ThreadPoolExecutor(layout.workers) as pool:
+            list(pool.map(lambda job, final=final: one(final, job), left))
+
+
+def _refreshed_copy(layout: Layout, source: Path, name: str) -> Path:
+    """A copy of the clone whose every non-target file is the source's working tree now: the suite and tests as
+    they are, the targets as they were mutated."""
+    copy = layout.work / name
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(layout.clone, copy, symlinks=True)
+    for name_ in filter(None, _git(source, "ls-files", "-co", "--exclude-standard", "-z").split("\0")):
+        if name_ not in TARGETS and not (name_.startswith(".") and "/" in name_) and (source / name_).is_file():
+            (copy / name_).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name_, copy / name_)
+    return copy
 
 
 def run_one(
@@ -848,6 +936,24 @@ def _verdict_lines(output: str) -> list[str]:
     return out
 
 
+def classify(name: str, checks: dict[str, dict[str, str]]) -> tuple[str, str]:
+    """A survivor's class: the first final check that kills it, else the hand-written one, else ``unclassified``
+    (an open gap). A survivor written down as equivalent that a final check kills is ``misclassified``."""
+    killer = next((f for f in FINAL_CHECKS if checks.get(f.label, {}).get("outcome") == "killed"), None)
+    hand = CLASSIFICATION.get(name)
+    if killer is not None:
+        by = checks[killer.label]["killed_by"].split(" - ")[0]
+        if hand is not None and hand[0] == "equivalent":
+            return "misclassified", f"written down as equivalent ({hand[1]}), but *{killer.label}* kills it ({by})"
+        return killer.kills_as, f"{killer.why} ({by})"
+    if hand is not None:
+        return hand
+    unit = checks.get(UNIT_CHECK, {})
+    if unit.get("outcome") == "killed":
+        return "gap-unit", f"{_UNIT_WHY} ({unit['killed_by'].split(' - ')[0]})"
+    return "unclassified", ""
+
+
 def collect(layout: Layout) -> dict[str, Any]:
     """Every mutant's row (final outcome after reruns; survivors with diff, classification and checks)."""
     state = _load_state(layout)
@@ -885,13 +991,7 @@ def collect(layout: Layout) -> dict[str, Any]:
                     for label, c in checks.items()
                     if key(job) in c["mutants"]
                 }
-                unit = row["checks"].get(UNIT_CHECK, {})
-                if key(job) in CLASSIFICATION:
-                    cls, why = CLASSIFICATION[key(job)]
-                elif unit.get("outcome") == "killed":
-                    cls, why = "gap-unit", f"{_UNIT_WHY} ({unit['killed_by'].split(' - ')[0]})"
-                else:
-                    cls, why = "unclassified", ""
+                cls, why = classify(key(job), row["checks"])
                 row["classification"], row["why"] = cls, why
             rows.append(row)
     total = {k: sum(c.get(k, 0) for c in counts.values()) for k in sorted({k for c in counts.values() for k in c})}
@@ -914,6 +1014,9 @@ def collect(layout: Layout) -> dict[str, Any]:
         "tested": tested,
         "score_killed_over_tested": round(total.get("killed", 0) / tested, 4) if tested else None,
         "survivors_by_class": by_class,
+        "classified_for_other_versions": [
+            t for t in TARGETS if CLASSIFIED_FOR.get(t) != state.get("target_sha256", {}).get(t)
+        ],
         "mutants": rows,
     }
 
@@ -967,6 +1070,39 @@ def markdown(summary: dict[str, Any]) -> str:
             f" {c.get('timeout', 0)} | {incompetent} | {c.get('skipped_annotation', 0)} | {c.get('not_run', 0)} |"
         )
     t = summary["counts"]
+    by_class = summary["survivors_by_class"]
+    lines += [
+        "",
+        "## Where each mutant dies",
+        "",
+        "Each survivor of the test command was run again under the final checks, in this order, each on the",
+        "survivors no earlier one killed; `equivalent` ones are written down by hand with the reason.",
+        "",
+        "| | mutants |",
+        "|---|---|",
+        f"| killed by the test command | {t.get('killed', 0)} |",
+    ]
+    lines += [
+        f"| survived it, killed by *{f.label}* (`{f.kills_as}`) | {by_class.get(f.kills_as, 0)} |" for f in FINAL_CHECKS
+    ]
+    lines += [
+        f"| equivalent (no observable change; each says why) | {by_class.get('equivalent', 0)} |",
+        f"| written down as equivalent but killed (`misclassified`) | {by_class.get('misclassified', 0)} |",
+        f"| open (`unclassified`) | {by_class.get('unclassified', 0)} |",
+    ]
+    others = {
+        k: v
+        for k, v in by_class.items()
+        if k not in {f.kills_as for f in FINAL_CHECKS} | {"equivalent", "misclassified", "unclassified"}
+    }
+    if others:
+        lines.append(f"| other classes | {', '.join(f'{k} {v}' for k, v in sorted(others.items()))} |")
+    for target in summary.get("classified_for_other_versions", []):
+        lines += [
+            "",
+            f"**Stale:** the hand-written classifications of `{target}` were made for another version of it"
+            " (its sha256 differs from `CLASSIFIED_FOR`): re-key them before trusting its classes.",
+        ]
     if summary["notes"]:
         lines += ["", "## Reading (written by hand after the run)", "", summary["notes"].rstrip()]
     lines += [
@@ -1022,7 +1158,7 @@ def _cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("setup", "run", "rerun", "check", "report", "all"))
+    parser.add_argument("phase", choices=("setup", "run", "rerun", "check", "finals", "report", "all"))
     parser.add_argument("--source", default=str(REPO), help="the repository to clone (default: this one)")
     parser.add_argument("--work", default="/tmp/mutscore", help="scratch folder (the clone, worker copies, sessions)")
     parser.add_argument("--workers", type=int, default=2, help="mutants tested at once (default 2: a 2-core machine)")
@@ -1044,7 +1180,9 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(Path(args.work), args.workers)
     phases = ("setup", "run", "rerun", "report") if args.phase == "all" else (args.phase,)
     for phase in phases:
-        {"setup": setup, "run": run, "rerun": rerun, "check": check, "report": report}[phase](args, layout)
+        {"setup": setup, "run": run, "rerun": rerun, "check": check, "finals": finals, "report": report}[phase](
+            args, layout
+        )
     return 0
 
 

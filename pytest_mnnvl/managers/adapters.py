@@ -207,7 +207,7 @@ def stamp(handle: Any) -> int | None:
             found = next(_COUNTER)
             try:
                 setattr(handle, _STAMP_ATTRIBUTE, found)
-            except (AttributeError, TypeError):
+            except AttributeError:  # a built-in's instance, or __slots__ without it
                 raise TypeError(
                     f"a handle of type {type(handle).__qualname__} can be neither weakly referenced nor given the "
                     f"attribute {_STAMP_ATTRIBUTE}, so its identity cannot be followed"
