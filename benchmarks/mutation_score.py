@@ -17,16 +17,16 @@ uncommitted tracked and untracked files laid over it, so the tree under test is 
 clone once per worker, proves from a rank which ``pytest_mnnvl`` it imports, and measures the baseline;
 ``run`` makes one cosmic-ray session per target (reference.py first), marks annotation-only mutants skipped
 (see :func:`annotation_spans`), and executes the rest on ``--workers`` cosmic-ray HTTP workers until the
-deadline; ``rerun`` runs every timed-out mutant once more, one at a time; ``report`` writes the JSON and
-Markdown results, with each survivor's classification from :data:`CLASSIFICATION`. Not part of ``all``:
-``check`` runs survivors again under other pytest arguments (the unit tests, other topologies, ``--mnnvl-strict``,
-a built-in bad manager) in a copy whose suite is refreshed from the source, which is how a gap closed in the
-suite is shown killing its mutant. The 2026-12-02 run::
+deadline; ``rerun`` runs every timed-out mutant once more, one at a time; ``finals`` runs every survivor
+again under :data:`FINAL_CHECKS` (``--mnnvl-strict``, the suite on the second built-in manager, the unit tests),
+in order, each on the survivors no earlier one killed; ``report`` writes the JSON and Markdown results, each
+survivor classed by the final check that kills it, else by :data:`CLASSIFICATION` (equivalents, written by
+hand), else ``unclassified``. Not part of ``all``: ``check`` runs survivors under any other pytest arguments
+(other topologies, a built-in bad manager) in a copy whose suite is refreshed from the source. The latest run::
 
-    mutation_score.py setup; mutation_score.py run --timeout 110.7 --deadline 02:55; mutation_score.py rerun
-    mutation_score.py check --check-label "unit tests: tests/test_managers.py" \\
-        --check-args "tests/test_managers.py -x -q -p no:xdist"
-    mutation_score.py report --notes NOTES.md --out benchmarks/results/mutation-score-2026-12-02
+    mutation_score.py setup; mutation_score.py run --timeout 90; mutation_score.py rerun
+    mutation_score.py finals --timeout 90
+    mutation_score.py report --notes NOTES.md --out benchmarks/results/mutation-score-2026-12-02b
 """
 
 from __future__ import annotations
@@ -97,31 +97,12 @@ FINAL_CHECKS = (
 )
 TIMEOUT_OUTPUT = "timeout"  # cosmic-ray's output for a test command it killed at the timeout
 
-#: Survivors, classified by hand: ``"file:line:operator:occurrence"`` -> (class, why). Classes: ``equivalent``
-#: (no observable behaviour change where the suite can run it: the why says the scope), ``should`` (the suite
-#: reports it as a SHOULD violation, an xfail, so the command exits 0; ``--mnnvl-strict`` kills it),
-#: ``gap-closed`` (the suite was extended; the check named in the results kills it), ``gap-unit`` (the
-#: conformance run never reaches it, the unit tests kill it: set from the unit check), ``gap-unreached`` (the
-#: conformance run with the pr42976-shape reference never reaches it and the unit tests do not kill it),
-#: ``gap`` (reachable, open), ``deleted`` (dead code, deleted since the run: the mutated line is gone).
-#: The second pass (2026-12-02) reclassified the 31 ``gap`` survivors after the suite and the tests changed;
-#: each ``why`` below says what closes it and which check shows it.
+#: Survivors written down by hand: ``"file:line:operator:occurrence"`` -> (class, why). Only ``equivalent`` ones
+#: (no observable behaviour change where the suite can run it: the why says the scope); every other class comes
+#: from the final check that kills the survivor (:data:`FINAL_CHECKS`), and one no check kills and nobody wrote
+#: down is ``unclassified``: an open gap.
 REF = "pytest_mnnvl/managers/reference.py"
 ADP = "pytest_mnnvl/managers/adapters.py"
-_OVERSIZE = (
-    "should",
-    "over-allocates (the dispatch or combine bytes per token grow). First pass: a gap (nothing bounded the size "
-    "from above). Second pass: minimal_rebuilds (SHOULD) now also bounds every live handle by the declared policy's "
-    "own handle for the layers so far, per dimension of the release's handle, so the test command reports it as an "
-    "xfail and --mnnvl-strict kills it (checks below)",
-)
-_VALIDATION = (
-    "gap-unit",
-    "changes the reference's own argument check (loosens it, or refuses a smallest valid value). Not a conformance "
-    "matter: vLLM 0.33's manager checks only extra_payload_bytes_per_token and serves a 0-token layer on a live "
-    "workspace as dominated, which is sound, so no invariant may ask for it. Second pass: the unit test "
-    "tests/test_reference_arguments.py (a real 2-rank sim world) kills it (check below)",
-)
 _BOOKKEEPING = (
     "equivalent",
     "changes only the manager's own bookkeeping attribute (workspace_size / max_num_tokens / top_k / num_experts "
@@ -151,27 +132,107 @@ _FACTS_OR = (
     "FlashInfer's MoeAlltoAll always carries a positive int workspace_size_per_rank and max_num_tokens, so "
     "`x or 0` and `x or 1` / `x or -1` are both x",
 )
-#: The check that runs survivors under the unit tests of the adapters (a kill there classifies ``gap-unit``).
-UNIT_CHECK = "unit tests: tests/test_managers.py"
-_UNIT_WHY = (
-    "the conformance run with the pr42976-shape reference never takes this path (another shape, keyword family or "
-    "malformed manager class); the unit tests kill it"
-)
 #: The sha256 of each target the keys of :data:`CLASSIFICATION` (lines, occurrences) were written for.
-CLASSIFIED_FOR: dict[str, str] = {}
+CLASSIFIED_FOR: dict[str, str] = {
+    REF: "2fdb50e384d5621d447eaaa1207b6705cd94d7b3c3fe0355b2764f1533b70dcf",
+    ADP: "c187731ac0bb091352adce5f6209409fbbb6c58e1991d937f51d9dd63683e4a7",
+}
 CLASSIFICATION: dict[str, tuple[str, str]] = {
+    f"{ADP}:179:core/ReplaceComparisonOperator_Eq_Lt:2": (
+        "equivalent",
+        "initialize_kwargs's moe_ep branch is dead: MoeEpAdapter.kwargs overrides the base kwargs, its only caller; "
+        "'pr42976' < 'moe_ep' is false, so the pr42976 branch is unchanged",
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:364:core/ReplaceComparisonOperator_Is_IsNot:11", f"{ADP}:364:core/AddNot:22"],
+        (
+            "equivalent",
+            "only the cache of FlashInfer's QuantFormat is skipped: moe_ep_kwargs(layer, None) imports the same enum",
+        ),
+    ),
+    f"{ADP}:321:core/ReplaceTrueWithFalse:3": ("equivalent", "nothing assigns to a DispatchPath"),
+    f"{ADP}:151:core/ReplaceComparisonOperator_Is_GtE:3": (
+        "equivalent",
+        "QuantFormat is a str enum and no member's value sorts after 'nvfp4' (bf16, fp16, fp8_block, mxfp8), so "
+        "`quant >= NVFP4` holds for NVFP4 alone, as `is` does",
+    ),
+    f"{ADP}:100:core/ReplaceComparisonOperator_Is_Eq:1": (
+        "equivalent",
+        "Parameter.kind is an enum member: `==` and `is` agree",
+    ),
+    f"{ADP}:100:core/ReplaceComparisonOperator_Is_LtE:1": (
+        "equivalent",
+        "POSITIONAL_ONLY is the smallest Parameter kind, so `kind <= POSITIONAL_ONLY` is `kind is POSITIONAL_ONLY`",
+    ),
+    f"{ADP}:114:core/ReplaceBinaryOperator_BitOr_BitXor:0": (
+        "equivalent",
+        "BASE_PARAMETERS and every keyword family are disjoint, so the symmetric difference is the union",
+    ),
+    f"{ADP}:115:core/ReplaceComparisonOperator_Is_Eq:2": (
+        "equivalent",
+        "`default == Parameter.empty` is `default is Parameter.empty` for every default with an ordinary __eq__ (the "
+        "empty marker is a class; only an __eq__ that claims equality with it, or raises, would differ)",
+    ),
     **dict.fromkeys(
         [
-            f"{REF}:60:core/NumberReplacer:0",
-            f"{REF}:60:core/ReplaceBinaryOperator_Add_LShift:0",
-            f"{REF}:60:core/ReplaceBinaryOperator_Add_Mul:0",
-            f"{REF}:60:core/ReplaceBinaryOperator_Add_Pow:0",
-            f"{REF}:60:core/NumberReplacer:2",
-            f"{REF}:62:core/NumberReplacer:4",
-            f"{REF}:210:core/ReplaceBinaryOperator_Mul_LShift:1",
-            f"{REF}:211:core/ReplaceBinaryOperator_Mul_LShift:2",
+            f"{ADP}:145:core/ReplaceComparisonOperator_Eq_Is:0",
+            f"{ADP}:148:core/ReplaceComparisonOperator_Eq_Is:1",
+            f"{ADP}:179:core/ReplaceComparisonOperator_Eq_Is:2",
+            f"{ADP}:381:core/ReplaceComparisonOperator_Eq_Is:3",
         ],
-        _OVERSIZE,
+        (
+            "equivalent",
+            "`is` on a string: the value always comes from the KEYWORDS / shape-name literals, which CPython interns, "
+            "so `is` and `==` agree",
+        ),
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:87:core/ReplaceComparisonOperator_Is_Eq:0", f"{ADP}:151:core/ReplaceComparisonOperator_Is_Eq:3"],
+        ("equivalent", "an enum member compared with `==` instead of `is`: the same"),
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:179:core/ReplaceComparisonOperator_Eq_LtE:2", f"{ADP}:381:core/ReplaceComparisonOperator_Eq_LtE:3"],
+        ("equivalent", "for the only two shape names, 'moe_ep' <= 'moe_ep' and not 'pr42976' <= 'moe_ep': as =="),
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:188:core/NumberReplacer:4", f"{ADP}:188:core/NumberReplacer:5"],
+        ("equivalent", "stamps start at 2 / 0 instead of 1: they are only compared with each other and with None"),
+    ),
+    **dict.fromkeys(
+        [
+            f"{ADP}:64:core/ReplaceTrueWithFalse:0",
+            f"{ADP}:221:core/ReplaceTrueWithFalse:1",
+            f"{ADP}:235:core/ReplaceTrueWithFalse:2",
+        ],
+        (
+            "equivalent",
+            "frozen=False: nothing assigns to a Shape / StateRecord / ManagerState, and nothing hashes one (an "
+            "unfrozen dataclass with eq has no hash, so a hash would raise and kill the mutant)",
+        ),
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:240:core/ReplaceFalseWithTrue:1", f"{ADP}:241:core/ReplaceFalseWithTrue:3"],
+        (
+            "equivalent",
+            "compare=True on the handle fields: equal ManagerStates already have equal stamps, i.e. the same handles, "
+            "and FlashInfer's handles compare by identity",
+        ),
+    ),
+    **dict.fromkeys(
+        [f"{ADP}:240:core/ReplaceFalseWithTrue:2", f"{ADP}:241:core/ReplaceFalseWithTrue:4"],
+        ("equivalent", "repr=True: only repr(ManagerState) changes, and nothing prints one"),
+    ),
+    f"{ADP}:250:core/ReplaceComparisonOperator_Is_Eq:4": (
+        "equivalent",
+        "FlashInfer's handles define no __eq__: `==` is identity",
+    ),
+    f"{ADP}:70:core/ReplaceFalseWithTrue:0": (
+        "equivalent",
+        "the default of Shape.declared is never used: the only constructor call passes it",
+    ),
+    f"{ADP}:87:core/ReplaceComparisonOperator_Is_GtE:0": (
+        "equivalent",
+        "VAR_KEYWORD is the largest Parameter kind, so `kind >= VAR_KEYWORD` is `kind is VAR_KEYWORD`",
     ),
     **dict.fromkeys(
         [
@@ -191,22 +252,6 @@ CLASSIFICATION: dict[str, tuple[str, str]] = {
     ),
     **dict.fromkeys(
         [
-            f"{REF}:125:core/ReplaceOrWithAnd:0",
-            f"{REF}:125:core/ReplaceOrWithAnd:1",
-            f"{REF}:168:core/NumberReplacer:19",
-            f"{REF}:169:core/NumberReplacer:21",
-            f"{REF}:170:core/NumberReplacer:22",
-            f"{REF}:170:core/NumberReplacer:23",
-            f"{REF}:171:core/NumberReplacer:24",
-            f"{REF}:171:core/NumberReplacer:25",
-            f"{REF}:172:core/NumberReplacer:26",
-            f"{REF}:172:core/NumberReplacer:27",
-            f"{REF}:173:core/NumberReplacer:29",
-        ],
-        _VALIDATION,
-    ),
-    **dict.fromkeys(
-        [
             f"{REF}:149:core/NumberReplacer:10",
             f"{REF}:149:core/NumberReplacer:11",
             f"{REF}:150:core/NumberReplacer:12",
@@ -220,30 +265,10 @@ CLASSIFICATION: dict[str, tuple[str, str]] = {
         ],
         _BOOKKEEPING,
     ),
-    **dict.fromkeys(
-        [f"{REF}:185:core/AddNot:5", f"{REF}:185:core/ReplaceComparisonOperator_IsNot_Is:1"],
-        (
-            "should",
-            "cleanup() with a live handle skips the release, so the workspace stays in FlashInfer's cache: "
-            "frees_superseded (SHOULD) reports it ('workspaces still cached after cleanup()'), an xfail without "
-            "--mnnvl-strict; the MUST cleanup checks only that the manager dropped the handle",
-        ),
-    ),
-    **dict.fromkeys(
-        [f"{REF}:195:core/ReplaceComparisonOperator_Eq_LtE:0", f"{REF}:195:core/ReplaceComparisonOperator_Eq_LtE:1"],
-        (
-            "gap-closed",
-            "a smaller top_k / num_experts than the live workspace's was accepted; shape_mismatch tried only a "
-            "larger one. test_shape_mismatch now tries both directions",
-        ),
-    ),
-    f"{REF}:231:core/ExceptionReplacer:0": (
-        "should",
-        "the except path of _rebuild (quiesce/barrier failing after a successful build: retire the new handle, "
-        "keep the old). First pass: never ran (failed_rebuild_consistent injected its failure in the build only). "
-        "Second pass: failed_rebuild_consistent (SHOULD) also fails the first torch.distributed.barrier after a "
-        "successful build (rank.failed_commit) and wants no workspace left behind: the mutant leaves the new one in "
-        "FlashInfer's table, an xfail on the test command, killed under --mnnvl-strict (checks below)",
+    f"{REF}:195:core/ReplaceComparisonOperator_Eq_Is:0": (
+        "equivalent",
+        "`top_k is self.top_k` equals `==` in CPython for ints in -5..256 (one cached object each), and FlashInfer "
+        "dispatches top_k <= 22 only",
     ),
     **dict.fromkeys([f"{REF}:254:core/AddNot:10", f"{REF}:254:core/ReplaceAndWithOr:3"], _QUIESCE),
     **dict.fromkeys(
@@ -254,204 +279,6 @@ CLASSIFICATION: dict[str, tuple[str, str]] = {
             f"{REF}:262:core/NumberReplacer:33",
         ],
         _FACTS_OR,
-    ),
-    f"{REF}:195:core/ReplaceComparisonOperator_Eq_Is:0": (
-        "equivalent",
-        "`top_k is self.top_k` equals `==` in CPython for ints in -5..256 (one cached object each), and FlashInfer "
-        "dispatches top_k <= 22 only",
-    ),
-    **dict.fromkeys(
-        [
-            f"{ADP}:145:core/ReplaceComparisonOperator_Eq_Is:0",
-            f"{ADP}:148:core/ReplaceComparisonOperator_Eq_Is:1",
-            f"{ADP}:179:core/ReplaceComparisonOperator_Eq_Is:2",
-            f"{ADP}:378:core/ReplaceComparisonOperator_Eq_Is:3",
-        ],
-        (
-            "equivalent",
-            "`is` on a string: the value always comes from the KEYWORDS / shape-name literals, which CPython "
-            "interns, so `is` and `==` agree",
-        ),
-    ),
-    **dict.fromkeys(
-        [f"{ADP}:179:core/ReplaceComparisonOperator_Eq_LtE:2", f"{ADP}:378:core/ReplaceComparisonOperator_Eq_LtE:3"],
-        ("equivalent", "for the only two shape names, 'moe_ep' <= 'moe_ep' and not 'pr42976' <= 'moe_ep': as =="),
-    ),
-    **dict.fromkeys(
-        [
-            f"{ADP}:145:core/ReplaceComparisonOperator_Eq_GtE:0",
-            f"{ADP}:148:core/ReplaceComparisonOperator_Eq_LtE:1",
-            f"{ADP}:148:core/ReplaceComparisonOperator_Eq_GtE:1",
-        ],
-        (
-            "gap-unreached",
-            "same branch for both real keyword families; only an unknown family string (the ValueError branch) "
-            "differs, which nothing in the package passes and no unit test tries",
-        ),
-    ),
-    **dict.fromkeys(
-        [
-            f"{ADP}:87:core/ReplaceComparisonOperator_Is_Eq:0",
-            f"{ADP}:151:core/ReplaceComparisonOperator_Is_Eq:3",
-        ],
-        ("equivalent", "an enum member compared with `==` instead of `is`: the same"),
-    ),
-    f"{ADP}:87:core/ReplaceComparisonOperator_Is_GtE:0": (
-        "equivalent",
-        "VAR_KEYWORD is the largest Parameter kind, so `kind >= VAR_KEYWORD` is `kind is VAR_KEYWORD`",
-    ),
-    f"{ADP}:100:core/ReplaceComparisonOperator_Is_LtE:1": (
-        "equivalent",
-        "POSITIONAL_ONLY is the smallest Parameter kind, so `kind <= POSITIONAL_ONLY` is `kind is POSITIONAL_ONLY`",
-    ),
-    f"{ADP}:151:core/ReplaceComparisonOperator_Is_GtE:3": (
-        "gap-unreached",
-        "the dtype_elem keyword family (PR #42976 itself) only; the unit test's layers do not tell `>=` from `is`",
-    ),
-    **dict.fromkeys(
-        [f"{ADP}:179:core/ReplaceComparisonOperator_Eq_Lt:2", f"{ADP}:378:core/ReplaceComparisonOperator_Eq_Lt:3"],
-        (
-            "gap-unreached",
-            "a moe_ep manager would get the pr42976 keywords / adapter; no moe_ep manager runs on the sim (vLLM 0.33 "
-            "only) and no unit test adapts one",
-        ),
-    ),
-    f"{ADP}:248:core/ReplaceComparisonOperator_Is_Eq:4": (
-        "equivalent",
-        "FlashInfer's handles define no __eq__: `==` is identity",
-    ),
-    f"{ADP}:248:core/ReplaceAndWithOr:5": (
-        "gap-closed",
-        "same_handle() is True for any live handle, so the suite stopped seeing rebuilds (rank.py's `rebuilt`) and "
-        "`mutant:rebuilds_unless_dominated` passed minimal_rebuilds (first pass, check below). Second pass: the "
-        "suite reads handle identity twice, by same_handle() and by the stamps (rank.same_handle), and stops with "
-        "HandleIdentityDisagrees (an infrastructure failure) when they differ: the reference's own run now kills it",
-    ),
-    **dict.fromkeys(
-        [
-            f"{ADP}:206:core/ReplaceComparisonOperator_Is_IsNot:8",
-            f"{ADP}:206:core/AddNot:17",
-            f"{ADP}:204:core/ExceptionReplacer:2",
-        ],
-        (
-            "gap-unreached",
-            "stamp()'s fallback for objects that cannot be weakly referenced; FlashInfer's handles can, so it never "
-            "runs, and no unit test stamps such an object",
-        ),
-    ),
-    **dict.fromkeys(
-        [
-            f"{ADP}:361:core/ReplaceComparisonOperator_Is_IsNot:10",
-            f"{ADP}:361:core/AddNot:21",
-            f"{ADP}:372:core/ReplaceComparisonOperator_Is_IsNot:11",
-            f"{ADP}:372:core/AddNot:22",
-            f"{ADP}:167:core/AddNot:13",
-        ],
-        (
-            "gap-unreached",
-            "MoeEpAdapter / moe_ep_kwargs with a Mapping of formats: the moe_ep shape, which no manager on the sim has",
-        ),
-    ),
-    **dict.fromkeys(
-        [
-            f"{ADP}:313:core/ReplaceComparisonOperator_IsNot_Is:6",
-            f"{ADP}:313:core/AddNot:19",
-            f"{ADP}:341:core/ReplaceUnaryOperator_Delete_Not:3",
-            f"{ADP}:341:core/AddNot:20",
-            f"{ADP}:318:core/ReplaceTrueWithFalse:3",
-            f"{ADP}:318:core/RemoveDecorator:4",
-        ],
-        (
-            "gap-unreached",
-            "a manager's own dispatch path (DispatchPath, dispatch_path(), own_dispatch_path()): the suite calls it "
-            "only for a manager that has one (vLLM 0.33, or mnnvl_dispatch/mnnvl_combine); the reference has none",
-        ),
-    ),
-    **dict.fromkeys(
-        [
-            f"{ADP}:64:core/ReplaceTrueWithFalse:0",
-            f"{ADP}:215:core/ReplaceTrueWithFalse:1",
-            f"{ADP}:233:core/ReplaceTrueWithFalse:2",
-        ],
-        (
-            "equivalent",
-            "frozen=False: nothing assigns to a Shape / StateRecord / ManagerState, and nothing hashes one (an "
-            "unfrozen dataclass with eq has no hash, so a hash would raise and kill the mutant)",
-        ),
-    ),
-    f"{ADP}:70:core/ReplaceFalseWithTrue:0": (
-        "equivalent",
-        "the default of Shape.declared is never used: the only constructor call passes it",
-    ),
-    **dict.fromkeys(
-        [
-            f"{ADP}:238:core/ReplaceFalseWithTrue:1",
-            f"{ADP}:239:core/ReplaceFalseWithTrue:3",
-        ],
-        (
-            "equivalent",
-            "compare=True on the handle fields: equal ManagerStates already have equal stamps, i.e. the same "
-            "handles, and FlashInfer's handles compare by identity",
-        ),
-    ),
-    **dict.fromkeys(
-        [
-            f"{ADP}:238:core/ReplaceFalseWithTrue:2",
-            f"{ADP}:239:core/ReplaceFalseWithTrue:4",
-        ],
-        ("equivalent", "repr=True: only repr(ManagerState) changes, and nothing prints one"),
-    ),
-    **dict.fromkeys(
-        [f"{ADP}:188:core/NumberReplacer:4", f"{ADP}:188:core/NumberReplacer:5"],
-        (
-            "equivalent",
-            "stamps start at 2 / 0 instead of 1: they are only compared with each other and with None",
-        ),
-    ),
-    **dict.fromkeys(
-        [f"{ADP}:230:core/ReplaceComparisonOperator_IsNot_Is:3", f"{ADP}:228:core/RemoveDecorator:2"],
-        (
-            "deleted",
-            "StateRecord.has_handle was called nowhere in the package (the suite tests `stamp is not None` itself) "
-            "and by no test: dead code, deleted in the second pass (the mutated line no longer exists)",
-        ),
-    ),
-    f"{ADP}:294:core/ReplaceFalseWithTrue:5": (
-        "gap-unreached",
-        "only a manager without an `initialized` attribute reads the default; the reference has one",
-    ),
-    f"{ADP}:85:core/ReplaceAndWithOr:0": (
-        "gap-unreached",
-        "only a staticmethod/classmethod initialize differs (its first parameter would be dropped as `self`)",
-    ),
-    f"{ADP}:113:core/ReplaceAndWithOr:3": (
-        "gap-unreached",
-        "only an undeclared manager with **kwargs differs (it would be matched to the first family)",
-    ),
-    **dict.fromkeys(
-        [f"{ADP}:82:core/ExceptionReplacer:0", f"{ADP}:82:core/ExceptionReplacer:1"],
-        ("gap-unreached", "only a manager whose initialize signature cannot be read takes this except"),
-    ),
-    **dict.fromkeys(
-        [f"{ADP}:99:core/AddNot:3", f"{ADP}:129:core/ReplaceOrWithAnd:1"],
-        (
-            "gap-unreached",
-            "error-message text only (the `**kwargs` in a ShapeError's listing; the layer name in the EPLB refusal); "
-            "the unit tests match other words of those messages",
-        ),
-    ),
-    f"{ADP}:100:core/ReplaceComparisonOperator_Is_Eq:1": (
-        "equivalent",
-        "Parameter.kind is an enum member: `==` and `is` agree",
-    ),
-    f"{ADP}:114:core/ReplaceBinaryOperator_BitOr_BitXor:0": (
-        "equivalent",
-        "BASE_PARAMETERS and every keyword family are disjoint, so the symmetric difference is the union",
-    ),
-    f"{ADP}:115:core/ReplaceComparisonOperator_Is_Eq:2": (
-        "equivalent",
-        "`default == Parameter.empty` is `default is Parameter.empty` for every default with an ordinary __eq__ "
-        "(the empty marker is a class; only an __eq__ that claims equality with it, or raises, would differ)",
     ),
 }
 
@@ -948,9 +775,6 @@ def classify(name: str, checks: dict[str, dict[str, str]]) -> tuple[str, str]:
         return killer.kills_as, f"{killer.why} ({by})"
     if hand is not None:
         return hand
-    unit = checks.get(UNIT_CHECK, {})
-    if unit.get("outcome") == "killed":
-        return "gap-unit", f"{_UNIT_WHY} ({unit['killed_by'].split(' - ')[0]})"
     return "unclassified", ""
 
 
@@ -1050,7 +874,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"- machine: {summary['machine']['nproc']} cores, {summary['machine']['cpu']}; load average at setup"
         f" {', '.join(f'{x:.1f}' for x in state.get('load_average_at_setup', []))} (shared with other engineers)",
         f"- baseline (unmutated, all pass): {', '.join(f'{x} s' for x in state.get('baseline_seconds', []))};"
-        f" per-mutant timeout {state.get('run_timeout_seconds', state.get('timeout_seconds'))} s (3x the slowest)",
+        f" per-mutant timeout {state.get('run_timeout_seconds', state.get('timeout_seconds'))} s"
+        " (--timeout, else 3x the slowest)",
         f"- run: {state.get('run_started_at', '?')} to {state.get('run_finished_at', '?')};"
         + "".join(
             f" {Path(t).name} exec {v.get('exec_seconds', '?')} s;" for t, v in state.get("sessions", {}).items()
@@ -1178,7 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error(f"--workers={args.workers} must be >= 1")
     layout = Layout(Path(args.work), args.workers)
-    phases = ("setup", "run", "rerun", "report") if args.phase == "all" else (args.phase,)
+    phases = ("setup", "run", "rerun", "finals", "report") if args.phase == "all" else (args.phase,)
     for phase in phases:
         {"setup": setup, "run": run, "rerun": rerun, "check": check, "finals": finals, "report": report}[phase](
             args, layout

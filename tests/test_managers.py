@@ -465,6 +465,13 @@ def test_every_shape_sends_the_layers_dispatch_bytes(layer: LayerSpec) -> None:
     assert own == layer.dispatch_bytes_per_token
 
 
+def test_moe_ep_kwargs_take_a_mapping_of_formats() -> None:
+    """Formats may come as a mapping (by FlashInfer's name) or as the enum class (by attribute)."""
+    assert moe_ep_kwargs(NV, {"NVFP4": "nv"})["dispatch_format"] == "nv"
+    formats = enum.Enum("QuantFormat", "BF16 FP16 NVFP4 MXFP8 DeepSeekFp8")
+    assert moe_ep_kwargs(NV, formats)["dispatch_format"] is formats.NVFP4
+
+
 def test_eplb_layers_are_refused() -> None:
     layer = LayerSpec("bf16", 1024, 2, 8, 64, eplb_stats_num_experts=8)
     with pytest.raises(adapters.UnsupportedLayer, match="EPLB"):
