@@ -628,68 +628,72 @@ def rerun(args: argparse.Namespace, layout: Layout) -> None:
 
 
 def check(args: argparse.Namespace, layout: Layout) -> None:
-    """Run survivors again under another command (``--check-args``, e.g. other topologies or the unit tests),
-    in a copy of their own whose suite (every non-target file) is refreshed from the source's working tree:
-    how a gap closed in the suite is shown killing its mutant."""
+    """Run survivors (or ``--keys``) again under another command (``--check-args``, e.g. other topologies), in
+    copies of their own whose suite (every non-target file) is refreshed from the source's working tree: how a gap
+    closed in the suite is shown killing its mutant."""
     state = _load_state(layout)
-    timeout = float(args.timeout or state["timeout_seconds"])
-    copy = _refreshed_copy(layout, Path(state["source"]), "check")
     label = args.check_label or args.check_args
     checks = _load_checks(layout)
     results = checks.setdefault(label, {"args": args.check_args, "at": _now(), "mutants": {}})
     wanted = set(args.keys or [])
-    for target in TARGETS:
-        for job in jobs(layout, target):
-            if (wanted and key(job) not in wanted) or (not wanted and outcome(job) != "survived"):
-                continue
-            if key(job) in results["mutants"] and not args.again:
-                continue  # checked under this label already
-            done = run_one(copy, job, timeout, args.suite_python, args.check_args)
-            done["killed_by"] = _first_failure(done["tail"])
-            results["mutants"][key(job)] = done
-            layout.checks.write_text(json.dumps(checks, indent=2) + "\n")
-            print(key(job), done["outcome"], done["killed_by"])
+    selected = [
+        job
+        for target in TARGETS
+        for job in jobs(layout, target)
+        if (key(job) in wanted if wanted else outcome(job) == "survived")
+        and (args.again or key(job) not in results["mutants"])  # else checked under this label already
+    ]
+    runner = _CheckRunner(args, layout, state, checks, float(args.timeout or state["timeout_seconds"]))
+    runner.run(label, args.check_args, selected)
 
 
 def finals(args: argparse.Namespace, layout: Layout) -> None:
-    """Every :data:`FINAL_CHECKS` in order, each on the survivors no earlier one killed, ``--workers`` mutants at
-    a time (one refreshed copy of the clone each)."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-    from queue import Queue
-
+    """Every :data:`FINAL_CHECKS` in order, each on the survivors no earlier one killed."""
     state = _load_state(layout)
     timeout = float(args.timeout or state.get("run_timeout_seconds") or state["timeout_seconds"])
-    copies: Queue[Path] = Queue()
-    for index in range(layout.workers):
-        copies.put(_refreshed_copy(layout, Path(state["source"]), f"check-{index}"))
     checks = _load_checks(layout)
-    lock = threading.Lock()
-    survivors = [job for target in TARGETS for job in jobs(layout, target) if outcome(job) == "survived"]
-
-    def killed_before(job: dict[str, Any], final: Check) -> bool:
-        earlier = FINAL_CHECKS[: FINAL_CHECKS.index(final)]
-        return any(
-            checks.get(f.label, {}).get("mutants", {}).get(key(job), {}).get("outcome") == "killed" for f in earlier
-        )
-
-    def one(final: Check, job: dict[str, Any]) -> None:
-        copy = copies.get()
-        try:
-            done = run_one(copy, job, timeout, args.suite_python, final.args)
-        finally:
-            copies.put(copy)
-        done["killed_by"] = _first_failure(done["tail"])
-        with lock:
-            checks[final.label]["mutants"][key(job)] = done
-            layout.checks.write_text(json.dumps(checks, indent=2) + "\n")
-        print(final.label, key(job), done["outcome"], done["killed_by"], flush=True)
-
+    runner = _CheckRunner(args, layout, state, checks, timeout)
+    left = [job for target in TARGETS for job in jobs(layout, target) if outcome(job) == "survived"]
     for final in FINAL_CHECKS:
         results = checks.setdefault(final.label, {"args": final.args, "at": _now(), "mutants": {}})
-        left = [job for job in survivors if key(job) not in results["mutants"] and not killed_before(job, final)]
-        with ThreadPoolExecutor(layout.workers) as pool:
-            list(pool.map(lambda job, final=final: one(final, job), left))
+        runner.run(final.label, final.args, [job for job in left if key(job) not in results["mutants"]])
+        left = [job for job in left if results["mutants"].get(key(job), {}).get("outcome") != "killed"]
+
+
+class _CheckRunner:
+    """Runs jobs under a check's pytest arguments, ``--workers`` at a time (one refreshed copy of the clone
+    each), and records each result in ``checks`` (written after every mutant, so a stopped run keeps its part)."""
+
+    def __init__(
+        self, args: argparse.Namespace, layout: Layout, state: dict[str, Any], checks: dict[str, Any], timeout: float
+    ) -> None:
+        from queue import Queue
+
+        self.args, self.layout, self.checks, self.timeout = args, layout, checks, timeout
+        self.copies: Queue[Path] = Queue()
+        for index in range(layout.workers):
+            self.copies.put(_refreshed_copy(layout, Path(state["source"]), f"check-{index}"))
+
+    def run(self, label: str, pytest_args: str, selected: list[dict[str, Any]]) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        lock = threading.Lock()
+
+        def one(job: dict[str, Any]) -> None:
+            copy = self.copies.get()
+            try:
+                done = run_one(copy, job, self.timeout, self.args.suite_python, pytest_args)
+            finally:
+                self.copies.put(copy)
+            done["killed_by"] = _first_failure(done["tail"])
+            with lock:
+                self.checks[label]["mutants"][key(job)] = done
+                self.layout.checks.write_text(json.dumps(self.checks, indent=2) + "\n")
+            print(label, key(job), done["outcome"], done["killed_by"], flush=True)
+
+        with ThreadPoolExecutor(self.layout.workers) as pool:
+            list(pool.map(one, selected))
 
 
 def _refreshed_copy(layout: Layout, source: Path, name: str) -> Path:
