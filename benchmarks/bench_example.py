@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,9 +47,12 @@ import _bench_example_fns as fns  # noqa: E402  (ranks and children import it by
 from _environment import environment  # noqa: E402
 
 from pytest_mnnvl.conformance.rank import run_plan  # noqa: E402
+from pytest_mnnvl.errors import MnnvlUsageError  # noqa: E402
 from pytest_mnnvl.managers import resolve  # noqa: E402
 from pytest_mnnvl.model.layers import LayerSpec, ModelPlan, QuantFormat  # noqa: E402
+from pytest_mnnvl.settings import parse_mps, parse_ranks_per_gpu  # noqa: E402
 from pytest_mnnvl.worlds.pool import World, WorldSpec  # noqa: E402
+from pytest_mnnvl.worlds.sharing import RanksPerGpu  # noqa: E402
 
 CYCLE = (QuantFormat.NVFP4, QuantFormat.BF16, QuantFormat.FP8_BLOCK, QuantFormat.MXFP8)
 
@@ -67,28 +71,51 @@ def log(message: str) -> None:
     print(f"[bench_example {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def devices_for(world_size: int, backend: str) -> tuple[str, ...] | None:
+@dataclass(frozen=True)
+class Placement:
+    """Where a benchmark world's ranks run: its GPUs (None on the sim), ranks per GPU, and what each rank's
+    environment gets on top of this process's (MPS settings)."""
+
+    devices: tuple[str, ...] | None = None
+    ranks_per_gpu: int = 1
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def placement_for(world_size: int, backend: str, ranks_per_gpu: RanksPerGpu, mps: Any) -> Placement:
+    """The GPUs of a ``world_size``-rank world here (several ranks per GPU where ``ranks_per_gpu`` allows);
+    raises RuntimeError with the reason when it does not fit."""
     if backend != "flashinfer":
-        return None
-    from pytest_mnnvl.probes.backend import missing_for_one_sided
+        return Placement()
+    from pytest_mnnvl.probes.backend import missing_for_one_sided_shared, world_gpu_plan
     from pytest_mnnvl.probes.gpus import gpu_inventory
 
-    missing = missing_for_one_sided(world_size)
+    missing = missing_for_one_sided_shared(world_size, ranks_per_gpu)
     if missing is not None:
         raise RuntimeError(f"cannot run {world_size} GPU ranks here: {missing}")
-    return tuple(g.uuid or str(g.nvml_index) for g in gpu_inventory().gpus)[:world_size]
+    plan = world_gpu_plan(world_size, ranks_per_gpu, gpu_inventory(), os.environ)
+    env = mps.state.rank_env(plan.ranks_per_gpu, os.environ) if mps is not None else ()
+    return Placement(plan.devices, plan.ranks_per_gpu, env)
 
 
-def spawn_example(world_size: int, backend: str, devices: tuple[str, ...] | None, factory: Any, text: str) -> float:
+def spawn_example(world_size: int, backend: str, where: Placement, factory: Any, text: str) -> float:
     """One example in a freshly spawned world, vLLM style; wall seconds."""
     import torch.multiprocessing as mp
 
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if devices:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    child_env = dict(where.env)
+    if where.devices:
+        child_env["CUDA_VISIBLE_DEVICES"] = ",".join(where.devices)
+    saved = {name: os.environ.get(name) for name in child_env}
+    os.environ.update(child_env)
     try:
         with tempfile.TemporaryDirectory(prefix="mnnvl-bench-") as tmp:
-            boot = {"world_size": world_size, "pp": 1, "backend": backend, "store_path": f"{tmp}/store", "dir": tmp}
+            boot = {
+                "world_size": world_size,
+                "pp": 1,
+                "backend": backend,
+                "store_path": f"{tmp}/store",
+                "dir": tmp,
+                "ranks_per_gpu": where.ranks_per_gpu,
+            }
             t0 = time.perf_counter()
             ctx = mp.get_context("spawn")
             results = ctx.Queue()
@@ -104,21 +131,27 @@ def spawn_example(world_size: int, backend: str, devices: tuple[str, ...] | None
             elapsed = time.perf_counter() - t0
             results.close()
     finally:
-        if devices:
-            if saved is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+                os.environ[name] = value
     bad = [o for o in outcomes if o[1] != "ok"] + [f"exit {p.exitcode}" for p in procs if p.exitcode != 0]
     if bad:
         raise RuntimeError(f"spawned world failed: {str(bad)[:3000]}")
     return elapsed
 
 
-def bench_world(world_size: int, backend: str, factory: Any, lengths: list[int], args: Any) -> dict[str, Any]:
-    devices = devices_for(world_size, backend)
-    world = World(WorldSpec(world_size, 1, backend, devices=devices), timeout=600.0)
-    row: dict[str, Any] = {"world_size": world_size, "by_layers": {}}
+def bench_world(world_size: int, backend: str, factory: Any, lengths: list[int], args: Any, mps: Any) -> dict[str, Any]:
+    where = placement_for(world_size, backend, args.ranks_per_gpu, mps)
+    spec = WorldSpec(world_size, 1, backend, where.env, where.devices, where.ranks_per_gpu)
+    world = World(spec, timeout=600.0)
+    row: dict[str, Any] = {
+        "world_size": world_size,
+        "gpus": len(where.devices) if where.devices else 0,
+        "ranks_per_gpu": where.ranks_per_gpu,
+        "by_layers": {},
+    }
     try:
         t0 = time.perf_counter()
         world.call(fns.bare_plan, (factory, plan_of(1).to_json(indent=None), 1), {})
@@ -147,7 +180,7 @@ def bench_world(world_size: int, backend: str, factory: Any, lengths: list[int],
             ]["median"]
             entry["full_checks_vs_bare"] = entry["warm_s"]["median"] / entry["bare_s"]["median"]
             if length in args.spawn_at:
-                spawn = [spawn_example(world_size, backend, devices, factory, text) for _ in range(args.spawns)]
+                spawn = [spawn_example(world_size, backend, where, factory, text) for _ in range(args.spawns)]
                 entry["spawn_s"] = stats(spawn)
                 entry["spawn_over_warm"] = entry["spawn_s"]["median"] / entry["warm_s"]["median"]
             row["by_layers"][str(length)] = entry
@@ -168,19 +201,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=10, help="timed examples per plan length")
     parser.add_argument("--spawns", type=int, default=3, help="spawned worlds per measured plan length")
     parser.add_argument("--spawn-at", default="2", help="plan lengths at which the spawn baseline runs")
+    parser.add_argument(
+        "--ranks-per-gpu",
+        default="1",
+        help="flashinfer: ranks per GPU, an integer >= 1 or auto (several ranks share a GPU; NVLink not exercised)",
+    )
+    parser.add_argument(
+        "--mps", default="auto", help="flashinfer: auto (use a running daemon), off, or start (a private daemon)"
+    )
     args = parser.parse_args(argv)
     args.spawn_at = {int(x) for x in args.spawn_at.split(",") if x}
+    try:
+        args.ranks_per_gpu = parse_ranks_per_gpu(args.ranks_per_gpu, "--ranks-per-gpu")
+        args.mps = parse_mps(args.mps, "--mps")
+    except MnnvlUsageError as exc:
+        parser.error(str(exc))
     factory = resolve(args.manager)
-    data: dict[str, Any] = {"environment": environment(args.backend), "manager": args.manager, "worlds": []}
-    for ws in (int(x) for x in args.world_sizes.split(",")):
+    from pytest_mnnvl.worlds import mps as mps_module
+
+    mps = None
+    if args.backend == "flashinfer":
         try:
-            lengths = [int(x) for x in args.layers.split(",")]
-            data["worlds"].append(bench_world(ws, args.backend, factory, lengths, args))
-        except Exception as exc:
-            data["worlds"].append({"world_size": ws, "error": f"{type(exc).__name__}: {exc}"[:3000]})
-            log(f"ws{ws} failed: {exc}")
-        with open(args.output, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
+            mps = mps_module.open_session(args.mps, True, os.environ, mps_module.find_control(), None)
+        except mps_module.MpsStartError as exc:
+            parser.error(str(exc).replace("--mnnvl-mps=", "--mps "))
+    data: dict[str, Any] = {
+        "environment": environment(args.backend),
+        "manager": args.manager,
+        "ranks_per_gpu": str(args.ranks_per_gpu),
+        "mps": mps.state.to_dict() if mps is not None else None,
+        "worlds": [],
+    }
+    try:
+        for ws in (int(x) for x in args.world_sizes.split(",")):
+            try:
+                lengths = [int(x) for x in args.layers.split(",")]
+                data["worlds"].append(bench_world(ws, args.backend, factory, lengths, args, mps))
+            except Exception as exc:
+                data["worlds"].append({"world_size": ws, "error": f"{type(exc).__name__}: {exc}"[:3000]})
+                log(f"ws{ws} failed: {exc}")
+            with open(args.output, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=2)
+    finally:
+        if mps is not None:
+            mps.close()
     log(f"wrote {args.output}")
     return 0
 

@@ -10,10 +10,15 @@ passes ``--cap`` seconds is stopped with SIGINT (pytest still writes its JUnit f
 ``--grace``) and marked ``capped``: its wall time is a lower bound. The default cap keeps the whole benchmark
 under 8 minutes on any machine (4 runs x (cap + grace)); ``--cap 0`` runs everything to the end.
 
+``--configs`` names what runs: ``share`` and ``torch`` as above, each optionally with pytest-xdist workers
+(``share-n8``: ``-n 8``, several worlds at once, each rank's share then divided by the workers too). That is how
+a many-core machine is used: one world at a time is latency-bound, not compute-bound.
+
 Run::
 
     python benchmarks/bench_threads.py benchmarks/results/            # threads-cpu<N>-<date>.json and .md
     python benchmarks/bench_threads.py OUT --cap 0 --suites examples  # one suite, no cap
+    python benchmarks/bench_threads.py OUT --configs share,share-n4,share-n8   # xdist workers on a big machine
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -42,8 +48,11 @@ from _environment import environment  # noqa: E402
 
 from pytest_mnnvl.worlds import threads  # noqa: E402
 
-#: The configurations compared: what PYTEST_MNNVL_RANK_THREADS says.
+#: What PYTEST_MNNVL_RANK_THREADS may say in a configuration.
+POLICIES = ("share", "torch")
+#: The configurations compared by default.
 CONFIGS = ("share", "torch")
+CONFIG_PATTERN = re.compile(r"(share|torch)(?:-n([1-9][0-9]*))?")
 SUITES = ("examples", "conformance")
 DEFAULT_CAP_S = 95.0
 DEFAULT_GRACE_S = 15.0
@@ -81,9 +90,19 @@ def conformance_dir() -> str:
     raise SystemExit("bench_threads: no conformance suite (conformance/test_invariants.py) in this checkout")
 
 
-def command_for(suite: str, junit: str, report: str) -> list[str]:
+def parse_config(label: str) -> tuple[str, int]:
+    """``share`` / ``torch`` / ``share-n8`` -> (policy, xdist workers; 0: no xdist); ValueError names the label."""
+    match = CONFIG_PATTERN.fullmatch(label)
+    if match is None:
+        raise ValueError(f"configuration {label!r} is not valid; allowed: share or torch, optionally -n<workers>")
+    return match.group(1), int(match.group(2) or 0)
+
+
+def command_for(suite: str, junit: str, report: str, workers: int = 0) -> list[str]:
     base = [sys.executable, "-m", "pytest", "-p", "pytest_mnnvl", "-p", "no:cacheprovider", "-rN"]
     base += ["--mnnvl-backend=sim", f"--junitxml={junit}"]
+    if workers:
+        base += ["-n", str(workers)]
     if suite == "examples":
         return [*base, "examples/"]
     return [*base, conformance_dir() + "/", f"--mnnvl-report={report}"]
@@ -92,9 +111,10 @@ def command_for(suite: str, junit: str, report: str) -> list[str]:
 def run_one(suite: str, config: str, cap: float, grace: float, work: str, attempt: int = 0) -> RunResult:
     junit = os.path.join(work, f"{suite}-{config}-{attempt}.xml")
     report = os.path.join(work, f"{suite}-{config}-{attempt}-report", "report.json")
-    command = command_for(suite, junit, report)
+    policy, workers = parse_config(config)
+    command = command_for(suite, junit, report, workers)
     env = {k: v for k, v in os.environ.items() if k not in threads.USER_VARIABLES}
-    env[threads.POLICY_ENV] = config
+    env[threads.POLICY_ENV] = policy
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     log(f"{suite} / {config}: {' '.join(command[1:])}")
     load_before = os.getloadavg()
@@ -163,13 +183,14 @@ def _read_junit(path: str, result: RunResult) -> None:
 def markdown(data: dict[str, Any]) -> str:
     env = data["environment"]
     lines = [
-        f"# Rank threads: share vs torch's default ({env['date']})",
+        f"# Rank threads: {' vs '.join(data['configs'])} ({env['date']})",
         "",
         f"Machine: {env.get('cpu', '?')}, {data['usable_cores']} usable cores ({env['cores']} online), "
         f"Python {env['python']}, torch {env['torch']}, FlashInfer {env['flashinfer']}; cap {data['cap_s']:g} s "
         "per run (0: none). `share` is the default (`OMP_NUM_THREADS` = max(1, usable cores // (ranks × xdist "
         "workers))); `torch` is "
-        "the behaviour before (`PYTEST_MNNVL_RANK_THREADS=torch`: a thread per core in every rank).",
+        "the behaviour before (`PYTEST_MNNVL_RANK_THREADS=torch`: a thread per core in every rank); `-nW`: "
+        "W pytest-xdist workers, several worlds at once.",
         "",
         "| suite | config | wall (s) | exit | tests | failed | errors | skipped | WorldTooSlow | WorldDeadlock "
         "| load before → after |",
@@ -183,12 +204,13 @@ def markdown(data: dict[str, Any]) -> str:
             f"{r['errors']} | {r['skipped']} | {r['too_slow']} | {r['deadlocks']} | {load} |"
         )
     lines.append("")
-    for suite, ratio in data["speedup"].items():
+    base = data["configs"][0]
+    for suite, ratios in data["speedup"].items():
         walls = data["median_wall_s"][suite]
-        lines.append(
-            f"- {suite}: median wall share {walls['share']:.1f} s, torch {walls['torch']:.1f} s "
-            f"({data['repeat']} run(s) each): torch / share = **{ratio}**"
-        )
+        shown = ", ".join(f"{config} {wall:.1f} s" for config, wall in walls.items())
+        against = "; ".join(f"{base} / {config} = **{ratio}**" for config, ratio in ratios.items())
+        tail = f": {against}" if against else ""
+        lines.append(f"- {suite}: median wall {shown} ({data['repeat']} run(s) each){tail}")
     lines.append("")
     lines.append("What the ranks got (the session header):")
     lines.append("")
@@ -212,7 +234,20 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per suite and configuration, in ABBA order (medians compared)"
     )
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated: share or torch, optionally -n<workers> (share-n8); the first is the baseline",
+    )
     args = parser.parse_args()
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    try:
+        for config in configs:
+            parse_config(config)
+    except ValueError as exc:
+        parser.error(f"--configs={args.configs!r}: {exc}")
+    if not configs or len(set(configs)) != len(configs):
+        parser.error(f"--configs={args.configs!r} is not valid; allowed: distinct configurations, at least one")
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
@@ -227,28 +262,37 @@ def main() -> None:
         for suite in suites:
             for i in range(args.repeat):
                 # ABBA: both configurations see the same drift in the machine's load.
-                for config in CONFIGS if i % 2 == 0 else tuple(reversed(CONFIGS)):
+                for config in configs if i % 2 == 0 else tuple(reversed(configs)):
                     runs.append(run_one(suite, config, args.cap, args.grace, work, i))
-    speedup: dict[str, str] = {}
+    speedup: dict[str, dict[str, str]] = {}
     medians: dict[str, dict[str, float]] = {}
+    base = configs[0]
     for suite in suites:
-        walls = {c: statistics.median(r.wall_s for r in runs if r.suite == suite and r.config == c) for c in CONFIGS}
+        walls = {c: statistics.median(r.wall_s for r in runs if r.suite == suite and r.config == c) for c in configs}
         medians[suite] = walls
-        capped = {c: any(r.capped for r in runs if r.suite == suite and r.config == c) for c in CONFIGS}
-        ratio = f"{walls['torch'] / walls['share']:.2f}×" if walls["share"] > 0 else "n/a"
-        speedup[suite] = ("≥ " if capped["torch"] and not capped["share"] else "") + ratio
+        capped = {c: any(r.capped for r in runs if r.suite == suite and r.config == c) for c in configs}
+        speedup[suite] = {}
+        for config in configs[1:]:
+            # base / config: > 1 when the configuration is faster than the baseline.
+            ratio = f"{walls[base] / walls[config]:.2f}×" if walls[config] > 0 else "n/a"
+            bound = {(True, False): "≥ ", (False, True): "≤ "}.get((capped[base], capped[config]), "")
+            if capped[base] and capped[config]:
+                ratio, bound = "n/a (both capped)", ""
+            speedup[suite][config] = bound + ratio
     data = {
         "benchmark": "bench_threads",
         "environment": environment("sim"),
         "usable_cores": threads.usable_cores(),
         "cap_s": args.cap,
         "repeat": args.repeat,
+        "configs": configs,
         "runs": [asdict(r) for r in runs],
         "median_wall_s": medians,
         "speedup": speedup,
     }
     date = datetime.date.today().isoformat()
-    stem = os.path.join(args.out_dir, f"threads-cpu{threads.usable_cores()}-{date}")
+    tag = "" if tuple(configs) == CONFIGS else "-" + "-".join(configs)
+    stem = os.path.join(args.out_dir, f"threads-cpu{threads.usable_cores()}{tag}-{date}")
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")

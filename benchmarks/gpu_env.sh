@@ -3,6 +3,7 @@
 #
 #   . benchmarks/gpu_env.sh                                   # the shared 0.7.2.post1 bundle (.gpu/fi-trim.tar.xz)
 #   MNNVL_GPU_BUNDLE=.gpu/bundle-0.7.4 . benchmarks/gpu_env.sh  # a bundle built by `python -m pytest_mnnvl.cli.bundle`
+#   MNNVL_GPU_BUNDLE=.gpu/fi-0.7.4 . benchmarks/gpu_env.sh      # the shared hand-made 0.7.4 folder (fi074-*.tar.xz)
 #
 # A carried JIT cache only hits when FlashInfer, tvm-ffi and the workspace sit at the paths the cache was built
 # with: ninja compares whole command lines (-I/tmp/fi/..., -isystem /tmp/site/tvm_ffi/include) and rebuilds on any
@@ -10,7 +11,20 @@
 # cli.bundle bundle is restored under /tmp/mnnvl-bundle/<its release>, so a cache built there once (the `jit` step
 # of gpu_suite.sh brings it back) hits on every later runner.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-if [ -n "${MNNVL_GPU_BUNDLE:-}" ]; then
+if [ -n "${MNNVL_GPU_BUNDLE:-}" ] && [ -f "$MNNVL_GPU_BUNDLE/fi074-trim.tar.xz" ]; then
+  # Its JIT cache (jitcache-h200.tar.xz) was built with FlashInfer at /tmp/fi074, tvm-ffi at /tmp/site074 and
+  # the workspace at /tmp/fiws074: restored there, it hits.
+  if [ ! -d /tmp/fi074/flashinfer ]; then
+    mkdir -p /tmp/fi074 /tmp/site074 /tmp/fiws074
+    for _part in "$MNNVL_GPU_BUNDLE"/fi074-*.tar.xz; do tar -xJf "$_part" -C /tmp/fi074 || return 2; done
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site074 "$MNNVL_GPU_BUNDLE"/../apache_tvm_ffi-*.whl \
+      || return 2
+    [ -f "$MNNVL_GPU_BUNDLE/jitcache-h200.tar.xz" ] && tar -xJf "$MNNVL_GPU_BUNDLE/jitcache-h200.tar.xz" -C /tmp/fiws074
+    unset _part
+  fi
+  export PYTHONPATH="/tmp/fi074:/tmp/site074:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export FLASHINFER_WORKSPACE_BASE=/tmp/fiws074
+elif [ -n "${MNNVL_GPU_BUNDLE:-}" ]; then
   _release=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["flashinfer"])' \
     "$MNNVL_GPU_BUNDLE/bundle.json") || return 2
   _exports=$(PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 -m pytest_mnnvl.cli.bundle restore \
