@@ -101,3 +101,43 @@ def test_a_duplicated_row_is_one_missing_and_one_unexpected() -> None:
         "6 read: 5 arrived as sent, 1 missing, 1 unexpected (1 extra copies of rows it sent); "
         "missing tokens (of rank 1): 8; first unexpected row in slot 5"
     ) in message
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "ep_size", "top_k", "tokens"),
+    [(8, 2, 2, 37), (256, 8, 8, 13), (10, 4, 3, 50), (7, 3, 1, 9), (24, 8, 22, 5), (8, 8, 8, 1)],
+)
+def test_routes_and_their_owners_are_the_documented_formula(
+    num_experts: int, ep_size: int, top_k: int, tokens: int
+) -> None:
+    """The vectorized routes, receivers and combine targets against the formula written out per token."""
+    from pytest_mnnvl.conformance.roundtrip import (
+        distinct_owner_counts,
+        experts_owned,
+        owner_of,
+        selected_experts,
+        tokens_routed_to,
+    )
+    from pytest_mnnvl.model.layers import LayerSpec, QuantFormat
+
+    layer = LayerSpec(QuantFormat.BF16, 128, top_k, num_experts, tokens)
+    blocks = experts_owned(num_experts, ep_size)
+
+    def owner(expert: int) -> int:
+        return next(rank for rank, block in enumerate(blocks) if expert in block)
+
+    stride = max(1, num_experts // top_k)
+    for source in range(ep_size):
+        routes = [[(t * 7 + source * 3 + j * stride) % num_experts for j in range(top_k)] for t in range(tokens)]
+        assert selected_experts(layer, source, tokens).tolist() == routes
+        assert distinct_owner_counts(layer, source, tokens, ep_size).tolist() == [
+            float(len({owner(e) for e in row})) for row in routes
+        ]
+        for rank in range(ep_size):
+            assert tokens_routed_to(layer, source, tokens, rank, ep_size) == [
+                t for t, row in enumerate(routes) if rank in {owner(e) for e in row}
+            ]
+    assert [owner_of(e, num_experts, ep_size) for e in range(num_experts)] == [owner(e) for e in range(num_experts)]
+    for outside in (-1, num_experts):
+        with pytest.raises(ValueError, match=f"expert {outside} is outside 0..{num_experts - 1}"):
+            owner_of(outside, num_experts, ep_size)

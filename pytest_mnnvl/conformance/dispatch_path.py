@@ -32,7 +32,7 @@ def check(ctx: Any, factory: ManagerFactory) -> str:
     is the harness losing it (a :class:`~pytest_mnnvl.errors.HarnessFault`), never a manager that passes unchecked."""
     import torch
 
-    from pytest_mnnvl.conformance.roundtrip import combine_mismatch, ep_barrier, make_inputs, owner_of, selected_experts
+    from pytest_mnnvl.conformance.roundtrip import combine_mismatch, distinct_owner_counts, ep_barrier, make_inputs
     from pytest_mnnvl.managers import handles
     from pytest_mnnvl.managers.compat import Stage, verdict_on
 
@@ -56,10 +56,7 @@ def check(ctx: Any, factory: ManagerFactory) -> str:
             path.dispatch(hidden, experts, by_name["topk_weights"])
             ones = torch.ones((ctx.ep_size, tokens, layer.hidden_size), dtype=torch.bfloat16, device=ctx.device)
             combined = path.combine(ones).float().cpu()
-        routes = selected_experts(layer, ctx.ep_rank, tokens)
-        expected = torch.tensor(
-            [len({owner_of(e, layer.num_experts, ctx.ep_size) for e in row}) for row in routes], dtype=torch.float32
-        )
+        expected = distinct_owner_counts(layer, ctx.ep_rank, tokens, ctx.ep_size)
         wrong = combine_mismatch(combined.reshape(tokens, layer.hidden_size), expected, ctx.ep_rank, path.name)
         if wrong is not None:
             raise DispatchPathMismatch(f"the manager's own dispatch path ({path.name}): {wrong}")

@@ -23,6 +23,7 @@ of each hidden-state row, in the room ``extra_payload_bytes_per_token`` reserves
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,20 +139,52 @@ def experts_owned(num_experts: int, ep_size: int) -> list[range]:
     return blocks
 
 
+@functools.lru_cache(maxsize=64)
+def expert_owners(num_experts: int, ep_size: int) -> tuple[int, ...]:
+    """The owning rank of every expert id, in id order (:func:`experts_owned` flattened)."""
+    return tuple(rank for rank, block in enumerate(experts_owned(num_experts, ep_size)) for _ in block)
+
+
 def owner_of(expert: int, num_experts: int, ep_size: int) -> int:
-    for rank, block in enumerate(experts_owned(num_experts, ep_size)):
-        if expert in block:
-            return rank
-    raise ValueError(f"expert {expert} is outside 0..{num_experts - 1}")
+    if not 0 <= expert < num_experts:
+        raise ValueError(f"expert {expert} is outside 0..{num_experts - 1}")
+    return expert_owners(num_experts, ep_size)[expert]
 
 
-def selected_experts(layer: LayerSpec, source: int, tokens: int) -> list[list[int]]:
-    """Distinct experts per token, varied by source and token so routes cover several ranks."""
+def selected_experts(layer: LayerSpec, source: int, tokens: int) -> torch.Tensor:
+    """Distinct experts per token (``[tokens, top_k]`` int64), varied by source and token so routes cover
+    several ranks: ``(token·7 + source·3 + j·stride) mod E`` with ``stride = max(1, E // top_k)``."""
+    import torch
+
     stride = max(1, layer.num_experts // layer.top_k)
-    return [
-        [(token * 7 + source * 3 + j * stride) % layer.num_experts for j in range(layer.top_k)]
-        for token in range(tokens)
-    ]
+    token = torch.arange(tokens, dtype=torch.int64).unsqueeze(1)
+    slot = torch.arange(layer.top_k, dtype=torch.int64).unsqueeze(0)
+    return (token * 7 + source * 3 + slot * stride) % layer.num_experts
+
+
+def route_owners(layer: LayerSpec, source: int, tokens: int, ep_size: int) -> torch.Tensor:
+    """The owning rank of each of ``source``'s routes (``[tokens, top_k]``)."""
+    import torch
+
+    table = torch.tensor(expert_owners(layer.num_experts, ep_size), dtype=torch.int64)
+    return table[selected_experts(layer, source, tokens)]
+
+
+def tokens_routed_to(layer: LayerSpec, source: int, tokens: int, rank: int, ep_size: int) -> list[int]:
+    """The tokens of ``source`` that ``rank`` receives: those with an expert that ``rank`` owns."""
+    import torch
+
+    hits = (route_owners(layer, source, tokens, ep_size) == rank).any(dim=1)
+    return [int(t) for t in torch.nonzero(hits).flatten().tolist()]
+
+
+def distinct_owner_counts(layer: LayerSpec, source: int, tokens: int, ep_size: int) -> torch.Tensor:
+    """Per token of ``source``, how many distinct ranks own its experts (float32 ``[tokens]``): the combine of
+    ones each token must come back with."""
+    import torch
+
+    owners = torch.sort(route_owners(layer, source, tokens, ep_size), dim=1).values
+    return (1 + (owners[:, 1:] != owners[:, :-1]).sum(dim=1)).to(torch.float32)
 
 
 def _dtype_for(element_size: int, name: str) -> torch.dtype:
@@ -179,7 +212,7 @@ def make_inputs(layer: LayerSpec, source: int, tokens: int, device: Any) -> tupl
     """(token_selected_experts [T, top_k] int32, payload tensors in the layer's order) for one source."""
     import torch
 
-    experts = torch.tensor(selected_experts(layer, source, tokens), dtype=torch.int32).reshape(tokens, layer.top_k)
+    experts = selected_experts(layer, source, tokens).to(torch.int32)
     payloads: list[torch.Tensor] = []
     for salt, payload in enumerate(layer.dispatch_payloads):
         if payload.name == "topk_ids":
@@ -318,8 +351,7 @@ def round_trip(a2a: Any, layer: LayerSpec, ep_rank: int, ep_size: int, tokens: i
     width = layer.dispatch_payloads[0].bytes_per_token
     delivered_wrong: str | None = None
     for source in range(ep_size):
-        routes = selected_experts(layer, source, tokens)
-        mine = [t for t, row in enumerate(routes) if ep_rank in {owner_of(e, layer.num_experts, ep_size) for e in row}]
+        mine = tokens_routed_to(layer, source, tokens, ep_rank, ep_size)
         counts.append(len(mine))
         # The activation payload's bytes (on 0.7.4 a layer's extra bytes follow them in the same row).
         got = received[source, : len(mine)].contiguous().view(torch.uint8)[:, :width].cpu()
@@ -339,10 +371,7 @@ def round_trip(a2a: Any, layer: LayerSpec, ep_rank: int, ep_size: int, tokens: i
         raise
     if delivered_wrong is not None:
         raise RoundTripMismatch(delivered_wrong)
-    routes = selected_experts(layer, ep_rank, tokens)
-    expected = torch.tensor(
-        [len({owner_of(e, layer.num_experts, ep_size) for e in row}) for row in routes], dtype=torch.float32
-    )
+    expected = distinct_owner_counts(layer, ep_rank, tokens, ep_size)
     wrong = combine_mismatch(combined, expected, ep_rank, layer.name or layer.quant.value)
     if wrong is not None:
         raise RoundTripMismatch(wrong)
