@@ -22,7 +22,10 @@
 #   fidelity     sim vs real on the same cases: benchmarks/sim_fidelity.py (0.7.2.post1) or sim_fidelity_v074.py
 #                (0.7.4), --ep MNNVL_FIDELITY_EP (default 2,4,8 with shared GPUs, else the world sizes)
 #   layout       benchmarks/v074_layout_fidelity.py (0.7.4 only): the layout arithmetic vs FlashInfer's own
-#   bench        benchmarks/bench_example.py: warm pool vs spawn per example, harness overhead, scaling
+#   bench        benchmarks/bench_example.py: warm pool vs spawn per example, harness overhead, scaling (worlds share
+#                the GPUs as the other steps do; MNNVL_MPS picks --mps)
+#   threads      benchmarks/bench_threads.py on the sim with the GPUs hidden: examples/ and the ci suite per
+#                MNNVL_THREADS_CONFIGS (default share,share-n4,share-n8: one world at a time, then xdist workers)
 #
 # On an air-gapped runner source benchmarks/gpu_env.sh first (the offline FlashInfer bundle + JIT cache).
 # With fewer GPUs than the largest world (a one-GPU box), worlds share GPUs (--mnnvl-ranks-per-gpu=auto, gloo groups,
@@ -183,11 +186,17 @@ $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c
       run_step jit "$(step_limit jit 400)" "$PY" benchmarks/jit_build.py "$OUT/jit_build-$RELEASE.json" \
         --workspace "${FLASHINFER_WORKSPACE_BASE:-$HOME/.cache/flashinfer}" --cache-out "$OUT/jitcache-$RELEASE.tar.xz" ;;
     bench)
+      bench_share=()
+      if [ ${#SHARE[@]} -gt 0 ]; then bench_share=(--ranks-per-gpu "${MNNVL_RANKS_PER_GPU:-auto}" --mps "${MNNVL_MPS:-off}"); fi
       run_step bench "$(step_limit bench 300)" "$PY" benchmarks/bench_example.py "$OUT/bench_example-$BACKEND.json" \
-        --backend "$BACKEND" --world-sizes "$WS" ${MNNVL_BENCH_ARGS:-} ;;
+        --backend "$BACKEND" --world-sizes "$WS" "${bench_share[@]}" ${MNNVL_BENCH_ARGS:-} ;;
+    threads)
+      mkdir -p "$OUT/threads"
+      CUDA_VISIBLE_DEVICES= run_step threads "$(step_limit threads 300)" "$PY" benchmarks/bench_threads.py "$OUT/threads" \
+        --configs "${MNNVL_THREADS_CONFIGS:-share,share-n4,share-n8}" ${MNNVL_THREADS_ARGS:-} ;;
     *)
       echo "gpu_suite.sh: unknown step '$step' (allowed: env jit gputests header smoke examples reference vllm mutants" \
-        "torchrun repro findings fidelity layout bench)" >&2
+        "torchrun repro findings fidelity layout bench threads)" >&2
       exit 2 ;;
   esac
 done
