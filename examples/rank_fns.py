@@ -7,58 +7,62 @@ from typing import Any
 from pytest_mnnvl.model.layers import LayerSpec
 
 
-def build_moe_alltoall(ctx: Any, sized_for: LayerSpec) -> Any:
-    """FlashInfer's own ``MoeAlltoAll`` on this rank's EP group, sized for one layer only."""
+def build_moe_alltoall(ctx: Any, *sized_for: LayerSpec) -> Any:
+    """FlashInfer's own handle on this rank's EP group (0.7.2.post1: ``MoeAlltoAll``; 0.7.4:
+    ``NVLinkOneSidedAlltoAll``), sized by FlashInfer's formula for the largest tokens, dispatch bytes
+    and combine bytes of ``sized_for`` only."""
     from pytest_mnnvl.conformance.roundtrip import build_alltoall
 
     return build_alltoall(
         ctx,
-        max_num_tokens=sized_for.max_num_tokens,
-        top_k=sized_for.top_k,
-        num_experts=sized_for.num_experts,
-        size_per_rank=sized_for.need(ctx.ep_size),
+        max_num_tokens=max(layer.max_num_tokens for layer in sized_for),
+        top_k=sized_for[0].top_k,
+        num_experts=sized_for[0].num_experts,
+        dispatch_bytes_per_token=max(layer.dispatch_bytes_per_token for layer in sized_for),
+        combine_bytes_per_token=max(layer.combine_bytes_per_token for layer in sized_for),
     )
 
 
-def ep_barrier(ctx: Any) -> None:
-    """What must separate round trips whose payload layouts differ: FlashInfer 0.7.2's combine region
-    starts after the current dispatch payloads, so without it a fast rank's next dispatch overwrites
-    the combine slots a slower peer is still reading (TensorRT-LLM #19312)."""
-    import torch
-    import torch.distributed as dist
+def release(ctx: Any, a2a: Any) -> None:
+    """Free the workspace once every EP rank is done with it (0.7.2: ``_reset_workspace()``; 0.7.4: ``destroy()``)."""
+    from pytest_mnnvl.conformance.roundtrip import ep_barrier
+    from pytest_mnnvl.managers import handles
 
-    if ctx.device != "cpu":
-        torch.cuda.synchronize()
-    dist.barrier(group=ctx.cpu_group)
+    ep_barrier(ctx)
+    handles.api().builder(ctx.ep_rank, ctx.ep_size).release(a2a)
 
 
-def first_layer_sizing(ctx: Any, base: LayerSpec, head: LayerSpec, tokens: int, barrier: bool = True) -> dict[str, Any]:
-    """Size the workspace from the base layer (the pre-fix manager), then round-trip the head layer
-    (``barrier=False`` leaves out the EP barrier between the two layouts: a race)."""
-    from pytest_mnnvl.conformance.roundtrip import round_trip
+def first_layer_sizing(ctx: Any, base: LayerSpec, head: LayerSpec, tokens: int) -> dict[str, Any]:
+    """Size the workspace from the base layer (the pre-fix manager), then round-trip the head layer."""
+    from pytest_mnnvl.conformance.roundtrip import ep_barrier, round_trip
 
     a2a = build_moe_alltoall(ctx, base)
     base_ok = round_trip(a2a, base, ctx.ep_rank, ctx.ep_size, base.max_num_tokens, ctx.device)
-    if barrier:
-        ep_barrier(ctx)
+    ep_barrier(ctx)
+    head_error = None
     try:
         round_trip(a2a, head, ctx.ep_rank, ctx.ep_size, tokens, ctx.device)
     except RuntimeError as error:
-        a2a._reset_workspace()
-        return {"base": base_ok.received_per_source, "head_error": str(error)}
-    a2a._reset_workspace()
-    return {"base": base_ok.received_per_source, "head_error": None}
+        head_error = str(error)
+    release(ctx, a2a)
+    return {"base": base_ok.received_per_source, "head_error": head_error}
 
 
-def union_sizing(ctx: Any, layers: list[LayerSpec]) -> list[int]:
-    """Size the workspace for the largest need of all layers (the fix): every layer round-trips."""
-    from pytest_mnnvl.conformance.roundtrip import round_trip
+def union_sizing(ctx: Any, layers: list[LayerSpec], barrier: bool = True) -> dict[str, Any]:
+    """Size the workspace for all layers at once (the fix), then round-trip each in turn (``barrier=False``
+    leaves out the EP barrier between two layouts: a race on FlashInfer 0.7.2, see the test)."""
+    from pytest_mnnvl.conformance.roundtrip import ep_barrier, round_trip
+    from pytest_mnnvl.managers import handles
 
-    biggest = max(layers, key=lambda layer: layer.need(ctx.ep_size))
-    a2a = build_moe_alltoall(ctx, biggest)
-    for layer in layers:
-        round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
-        ep_barrier(ctx)
-    size = int(a2a.workspace_size_per_rank)
-    a2a._reset_workspace()
-    return [size]
+    a2a = build_moe_alltoall(ctx, *layers)
+    error = None
+    try:
+        for layer in layers:
+            round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
+            if barrier:
+                ep_barrier(ctx)
+    except RuntimeError as exc:
+        error = str(exc)
+    size = handles.api().facts(a2a).size_per_rank
+    release(ctx, a2a)
+    return {"size_per_rank": size, "error": error}

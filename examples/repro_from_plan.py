@@ -1,4 +1,5 @@
-"""Reproduce FlashInfer's "workspace insufficient for combine payload region" from a layer plan.
+"""Reproduce FlashInfer's workspace failure from a layer plan, on the installed release (0.7.2.post1:
+"workspace insufficient for combine payload region"; 0.7.4: "Dispatch payload exceeds its workspace capacity").
 
     python examples/repro_from_plan.py                      # the measured NVFP4-then-bf16 plan, built below
     python examples/repro_from_plan.py examples/plans/deepseek-v3-r1-nvfp4-mtp.json

@@ -35,7 +35,7 @@ A test in this directory then reads::
     @pytest.mark.mnnvl(world_size=2)
     def test_workspace_grows_for_a_bf16_mtp_head(mnnvl_world, vllm_manager, nvfp4_then_bf16):
         sizes = mnnvl_world().run(_grow, vllm_manager, nvfp4_then_bf16)
-        assert sizes == [[5_427_584, 8_442_240]] * 2        # measured on 2×H100 at ep=2 (0.32's total policy)
+        assert sizes == [[5_427_584, 8_442_240]] * 2        # measured on 2×H100, ep=2: vLLM 0.32, FlashInfer 0.7.2
 
 To run pytest-mnnvl's full conformance suite against vLLM's manager from here::
 
