@@ -12,7 +12,8 @@ deterministic per (source rank, token), so every receiver can verify what arrive
   be the number of distinct ranks its experts live on.
 
 FlashInfer's own errors (the size checks, phase errors) propagate unchanged: a caller that wants
-the first failure catches ``RuntimeError``/``AssertionError`` around :func:`round_trip`.
+the first failure catches ``RuntimeError``/``AssertionError`` around :func:`round_trip`, and ``ValueError``
+on 0.7.4 (its runtime token check: ``runtime_max_tokens_per_rank=N must be in (0, M]``).
 
 One mechanism on every FlashInfer release: the payloads and both verifications are shared, only the
 handle calls differ (:mod:`pytest_mnnvl.managers.handles`). On 0.7.2.post1 ``MoeAlltoAll.dispatch``
