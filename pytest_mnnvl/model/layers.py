@@ -322,13 +322,17 @@ class LayerSpec:
     # ---- sizing ------------------------------------------------------------------------------
 
     def need(self, ep_size: int) -> int:
-        """Bytes per rank FlashInfer's formula gives for this layer alone at its max tokens."""
+        """Bytes per rank FlashInfer 0.7.2.post1's formula gives for this layer alone at its max tokens (the
+        byte size ``MoeAlltoAll`` takes and vLLM's managers compute), whatever release is installed: 0.7.4 sizes
+        by per-token capacities, so for the installed release's requirement use
+        :func:`pytest_mnnvl.model.oracle.need`."""
         return sizing.need(self, ep_size)
 
     def check_round_trip(
         self, geometry: sizing.WorkspaceGeometry, runtime_max_tokens_per_rank: int | None = None
     ) -> sizing.RoundTripCheck:
-        """Host checks of one dispatch + combine of this layer (default: at its own max tokens)."""
+        """FlashInfer 0.7.2.post1's host checks of one dispatch + combine of this layer on a byte-sized workspace
+        (default: at its own max tokens); the installed release's verdict is :mod:`pytest_mnnvl.model.oracle`'s."""
         tokens = self.max_num_tokens if runtime_max_tokens_per_rank is None else runtime_max_tokens_per_rank
         return sizing.layer_round_trip(self, geometry, tokens)
 
