@@ -12,13 +12,16 @@ under 8 minutes on any machine (4 runs x (cap + grace)); ``--cap 0`` runs everyt
 
 ``--configs`` names what runs: ``share`` and ``torch`` as above, each optionally with pytest-xdist workers
 (``share-n8``: ``-n 8``, several worlds at once, each rank's share then divided by the workers too). That is how
-a many-core machine is used: one world at a time is latency-bound, not compute-bound.
+a many-core machine is used: one world at a time is latency-bound, not compute-bound. A ``-cN`` suffix
+(``share-c2``) runs the session on the first N of this process's CPUs (CPU affinity, inherited by every rank),
+so a small machine is measured on the same big one, with the same CPUs and memory.
 
 Run::
 
     python benchmarks/bench_threads.py benchmarks/results/            # threads-cpu<N>-<date>.json and .md
     python benchmarks/bench_threads.py OUT --cap 0 --suites examples  # one suite, no cap
     python benchmarks/bench_threads.py OUT --configs share,share-n4,share-n8   # xdist workers on a big machine
+    python benchmarks/bench_threads.py OUT --configs share-c2,share-n8         # 2 cores vs 16, one machine
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from pytest_mnnvl.worlds import threads  # noqa: E402
 POLICIES = ("share", "torch")
 #: The configurations compared by default.
 CONFIGS = ("share", "torch")
-CONFIG_PATTERN = re.compile(r"(share|torch)(?:-n([1-9][0-9]*))?")
+CONFIG_PATTERN = re.compile(r"(share|torch)(?:-n([1-9][0-9]*))?(?:-c([1-9][0-9]*))?")
 SUITES = ("examples", "conformance")
 DEFAULT_CAP_S = 95.0
 DEFAULT_GRACE_S = 15.0
@@ -90,12 +93,34 @@ def conformance_dir() -> str:
     raise SystemExit("bench_threads: no conformance suite (conformance/test_invariants.py) in this checkout")
 
 
-def parse_config(label: str) -> tuple[str, int]:
-    """``share`` / ``torch`` / ``share-n8`` -> (policy, xdist workers; 0: no xdist); ValueError names the label."""
+@dataclass(frozen=True)
+class Config:
+    """One configuration: the rank thread policy, xdist workers (0: none), CPUs (0: all this process has)."""
+
+    policy: str
+    workers: int = 0
+    cpus: int = 0
+
+
+def parse_config(label: str, available: int | None = None) -> Config:
+    """``share`` / ``torch`` / ``share-n8`` / ``share-n2-c2``; ValueError names the label (and a CPU count this
+    process does not have, when ``available`` is given)."""
     match = CONFIG_PATTERN.fullmatch(label)
     if match is None:
-        raise ValueError(f"configuration {label!r} is not valid; allowed: share or torch, optionally -n<workers>")
-    return match.group(1), int(match.group(2) or 0)
+        raise ValueError(
+            f"configuration {label!r} is not valid; allowed: share or torch, optionally -n<workers>, then -c<cpus>"
+        )
+    config = Config(match.group(1), int(match.group(2) or 0), int(match.group(3) or 0))
+    if available is not None and config.cpus > available:
+        raise ValueError(f"configuration {label!r} asks for {config.cpus} CPUs; this process may use {available}")
+    return config
+
+
+def cpu_set(cpus: int) -> set[int] | None:
+    """The first ``cpus`` CPUs of this process's affinity (None: all of them)."""
+    if not cpus:
+        return None
+    return set(sorted(os.sched_getaffinity(0))[:cpus])
 
 
 def command_for(suite: str, junit: str, report: str, workers: int = 0) -> list[str]:
@@ -111,17 +136,24 @@ def command_for(suite: str, junit: str, report: str, workers: int = 0) -> list[s
 def run_one(suite: str, config: str, cap: float, grace: float, work: str, attempt: int = 0) -> RunResult:
     junit = os.path.join(work, f"{suite}-{config}-{attempt}.xml")
     report = os.path.join(work, f"{suite}-{config}-{attempt}-report", "report.json")
-    policy, workers = parse_config(config)
-    command = command_for(suite, junit, report, workers)
+    parsed = parse_config(config)
+    command = command_for(suite, junit, report, parsed.workers)
     env = {k: v for k, v in os.environ.items() if k not in threads.USER_VARIABLES}
-    env[threads.POLICY_ENV] = policy
+    env[threads.POLICY_ENV] = parsed.policy
+    cpus = cpu_set(parsed.cpus)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     log(f"{suite} / {config}: {' '.join(command[1:])}")
     load_before = os.getloadavg()
     t0 = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         capped = False
         try:
@@ -190,7 +222,7 @@ def markdown(data: dict[str, Any]) -> str:
         "per run (0: none). `share` is the default (`OMP_NUM_THREADS` = max(1, usable cores // (ranks × xdist "
         "workers))); `torch` is "
         "the behaviour before (`PYTEST_MNNVL_RANK_THREADS=torch`: a thread per core in every rank); `-nW`: "
-        "W pytest-xdist workers, several worlds at once.",
+        "W pytest-xdist workers, several worlds at once; `-cN`: the session on N of the machine's CPUs (affinity).",
         "",
         "| suite | config | wall (s) | exit | tests | failed | errors | skipped | WorldTooSlow | WorldDeadlock "
         "| load before → after |",
@@ -237,13 +269,14 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default=",".join(CONFIGS),
-        help="comma-separated: share or torch, optionally -n<workers> (share-n8); the first is the baseline",
+        help="comma-separated: share or torch, optionally -n<workers>, then -c<cpus> (share-n8, share-c2); "
+        "the first is the baseline",
     )
     args = parser.parse_args()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     try:
         for config in configs:
-            parse_config(config)
+            parse_config(config, len(os.sched_getaffinity(0)))
     except ValueError as exc:
         parser.error(f"--configs={args.configs!r}: {exc}")
     if not configs or len(set(configs)) != len(configs):

@@ -11,16 +11,9 @@ def build_moe_alltoall(ctx: Any, *sized_for: LayerSpec) -> Any:
     """FlashInfer's own handle on this rank's EP group (0.7.2.post1: ``MoeAlltoAll``; 0.7.4:
     ``NVLinkOneSidedAlltoAll``), sized by FlashInfer's formula for the largest tokens, dispatch bytes
     and combine bytes of ``sized_for`` only."""
-    from pytest_mnnvl.conformance.roundtrip import build_alltoall
+    from pytest_mnnvl.conformance.roundtrip import build_union_alltoall
 
-    return build_alltoall(
-        ctx,
-        max_num_tokens=max(layer.max_num_tokens for layer in sized_for),
-        top_k=sized_for[0].top_k,
-        num_experts=sized_for[0].num_experts,
-        dispatch_bytes_per_token=max(layer.dispatch_bytes_per_token for layer in sized_for),
-        combine_bytes_per_token=max(layer.combine_bytes_per_token for layer in sized_for),
-    )
+    return build_union_alltoall(ctx, sized_for)
 
 
 def release(ctx: Any, a2a: Any) -> None:

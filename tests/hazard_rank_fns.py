@@ -55,20 +55,6 @@ def two_round_trips(ctx: Any, first: LayerSpec, second: LayerSpec, sync: str, re
     return {"errors": errors}
 
 
-def _union_handle(ctx: Any, layers: list[LayerSpec]) -> Any:
-    """FlashInfer 0.7.4's handle for the per-dimension union of ``layers`` (0.7.4 takes no byte size)."""
-    from pytest_mnnvl.conformance.roundtrip import build_alltoall
-
-    return build_alltoall(
-        ctx,
-        max_num_tokens=max(layer.max_num_tokens for layer in layers),
-        top_k=layers[0].top_k,
-        num_experts=layers[0].num_experts,
-        dispatch_bytes_per_token=max(layer.dispatch_bytes_per_token for layer in layers),
-        combine_bytes_per_token=max(layer.combine_bytes_per_token for layer in layers),
-    )
-
-
 def _sync(ctx: Any, sync: str) -> None:
     import torch.distributed as dist
 
@@ -91,11 +77,11 @@ def v074_two_layouts(ctx: Any, first: LayerSpec, second: LayerSpec, repeats: int
     order between them, ``repeats`` times; the error each second round trip raised (or None)."""
     import torch.distributed as dist
 
-    from pytest_mnnvl.conformance.roundtrip import round_trip
+    from pytest_mnnvl.conformance.roundtrip import build_union_alltoall, round_trip
 
     errors = []
     for _ in range(repeats):
-        a2a = _union_handle(ctx, [first, second])
+        a2a = build_union_alltoall(ctx, [first, second])
         round_trip(a2a, first, ctx.ep_rank, ctx.ep_size, first.max_num_tokens, ctx.device)
         try:
             round_trip(a2a, second, ctx.ep_rank, ctx.ep_size, second.max_num_tokens, ctx.device)
@@ -112,10 +98,10 @@ def v074_reinitialize(ctx: Any, layer: LayerSpec, sync: str) -> str | None:
     the mutant ``reinitializes_live_workspace`` does); what the re-initialize raised on this rank (or None)."""
     import torch.distributed as dist
 
-    from pytest_mnnvl.conformance.roundtrip import round_trip
+    from pytest_mnnvl.conformance.roundtrip import build_union_alltoall, round_trip
     from pytest_mnnvl.managers import handles
 
-    a2a = _union_handle(ctx, [layer])
+    a2a = build_union_alltoall(ctx, [layer])
     try:
         round_trip(a2a, layer, ctx.ep_rank, ctx.ep_size, layer.max_num_tokens, ctx.device)
         _sync(ctx, sync)

@@ -30,16 +30,40 @@ def bench_threads() -> object:
 
 
 @pytest.mark.parametrize(
-    ("label", "parsed"), [("share", ("share", 0)), ("torch", ("torch", 0)), ("share-n8", ("share", 8))]
+    ("label", "parsed"),
+    [
+        ("share", ("share", 0, 0)),
+        ("torch", ("torch", 0, 0)),
+        ("share-n8", ("share", 8, 0)),
+        ("share-c2", ("share", 0, 2)),
+        ("torch-n2-c1", ("torch", 2, 1)),
+    ],
 )
-def test_bench_threads_configurations(bench_threads: object, label: str, parsed: tuple[str, int]) -> None:
-    assert bench_threads.parse_config(label) == parsed  # type: ignore[attr-defined]
+def test_bench_threads_configurations(bench_threads: object, label: str, parsed: tuple[str, int, int]) -> None:
+    config = bench_threads.parse_config(label)  # type: ignore[attr-defined]
+    assert (config.policy, config.workers, config.cpus) == parsed
 
 
-@pytest.mark.parametrize("label", ["shared", "share-n0", "share-n", "share -n8", "torch-n-1", ""])
+@pytest.mark.parametrize(
+    "label", ["shared", "share-n0", "share-n", "share -n8", "torch-n-1", "", "share-c0", "share-c2-n2"]
+)
 def test_bench_threads_refuses_a_bad_configuration(bench_threads: object, label: str) -> None:
     with pytest.raises(ValueError, match=f"configuration {label!r} is not valid; allowed: share or torch"):
         bench_threads.parse_config(label)  # type: ignore[attr-defined]
+
+
+def test_bench_threads_refuses_more_cpus_than_it_has(bench_threads: object) -> None:
+    with pytest.raises(ValueError, match="configuration 'share-c9' asks for 9 CPUs; this process may use 8"):
+        bench_threads.parse_config("share-c9", 8)  # type: ignore[attr-defined]
+
+
+def test_bench_threads_cpu_set_is_a_subset_of_the_affinity(bench_threads: object) -> None:
+    import os
+
+    mine = os.sched_getaffinity(0)
+    assert bench_threads.cpu_set(0) is None  # type: ignore[attr-defined]
+    one = bench_threads.cpu_set(1)  # type: ignore[attr-defined]
+    assert len(one) == 1 and one <= mine
 
 
 def test_bench_threads_command_line_names_the_bad_configuration(tmp_path: Path) -> None:

@@ -141,3 +141,10 @@ def test_routes_and_their_owners_are_the_documented_formula(
     for outside in (-1, num_experts):
         with pytest.raises(ValueError, match=f"expert {outside} is outside 0..{num_experts - 1}"):
             owner_of(outside, num_experts, ep_size)
+
+
+def test_union_handle_needs_a_layer() -> None:
+    from pytest_mnnvl.conformance.roundtrip import build_union_alltoall
+
+    with pytest.raises(ValueError, match="build_union_alltoall needs at least one layer"):
+        build_union_alltoall(object(), [])

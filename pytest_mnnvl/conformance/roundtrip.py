@@ -118,6 +118,21 @@ def build_alltoall(
         )
 
 
+def build_union_alltoall(ctx: Any, layers: Sequence[LayerSpec]) -> Any:
+    """:func:`build_alltoall` sized for the per-dimension union of ``layers`` (the largest max tokens, dispatch
+    bytes and combine bytes, each over every layer), with the first layer's ``top_k`` and ``num_experts``."""
+    if not layers:
+        raise ValueError("build_union_alltoall needs at least one layer")
+    return build_alltoall(
+        ctx,
+        max_num_tokens=max(layer.max_num_tokens for layer in layers),
+        top_k=layers[0].top_k,
+        num_experts=layers[0].num_experts,
+        dispatch_bytes_per_token=max(layer.dispatch_bytes_per_token for layer in layers),
+        combine_bytes_per_token=max(layer.combine_bytes_per_token for layer in layers),
+    )
+
+
 def ep_barrier(ctx: Any) -> None:
     """This rank's kernels are done and so are every EP peer's: the order two round trips of different
     payload layouts need on FlashInfer 0.7.2, whose combine region moves with them (TensorRT-LLM #19312)."""
