@@ -70,6 +70,8 @@ class RunResult:
     exit_status: int | None
     capped: bool
     header: str
+    #: The session's ``mnnvl: rank starts:`` line (empty under xdist: each worker's pool is its own).
+    starts: str = ""
     tests: int = 0
     failures: int = 0
     errors: int = 0
@@ -124,7 +126,8 @@ def cpu_set(cpus: int) -> set[int] | None:
 
 
 def command_for(suite: str, junit: str, report: str, workers: int = 0) -> list[str]:
-    base = [sys.executable, "-m", "pytest", "-p", "pytest_mnnvl", "-p", "no:cacheprovider", "-rN"]
+    # -vv: the session then says how its ranks started (forked from a zygote, or spawned and why).
+    base = [sys.executable, "-m", "pytest", "-p", "pytest_mnnvl", "-p", "no:cacheprovider", "-rN", "-vv"]
     base += ["--mnnvl-backend=sim", f"--junitxml={junit}"]
     if workers:
         base += ["-n", str(workers)]
@@ -171,6 +174,7 @@ def run_one(suite: str, config: str, cap: float, grace: float, work: str, attemp
         out.seek(0)
         text = out.read()
     header = next((line for line in text.splitlines() if line.startswith("mnnvl: rank threads:")), "")
+    starts = next((line for line in text.splitlines() if line.startswith("mnnvl: rank starts:")), "")
     result = RunResult(
         suite,
         config,
@@ -179,6 +183,7 @@ def run_one(suite: str, config: str, cap: float, grace: float, work: str, attemp
         proc.returncode,
         capped,
         header,
+        starts,
         load_before=load_before,
         load_after=os.getloadavg(),
     )
@@ -248,6 +253,9 @@ def markdown(data: dict[str, Any]) -> str:
     lines.append("")
     for header in dict.fromkeys(f"{r['config']}: `{r['header'] or '(no header line)'}`" for r in data["runs"]):
         lines.append(f"- {header}")
+    starts = [f"{r['suite']} / {r['config']}: `{r['starts']}`" for r in data["runs"] if r.get("starts")]
+    if starts:
+        lines += ["", "How the ranks started (runs without xdist):", "", *(f"- {line}" for line in starts)]
     lines.append("")
     lines.append("Slowest tests per run:")
     lines.append("")

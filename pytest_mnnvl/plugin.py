@@ -119,6 +119,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         mps_session(session.config)
 
 
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """With ``-vv``: how the ranks started (forked from a zygote, or spawned and why), the pool's own count."""
+    zygotes = getattr(config.stash.get(POOL_KEY, None), "zygotes", None)
+    if config.option.verbose >= 2 and zygotes is not None and (zygotes.forked or zygotes.spawned):
+        terminalreporter.write_line(zygotes.describe())
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     pool = config.stash.get(POOL_KEY, None)
     if pool is not None:

@@ -190,8 +190,14 @@ def test_nothing_left_behind_after_sigkill(mnnvl_world: WorldFactory) -> None:
     assert [(memfds, mapped, shm) for _, memfds, mapped, shm in held] == [(2, 2 * (4 << 20), [])] * 2
     assert _dev_shm() == shm_before
     os.kill(pids[1], signal.SIGKILL)
-    with pytest.raises(RankCrashed):
-        world.run(fns.noop)
+    # The pool sees the death during the next call (RankCrashed), or, when its rank process reported the exit
+    # first (a forked rank's zygote reaps it at once), before it: then the call runs on a fresh world.
+    try:
+        fresh = world.run(fns.noop)
+    except RankCrashed:
+        pass
+    else:
+        assert not set(fresh) & set(pids), (fresh, pids)
     world.close()
     deadline = time.monotonic() + 10
     while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:

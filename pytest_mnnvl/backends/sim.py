@@ -57,6 +57,7 @@ arithmetic and also works outside ranks, without install or FlashInfer (:mod:`py
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from pathlib import Path
@@ -178,6 +179,24 @@ def release_for(version: str) -> ModuleType:
         f"{', '.join(RELEASES)}; pieces it lacks per supported release: {'; '.join(gaps)}. Install a "
         f"supported one (pip install --no-deps flashinfer-python=={SUPPORTED_FLASHINFER_VERSIONS[-1]})"
     )
+
+
+def preload() -> None:
+    """Import what :func:`install` imports, patching nothing: a zygote (:mod:`pytest_mnnvl.worlds.zygote`) runs
+    it once before it forks ranks that each install the sim."""
+    import flashinfer
+
+    release = release_for(str(getattr(flashinfer, "__version__", "unknown")))
+    missing_pieces(_COMMON_PIECES + release.PIECES)
+    import flashinfer.comm.mnnvl
+
+    from pytest_mnnvl.worlds import audit  # noqa: F401
+
+    from . import _driver, _hazards, _kernels, _shm  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        from flashinfer.moe_ep.backends.split.comm import nvlink_common  # noqa: F401
+        from flashinfer.moe_ep.backends.split.comm.nvlink_one_sided import communication  # noqa: F401
 
 
 def install(ctx: Any) -> None:

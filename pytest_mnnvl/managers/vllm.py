@@ -158,7 +158,9 @@ def dispatch_path(manager: Any, layer: Any) -> Any:
         return received[0]
 
     def combine(expert_output: Any) -> Any:
-        output = torch.empty((routed["tokens"], layer.hidden_size), dtype=expert_output.dtype)
+        output = torch.empty(
+            (routed["tokens"], layer.hidden_size), dtype=expert_output.dtype, device=expert_output.device
+        )
         prepare_finalize.finalize(
             output, expert_output, routed["topk_weights"], routed["topk_ids"], False, TopKWeightAndReduceNoOP()
         )

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn, Protocol
 
 from pytest_mnnvl.errors import (
     MnnvlUsageError,
@@ -48,6 +48,7 @@ from pytest_mnnvl.errors import (
 )
 from pytest_mnnvl.worlds import interrupts, stall, threads, verdict
 from pytest_mnnvl.worlds.world import RankWorld, WorldPool, WorldSpec, function_reference
+from pytest_mnnvl.worlds.zygote import Zygotes
 
 #: Never enable NVLink multicast in a rank: MoeAlltoAll does not need it and it has harmed hosts.
 MULTICAST_OFF = {
@@ -74,10 +75,24 @@ MAX_SOCKET_PATH = 107
 OWNER_FILE = "owner.json"
 
 
+class RankProcess(Protocol):
+    """What the pool uses of a rank process: a ``subprocess.Popen``, or a rank forked by a zygote."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def stdout(self) -> IO[bytes] | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 @dataclass
 class _Rank:
     rank: int
-    process: subprocess.Popen[bytes]
+    process: RankProcess
     stack_path: str
     status_path: str
     fatal_path: str
@@ -99,8 +114,11 @@ class World(RankWorld):
         timeout: float,
         startup_timeout: float | None = None,
         tmp_root: str | None = None,
+        zygotes: Zygotes | None = None,
     ) -> None:
         self.spec = spec
+        #: Where CPU ranks are forked from instead of spawned (:mod:`pytest_mnnvl.worlds.zygote`), if anywhere.
+        self._zygotes = zygotes
         self.timeout = timeout
         default = DEFAULT_STARTUP_TIMEOUT_S.get(spec.backend, DEFAULT_STARTUP_TIMEOUT_OTHER_S)
         self.startup_timeout = startup_timeout if startup_timeout is not None else max(default, timeout)
@@ -110,6 +128,8 @@ class World(RankWorld):
         self._listener: socket.socket | None = None
         #: What the ranks' torch threads are (a slow world's advice says it).
         self._threads = ""
+        #: The torch thread count the harness chose for each rank (None: the user's or torch's own).
+        self._thread_count: int | None = None
         self.starts = 0
         self.calls = 0
 
@@ -186,7 +206,7 @@ class World(RankWorld):
         env = dict(os.environ)
         env.update(dict(self.spec.env))
         # Before torch is imported in the rank: its share of the cores, unless the user chose (threads.py).
-        threads.set_in_rank_env(env, self.world_size)
+        self._thread_count = threads.set_in_rank_env(env, self.world_size)
         self._threads = threads.describe(env, self.world_size)
         env.update(MULTICAST_OFF)
         if self.spec.devices is not None:
@@ -229,14 +249,19 @@ class World(RankWorld):
                 "sys_path": sys_path,
                 "ranks_per_gpu": self.spec.ranks_per_gpu,
             }
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pytest_mnnvl.worlds.rank"],
-                env=self._rank_env(boot),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            env = self._rank_env(boot)
+            process: RankProcess | None = None
+            if self._zygotes is not None and self.spec.devices is None:
+                process = self._zygotes.spawn(env, self.backend, self._thread_count)
+            if process is None:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "pytest_mnnvl.worlds.rank"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             r = _Rank(rank, process, str(boot["stack_path"]), str(boot["status_path"]), str(boot["fatal_path"]))
             r.reader = threading.Thread(target=_forward_output, args=(r,), daemon=True)
             r.reader.start()
@@ -678,11 +703,14 @@ class Pool(WorldPool):
         self.max_warm = max_warm
         self.tmp_root = tmp_root
         self._worlds: collections.OrderedDict[WorldSpec, World] = collections.OrderedDict()
+        self.zygotes = Zygotes()
 
     def world(self, spec: WorldSpec) -> World:
         world = self._worlds.pop(spec, None)
         if world is None:
-            world = World(spec, self.timeout, startup_timeout=self.startup_timeout, tmp_root=self.tmp_root)
+            world = World(
+                spec, self.timeout, startup_timeout=self.startup_timeout, tmp_root=self.tmp_root, zygotes=self.zygotes
+            )
         self._worlds[spec] = world
         while len(self._worlds) > self.max_warm:
             _, oldest = self._worlds.popitem(last=False)
@@ -693,3 +721,4 @@ class Pool(WorldPool):
         while self._worlds:
             _, world = self._worlds.popitem()
             world.close()
+        self.zygotes.close()

@@ -164,11 +164,13 @@ def threads_for(world_size: int, env: Mapping[str, str], environ: Mapping[str, s
     return share(world_size, worlds=worlds_at_once(environ))
 
 
-def set_in_rank_env(env: dict[str, str], world_size: int) -> None:
-    """Give a spawned rank its thread count through ``OMP_NUM_THREADS`` (read by torch at import)."""
+def set_in_rank_env(env: dict[str, str], world_size: int) -> int | None:
+    """Give a spawned rank its thread count through ``OMP_NUM_THREADS`` (read by torch at import); the count,
+    or None where it is the user's or torch's to choose."""
     count = threads_for(world_size, env, env)
     if count is not None:
         env["OMP_NUM_THREADS"] = str(count)
+    return count
 
 
 def describe(env: Mapping[str, str], ranks: int) -> str:
