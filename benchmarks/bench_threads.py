@@ -14,7 +14,8 @@ under 8 minutes on any machine (4 runs x (cap + grace)); ``--cap 0`` runs everyt
 (``share-n8``: ``-n 8``, several worlds at once, each rank's share then divided by the workers too). That is how
 a many-core machine is used: one world at a time is latency-bound, not compute-bound. A ``-cN`` suffix
 (``share-c2``) runs the session on the first N of this process's CPUs (CPU affinity, inherited by every rank),
-so a small machine is measured on the same big one, with the same CPUs and memory.
+so a small machine is measured on the same big one, with the same CPUs and memory. A ``-spawn`` suffix
+(``share-c2-spawn``) spawns every rank (``PYTEST_MNNVL_ZYGOTE=0``) instead of forking CPU ranks from a zygote.
 
 Run::
 
@@ -49,13 +50,13 @@ for _path in (HERE, ROOT):
 
 from _environment import environment  # noqa: E402
 
-from pytest_mnnvl.worlds import threads  # noqa: E402
+from pytest_mnnvl.worlds import threads, zygote  # noqa: E402
 
 #: What PYTEST_MNNVL_RANK_THREADS may say in a configuration.
 POLICIES = ("share", "torch")
 #: The configurations compared by default.
 CONFIGS = ("share", "torch")
-CONFIG_PATTERN = re.compile(r"(share|torch)(?:-n([1-9][0-9]*))?(?:-c([1-9][0-9]*))?")
+CONFIG_PATTERN = re.compile(r"(share|torch)(?:-n([1-9][0-9]*))?(?:-c([1-9][0-9]*))?(-spawn)?")
 SUITES = ("examples", "conformance")
 DEFAULT_CAP_S = 95.0
 DEFAULT_GRACE_S = 15.0
@@ -97,11 +98,13 @@ def conformance_dir() -> str:
 
 @dataclass(frozen=True)
 class Config:
-    """One configuration: the rank thread policy, xdist workers (0: none), CPUs (0: all this process has)."""
+    """One configuration: the rank thread policy, xdist workers (0: none), CPUs (0: all this process has), and
+    whether every rank is spawned (no zygote)."""
 
     policy: str
     workers: int = 0
     cpus: int = 0
+    spawn: bool = False
 
 
 def parse_config(label: str, available: int | None = None) -> Config:
@@ -110,9 +113,10 @@ def parse_config(label: str, available: int | None = None) -> Config:
     match = CONFIG_PATTERN.fullmatch(label)
     if match is None:
         raise ValueError(
-            f"configuration {label!r} is not valid; allowed: share or torch, optionally -n<workers>, then -c<cpus>"
+            f"configuration {label!r} is not valid; allowed: share or torch, optionally -n<workers>, then -c<cpus>, "
+            "then -spawn"
         )
-    config = Config(match.group(1), int(match.group(2) or 0), int(match.group(3) or 0))
+    config = Config(match.group(1), int(match.group(2) or 0), int(match.group(3) or 0), bool(match.group(4)))
     if available is not None and config.cpus > available:
         raise ValueError(f"configuration {label!r} asks for {config.cpus} CPUs; this process may use {available}")
     return config
@@ -143,6 +147,9 @@ def run_one(suite: str, config: str, cap: float, grace: float, work: str, attemp
     command = command_for(suite, junit, report, parsed.workers)
     env = {k: v for k, v in os.environ.items() if k not in threads.USER_VARIABLES}
     env[threads.POLICY_ENV] = parsed.policy
+    env.pop(zygote.ZYGOTE_ENV, None)
+    if parsed.spawn:
+        env[zygote.ZYGOTE_ENV] = "0"
     cpus = cpu_set(parsed.cpus)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     log(f"{suite} / {config}: {' '.join(command[1:])}")
@@ -227,7 +234,8 @@ def markdown(data: dict[str, Any]) -> str:
         "per run (0: none). `share` is the default (`OMP_NUM_THREADS` = max(1, usable cores // (ranks × xdist "
         "workers))); `torch` is "
         "the behaviour before (`PYTEST_MNNVL_RANK_THREADS=torch`: a thread per core in every rank); `-nW`: "
-        "W pytest-xdist workers, several worlds at once; `-cN`: the session on N of the machine's CPUs (affinity).",
+        "W pytest-xdist workers, several worlds at once; `-cN`: the session on N of the machine's CPUs (affinity); "
+        "`-spawn`: every rank spawned (no zygote).",
         "",
         "| suite | config | wall (s) | exit | tests | failed | errors | skipped | WorldTooSlow | WorldDeadlock "
         "| load before → after |",
@@ -277,8 +285,8 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default=",".join(CONFIGS),
-        help="comma-separated: share or torch, optionally -n<workers>, then -c<cpus> (share-n8, share-c2); "
-        "the first is the baseline",
+        help="comma-separated: share or torch, optionally -n<workers>, then -c<cpus>, then -spawn "
+        "(share-n8, share-c2-spawn); the first is the baseline",
     )
     args = parser.parse_args()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]

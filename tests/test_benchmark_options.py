@@ -41,11 +41,14 @@ def bench_threads() -> object:
 )
 def test_bench_threads_configurations(bench_threads: object, label: str, parsed: tuple[str, int, int]) -> None:
     config = bench_threads.parse_config(label)  # type: ignore[attr-defined]
-    assert (config.policy, config.workers, config.cpus) == parsed
+    assert (config.policy, config.workers, config.cpus, config.spawn) == (*parsed, False)
+    spawned = bench_threads.parse_config(label + "-spawn")  # type: ignore[attr-defined]
+    assert (spawned.policy, spawned.workers, spawned.cpus, spawned.spawn) == (*parsed, True)
 
 
 @pytest.mark.parametrize(
-    "label", ["shared", "share-n0", "share-n", "share -n8", "torch-n-1", "", "share-c0", "share-c2-n2"]
+    "label",
+    ["shared", "share-n0", "share-n", "share -n8", "torch-n-1", "", "share-c0", "share-c2-n2", "share-spawn-c2"],
 )
 def test_bench_threads_refuses_a_bad_configuration(bench_threads: object, label: str) -> None:
     with pytest.raises(ValueError, match=f"configuration {label!r} is not valid; allowed: share or torch"):
