@@ -379,6 +379,12 @@ def _child(sock: socket.socket, wake: tuple[int, int], fd: int, env: dict[str, s
         os.close(fd)
         os.environ.clear()
         os.environ.update(env)
+        # Its argv is the zygote's; its name in top and /proc/PID/comm says what it is.
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            name = f"mnnvl-rank-{env.get('PYTEST_MNNVL_RANK', '?')}".encode()[:15]
+            ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
         import torch
 
         torch.set_num_threads(threads)
