@@ -84,6 +84,33 @@ def test_what_is_never_forked_is_counted_and_starts_no_zygote() -> None:
     }
 
 
+def test_a_host_with_an_nvidia_driver_spawns_without_trying(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_mnnvl.worlds import zygote
+
+    device = tmp_path / "nvidiactl"
+    device.touch()
+    monkeypatch.setattr(zygote, "NVIDIA_CONTROL_DEVICE", str(device))
+    zygotes = Zygotes()
+    assert zygotes.spawn(dict(os.environ), "sim", 1) is None
+    assert zygotes.started == 0
+    assert list(zygotes.spawned) == [f"a CUDA driver on this host ({device}): its thread would be forked"]
+
+
+def test_a_zygote_left_with_a_second_thread_is_refused(tmp_path: Path) -> None:
+    """What the CUDA driver does on a GPU host, done here by a sitecustomize that starts a thread."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    zygotes = Zygotes()
+    try:
+        assert zygotes.spawn(env, "sim", 1) is None
+    finally:
+        zygotes.close()
+    (reason,) = zygotes.spawned
+    assert "the imports left 2 threads running (a fork keeps only one)" in reason, reason
+
+
 def test_a_zygote_whose_imports_fail_is_refused_and_its_ranks_spawned(tmp_path: Path) -> None:
     broken = tmp_path / "flashinfer"
     broken.mkdir()
