@@ -32,8 +32,9 @@ BOOT_ENV = "PYTEST_MNNVL_RANK_BOOT"
 DUMP_SIGNAL = signal.SIGUSR1
 
 
-def _die_with_parent() -> None:
-    """Never outlive the pool: PR_SET_PDEATHSIG plus a watchdog for the race before it is set."""
+def die_with_parent_signal() -> int:
+    """SIGKILL when the parent dies (PR_SET_PDEATHSIG); exit at once if it died before that was set. The
+    parent's pid, for a check where the signal is not available (a rank's watchdog, a zygote's loop)."""
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -42,6 +43,12 @@ def _die_with_parent() -> None:
         pass
     if os.getppid() != parent:
         os._exit(70)
+    return parent
+
+
+def _die_with_parent() -> None:
+    """Never outlive the pool: PR_SET_PDEATHSIG plus a watchdog for the race before it is set."""
+    parent = die_with_parent_signal()
 
     def watch() -> None:
         while True:

@@ -106,7 +106,6 @@ class Zygote:
         child_env = {k: v for k, v in env.items() if k not in PER_RANK}
         # One thread while importing (OpenBLAS, OpenMP): forking a process with other threads is unsafe.
         child_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-        self.backend = backend
         self._sock = ours
         self._lock = threading.Lock()
         self._exited = threading.Condition()
@@ -415,21 +414,11 @@ def _child(sock: socket.socket, wake: tuple[int, int], fd: int, env: dict[str, s
     os._exit(0)
 
 
-def _die_with_parent() -> int:
-    """PR_SET_PDEATHSIG, without the watchdog thread a rank starts (a zygote must stay one thread: its loop
-    checks the parent instead); the parent's pid."""
-    import ctypes
-
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(70)
-    return parent
-
-
 def _serve(sock: socket.socket, backend: str) -> None:
-    parent = _die_with_parent()
+    from pytest_mnnvl.worlds.rank import die_with_parent_signal
+
+    # Without the watchdog thread a rank starts: a zygote must stay one thread, so its loop checks the parent.
+    parent = die_with_parent_signal()
     reason = _preload(backend)
     _send(sock, ("ready", None) if reason is None else ("refused", reason))
     if reason is not None:
