@@ -84,16 +84,20 @@ def test_what_is_never_forked_is_counted_and_starts_no_zygote() -> None:
     }
 
 
-def test_a_host_with_an_nvidia_driver_spawns_without_trying(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_mnnvl.worlds import zygote
-
-    device = tmp_path / "nvidiactl"
-    device.touch()
-    monkeypatch.setattr(zygote, "NVIDIA_CONTROL_DEVICE", str(device))
-    zygotes = Zygotes()
-    assert zygotes.spawn(dict(os.environ), "sim", 1) is None
-    assert zygotes.started == 0
-    assert list(zygotes.spawned) == [f"a CUDA driver on this host ({device}): its thread would be forked"]
+def test_the_zygote_imports_with_no_gpu_and_its_ranks_get_their_own_devices_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU host the imports must not reach cuInit (its thread would be forked), yet a rank sees the GPUs its
+    world was given: the zygote's environment (read from /proc, as the kernel started it) against the rank's."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    pool = Pool(timeout=60.0)
+    try:
+        seen = pool.world(WorldSpec(2, backend="sim")).run(fns.devices_here_and_in_parent)
+        (zygote,) = _zygote_pids(pool)
+    finally:
+        pool.close()
+    assert seen == [(zygote, "0", None, "", "1")] * 2, seen
 
 
 def test_a_zygote_left_with_a_second_thread_is_refused(tmp_path: Path) -> None:

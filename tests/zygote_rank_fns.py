@@ -23,3 +23,12 @@ def segfault_on_rank_1(ctx: Any) -> None:
 
 def cwd(ctx: Any) -> str:
     return os.getcwd()
+
+
+def devices_here_and_in_parent(ctx: Any) -> tuple[int, str | None, str | None, str | None, str | None]:
+    """The parent's pid, then CUDA_VISIBLE_DEVICES and PYTORCH_NVML_BASED_CUDA_CHECK in this rank and in the
+    environment its parent was started with."""
+    with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+        parent = dict(item.decode().partition("=")[::2] for item in f.read().split(b"\0") if item)
+    devices, check = "CUDA_VISIBLE_DEVICES", "PYTORCH_NVML_BASED_CUDA_CHECK"
+    return os.getppid(), os.environ.get(devices), os.environ.get(check), parent.get(devices), parent.get(check)

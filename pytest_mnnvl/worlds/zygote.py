@@ -8,12 +8,16 @@ session (process group), its output pipe, its environment and its torch thread c
 :func:`pytest_mnnvl.worlds.rank.main` a spawned rank runs.
 
 Only where forking is safe and equivalent to spawning: the ``sim`` and ``plain`` backends (never CUDA: a
-forked CUDA context is unusable) on a host without an NVIDIA driver (with one, FlashInfer's import starts the
-driver's thread: measured on an H200 host, even with no GPU visible); ranks whose torch thread count the harness
-chose, at most the usable cores (applied with ``torch.set_num_threads`` after the fork, as torch would have read
-``OMP_NUM_THREADS`` at import; a user's own setting is read by torch itself, so those ranks are spawned); and a
-zygote that is still one thread with CUDA untouched after its imports (else it says why and every rank is spawned as
-before). ``PYTEST_MNNVL_ZYGOTE=0`` turns it off.
+forked CUDA context is unusable); ranks whose torch thread count the harness chose, at most the usable cores
+(applied with ``torch.set_num_threads`` after the fork, as torch would have read ``OMP_NUM_THREADS`` at import; a
+user's own setting is read by torch itself, so those ranks are spawned); and a zygote that is still one thread with
+CUDA untouched after its imports (else it says why and every rank is spawned as before). The zygote imports with
+:data:`IMPORT_ENV`, no GPU visible and torch's NVML availability check: on a host with an NVIDIA driver FlashInfer's
+and tvm-ffi's import-time ``torch.cuda.is_available()`` would otherwise call ``cuInit``, which starts the driver's
+own thread even with no GPU visible (measured on an H200 host), and with one visible FlashInfer reads its
+capability, initializing CUDA. A CPU rank never uses what those imports compute from the GPU (FlashInfer's JIT
+target architectures); it gets its whole environment back, and the driver, if it is ever used, starts in the rank.
+``PYTEST_MNNVL_ZYGOTE=0`` turns it off.
 
 The zygote reaps its children and sends each exit status to the pool, which sees a forked rank through
 :class:`ForkedProcess` exactly as it sees a ``subprocess.Popen``: pid, ``poll``, ``wait``, ``stdout``. It dies
@@ -47,9 +51,9 @@ PRELOAD = ("torch", "torch.distributed", "pytest_mnnvl.worlds.rank", "pytest_mnn
 #: Variables that differ between the ranks of one zygote, or between the tests that start them (pytest's
 #: ``PYTEST_CURRENT_TEST``); every other variable keys the zygote. Each rank still gets its whole environment.
 PER_RANK = ("PYTEST_MNNVL_RANK_BOOT", "PYTEST_MNNVL_RANK", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTEST_CURRENT_TEST")
-#: Present where an NVIDIA driver is (a host or a container with GPUs): FlashInfer's import then starts the
-#: driver's thread, and a process with a second thread must not fork.
-NVIDIA_CONTROL_DEVICE = "/dev/nvidiactl"
+#: The zygote's own environment for its imports (never its ranks'): no GPU, and torch's availability check by NVML
+#: (which, with no GPU visible, asks nothing), so no import reaches ``cuInit`` and its driver thread.
+IMPORT_ENV = {"CUDA_VISIBLE_DEVICES": "", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 #: How long a zygote may take to import (a cold page cache and a CUDA build of torch on a busy machine).
 READY_TIMEOUT_S = 120.0
 _HEADER = struct.Struct("!I")
@@ -105,7 +109,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_env = {k: v for k, v in env.items() if k not in PER_RANK}
         # One thread while importing (OpenBLAS, OpenMP): forking a process with other threads is unsafe.
-        child_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+        child_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **IMPORT_ENV)
         self._sock = ours
         self._lock = threading.Lock()
         self._exited = threading.Condition()
@@ -242,10 +246,6 @@ class Zygotes:
             return self._spawn(f"{ZYGOTE_ENV}=0")
         if threads is None or threads > usable_cores():
             return self._spawn("torch reads their thread count itself")
-        if os.path.exists(NVIDIA_CONTROL_DEVICE):
-            # Measured on one H200: importing FlashInfer there starts the CUDA driver's own thread (or initializes
-            # CUDA when a GPU is visible), so a zygote would only be refused after seconds of imports.
-            return self._spawn(f"a CUDA driver on this host ({NVIDIA_CONTROL_DEVICE}): its thread would be forked")
         cwd = os.getcwd()
         key = key_of(env, cwd)
         zygote = self._by_key.get(key)
