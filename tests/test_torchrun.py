@@ -424,3 +424,31 @@ def test_four_gpus_flashinfer_conformance(inner: pytest.Pytester) -> None:
     assert run.ret == 0, run.output[-5000:]
     data = json.loads(report.read_text())
     assert data["backend"] == "flashinfer" and data["invariants"]["covers"]["status"] == "pass"
+
+
+def test_a_roll_call_ends_once_every_rank_not_known_gone_has_answered() -> None:
+    """A survivor count must not wait its whole grace for a rank already known gone, and must wait for a live one
+    (under load a peer can answer a second late: counting it gone would put a live rank in the report)."""
+    import torch.distributed as dist
+
+    from pytest_mnnvl.worlds.spmd import SpmdSession, TorchrunEnv
+
+    store = dist.HashStore()
+    sessions = [
+        SpmdSession(TorchrunEnv(r, 4, r, 4, 0, "127.0.0.1", 0, "roll-call", 0, False), "sim", 10.0) for r in range(4)
+    ]
+    try:
+        for session in sessions:
+            session._store = store
+            session.dead = {1}
+        for session in sessions[2:]:
+            store.set(f"survivors/{session.rank}", b"1")
+        started = time.monotonic()
+        assert sessions[0].roll_call("survivors", 60.0) == [0, 2, 3]
+        assert time.monotonic() - started < 30.0
+        started = time.monotonic()
+        assert sessions[0].roll_call("finished", 0.3) == [0]  # ranks 2 and 3 are alive and silent: waited for
+        assert time.monotonic() - started >= 0.3
+    finally:
+        for session in sessions:
+            os.unlink(session._status_path)

@@ -45,8 +45,10 @@ from pytest_mnnvl.worlds.world import RankWorld, WorldPool, WorldSpec, function_
 LATE_GRACE_S = 2.0
 #: Extra time a blocked gloo collective gets past the call's deadline (the watchdog speaks first).
 COLLECTIVE_SLACK_S = 0.5
-#: How long the survivors wait for each other once torchrun is stopping the world (SIGTERM).
-TERM_GRACE_S = 1.0
+#: How long the survivors wait for each other once torchrun is stopping the world (SIGTERM) or a rank is gone;
+#: a wait ends as soon as every rank not known to be gone has answered, so this is paid only for a rank that
+#: vanished silently. One second was too little for a loaded 2-core machine (a live peer counted as gone).
+TERM_GRACE_S = 3.0
 #: How long a new generation of process groups may take to form (a late rank has to come back first).
 REBUILD_TIMEOUT_S = 60.0
 #: How long the ranks wait for each other at the end of the session.
@@ -257,7 +259,8 @@ class SpmdSession:
         return chosen
 
     def roll_call(self, tag: str, wait_s: float) -> list[int]:
-        """Ranks that reach ``tag`` within ``wait_s`` (fixed keys: works even when ranks are out of step)."""
+        """Ranks that reach ``tag`` within ``wait_s`` (fixed keys: works even when ranks are out of step); done
+        early once every rank not already known to be gone is here."""
         if self._store is None:
             return [self.rank]
         with contextlib.suppress(Exception):
@@ -265,7 +268,7 @@ class SpmdSession:
         deadline = time.monotonic() + wait_s
         while True:
             here = [r for r in range(self.world_size) if self._check(f"{tag}/{r}")]
-            if len(here) == self.world_size or time.monotonic() >= deadline:
+            if set(here) >= set(self.alive_ranks()) or time.monotonic() >= deadline:
                 return here
             time.sleep(0.01)
 
