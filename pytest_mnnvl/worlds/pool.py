@@ -128,8 +128,6 @@ class World(RankWorld):
         self._listener: socket.socket | None = None
         #: What the ranks' torch threads are (a slow world's advice says it).
         self._threads = ""
-        #: The torch thread count the harness chose for each rank (None: the user's or torch's own).
-        self._thread_count: int | None = None
         self.starts = 0
         self.calls = 0
 
@@ -202,22 +200,25 @@ class World(RankWorld):
             self._teardown()
             raise
 
-    def _rank_env(self, boot: dict[str, Any]) -> dict[str, str]:
+    def _world_env(self) -> tuple[dict[str, str], int | None]:
+        """What every rank of this world starts with, and the torch thread count the harness chose for each
+        (None: the user's or torch's own)."""
         env = dict(os.environ)
         env.update(dict(self.spec.env))
         # Before torch is imported in the rank: its share of the cores, unless the user chose (threads.py).
-        self._thread_count = threads.set_in_rank_env(env, self.world_size)
-        self._threads = threads.describe(env, self.world_size)
+        count = threads.set_in_rank_env(env, self.world_size)
         env.update(MULTICAST_OFF)
         if self.spec.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.spec.devices)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         env["PYTHONUNBUFFERED"] = "1"
-        env["PYTEST_MNNVL_RANK"] = str(boot["rank"])
+        return env, count
+
+    @staticmethod
+    def _rank_env(world_env: dict[str, str], boot: dict[str, Any]) -> dict[str, str]:
         from pytest_mnnvl.worlds.rank import BOOT_ENV
 
-        env[BOOT_ENV] = json.dumps(boot)
-        return env
+        return {**world_env, "PYTEST_MNNVL_RANK": str(boot["rank"]), BOOT_ENV: json.dumps(boot)}
 
     def _start(self) -> None:
         self.starts += 1
@@ -235,6 +236,8 @@ class World(RankWorld):
         listener.listen(self.world_size)
         self._listener = listener
         sys_path = [p for p in sys.path if p]
+        world_env, thread_count = self._world_env()
+        self._threads = threads.describe(world_env, self.world_size)
         for rank in range(self.world_size):
             boot = {
                 "rank": rank,
@@ -249,10 +252,10 @@ class World(RankWorld):
                 "sys_path": sys_path,
                 "ranks_per_gpu": self.spec.ranks_per_gpu,
             }
-            env = self._rank_env(boot)
+            env = self._rank_env(world_env, boot)
             process: RankProcess | None = None
             if self._zygotes is not None and self.spec.devices is None:
-                process = self._zygotes.spawn(env, self.backend, self._thread_count)
+                process = self._zygotes.spawn(env, self.backend, thread_count)
             if process is None:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "pytest_mnnvl.worlds.rank"],
