@@ -25,11 +25,17 @@ from pytest_mnnvl.session import (
     POOL_KEY,
     REPORT_LOCK_KEY,
     SETTINGS_KEY,
+    STARTS_KEY,
+    STARTS_WIRE,
+    ZYGOTE_KEY,
+    ZYGOTE_WIRE,
     header_lines,
     lock_report,
     mps_session,
     names_packaged_suite,
+    rank_starts,
     resolve_backend,
+    shared_zygote,
     skip_at_test,
     take_signals,
     uses_mnnvl,
@@ -120,10 +126,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """With ``-vv``: how the ranks started (forked from a zygote, or spawned and why), the pool's own count."""
-    zygotes = getattr(config.stash.get(POOL_KEY, None), "zygotes", None)
-    if config.option.verbose >= 2 and zygotes is not None and (zygotes.forked or zygotes.spawned):
-        terminalreporter.write_line(zygotes.describe())
+    """With ``-vv``: how the ranks started (forked from a zygote, or spawned and why), summed over xdist workers."""
+    starts = rank_starts(config)
+    if config.option.verbose >= 2 and starts:
+        terminalreporter.write_line(starts.describe())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -131,6 +137,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if pool is not None:
         pool.close()
         del config.stash[POOL_KEY]
+    zygote = config.stash.get(ZYGOTE_KEY, None)
+    if zygote is not None:
+        zygote.close()  # after the workers and their pools
+        del config.stash[ZYGOTE_KEY]
     mps = config.stash.get(MPS_KEY, None)
     if mps is not None:
         mps.close()  # after the pool: no rank is a client any more
@@ -233,8 +243,27 @@ def mnnvl_world(request: pytest.FixtureRequest) -> WorldFactory:
 
 
 class XdistHooks:
-    """Registered only when pytest-xdist is present: workers inherit the controller's backend choice."""
+    """Registered only when pytest-xdist is present: workers inherit the controller's backend choice, MPS session
+    and shared zygote, and send back how their ranks started."""
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["mnnvl_backend"] = resolve_backend(node.config)
         node.workerinput["mnnvl_mps"] = mps_session(node.config).state.to_dict()
+        shared = shared_zygote(node.config)
+        if shared is not None:
+            node.workerinput[ZYGOTE_WIRE] = shared.to_dict()
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        from pytest_mnnvl.worlds.zygote import RankStarts
+
+        sent = getattr(node, "workeroutput", {}).get(STARTS_WIRE)
+        if sent is not None:
+            node.config.stash.setdefault(STARTS_KEY, RankStarts()).add(RankStarts.from_dict(sent))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """On a worker, before xdist sends its output to the controller."""
+        workeroutput = getattr(session.config, "workeroutput", None)
+        starts = rank_starts(session.config)
+        if workeroutput is not None and starts:
+            workeroutput[STARTS_WIRE] = starts.to_dict()

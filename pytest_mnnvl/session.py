@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pytest_mnnvl.worlds.sharing import GpuPlan, SharingSummary
     from pytest_mnnvl.worlds.spmd import SpmdSession
     from pytest_mnnvl.worlds.world import WorldPool
+    from pytest_mnnvl.worlds.zygote import RankStarts, SharedAddress, SharedZygote
 
 
 SETTINGS_KEY = pytest.StashKey["_settings.Settings"]()
@@ -41,6 +42,13 @@ REPORT_LOCK_KEY: pytest.StashKey[ReportLock] = pytest.StashKey()
 REPORT_SHARED_KEY = pytest.StashKey[str]()
 #: What this session does about CUDA MPS (``--mnnvl-mps``; :mod:`pytest_mnnvl.worlds.mps`).
 MPS_KEY: pytest.StashKey[MpsSession] = pytest.StashKey()
+#: The session's shared zygote (started by the xdist controller for its workers), or None where it has none.
+ZYGOTE_KEY: pytest.StashKey[SharedZygote | None] = pytest.StashKey()
+#: How the ranks of every xdist worker started, summed by the controller as workers finish.
+STARTS_KEY: pytest.StashKey[RankStarts] = pytest.StashKey()
+#: The key of ``workerinput`` and ``workeroutput`` these travel under.
+ZYGOTE_WIRE = "mnnvl_zygote"
+STARTS_WIRE = "mnnvl_rank_starts"
 #: This rank's seat in a torchrun session (``--mnnvl-launcher=torchrun``; :mod:`pytest_mnnvl.worlds.spmd`).
 SPMD_KEY = pytest.StashKey["SpmdSession"]()
 
@@ -67,6 +75,36 @@ def mps_session(config: pytest.Config) -> MpsSession:
         except mps.MpsStartError as exc:
             raise pytest.UsageError(str(exc)) from None
     return config.stash[MPS_KEY]
+
+
+def shared_zygote(config: pytest.Config) -> SharedAddress | None:
+    """The session's shared zygote, started on first use in the process that owns the session (the xdist
+    controller, as its first worker starts), where its workers' CPU ranks would be forked: the ``spawn`` launcher,
+    a forkable backend, the zygote on and a thread count the harness chooses. None where there is none."""
+    if ZYGOTE_KEY not in config.stash:
+        from pytest_mnnvl.worlds import zygote
+        from pytest_mnnvl.worlds.pool import rank_world_env
+        from pytest_mnnvl.worlds.world import WorldSpec
+
+        backend = resolve_backend(config)
+        env, threads = rank_world_env(WorldSpec(2, backend=backend))
+        started: SharedZygote | None = None
+        s = config.stash[SETTINGS_KEY]
+        if s.launcher == "spawn" and backend in zygote.FORKABLE_BACKENDS and zygote.enabled(env) and threads:
+            factory = getattr(config, "_tmp_path_factory", None)
+            log_dir = str(factory.getbasetemp()) if factory is not None else None
+            started = zygote.SharedZygote(env, backend, os.getcwd(), log_dir)
+        config.stash[ZYGOTE_KEY] = started
+    shared = config.stash[ZYGOTE_KEY]
+    return shared.address if shared is not None else None
+
+
+def rank_starts(config: pytest.Config) -> RankStarts | None:
+    """How this session's ranks started: this process's pool's, or (on an xdist controller) its workers' sum."""
+    if STARTS_KEY in config.stash:
+        return config.stash[STARTS_KEY]
+    zygotes = getattr(config.stash.get(POOL_KEY, None), "zygotes", None)
+    return zygotes.starts if zygotes is not None else None
 
 
 def names_packaged_suite(config: pytest.Config) -> bool:
@@ -241,7 +279,15 @@ def pool(config: pytest.Config) -> WorldPool:
             assert spmd is not None
             config.stash[POOL_KEY] = SpmdPool(spmd, s.timeout, s.startup_timeout)
             return config.stash[POOL_KEY]
-        config.stash[POOL_KEY] = Pool(timeout=s.timeout, max_warm=s.warm_worlds, startup_timeout=s.startup_timeout)
+        from pytest_mnnvl.worlds.zygote import SharedAddress
+
+        shared = getattr(config, "workerinput", {}).get(ZYGOTE_WIRE)
+        config.stash[POOL_KEY] = Pool(
+            timeout=s.timeout,
+            max_warm=s.warm_worlds,
+            startup_timeout=s.startup_timeout,
+            shared_zygote=SharedAddress.from_dict(shared) if shared else None,
+        )
         take_signals(config)
     return config.stash[POOL_KEY]
 

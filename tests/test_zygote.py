@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from pytest_mnnvl.errors import RankCrashed
-from pytest_mnnvl.worlds.pool import Pool
+from pytest_mnnvl.worlds.pool import Pool, rank_world_env
 from pytest_mnnvl.worlds.world import WorldSpec
-from pytest_mnnvl.worlds.zygote import Zygote, Zygotes
+from pytest_mnnvl.worlds.zygote import RankStarts, SharedZygote, Zygote, Zygotes
 from tests import zygote_rank_fns as fns
 from tests.conftest import pid_alive
 
@@ -76,8 +79,8 @@ def test_what_is_never_forked_is_counted_and_starts_no_zygote() -> None:
     assert zygotes.spawn(env, "sim", None) is None
     assert zygotes.spawn(env, "sim", 10_000) is None
     assert zygotes.spawn({**env, "PYTEST_MNNVL_ZYGOTE": "0"}, "sim", 1) is None
-    assert (zygotes.started, zygotes.forked) == (0, 0)
-    assert dict(zygotes.spawned) == {
+    assert (zygotes.starts.zygotes, zygotes.starts.forked) == (0, 0)
+    assert dict(zygotes.starts.spawned) == {
         "the flashinfer backend": 1,
         "torch reads their thread count itself": 2,
         "PYTEST_MNNVL_ZYGOTE=0": 1,
@@ -111,7 +114,7 @@ def test_a_zygote_left_with_a_second_thread_is_refused(tmp_path: Path) -> None:
         assert zygotes.spawn(env, "sim", 1) is None
     finally:
         zygotes.close()
-    (reason,) = zygotes.spawned
+    (reason,) = zygotes.starts.spawned
     assert "the imports left 2 threads running (a fork keeps only one)" in reason, reason
 
 
@@ -126,13 +129,13 @@ def test_a_zygote_whose_imports_fail_is_refused_and_its_ranks_spawned(tmp_path: 
         assert zygotes.spawn(env, "sim", 1) is None  # refused once: not tried again
     finally:
         zygotes.close()
-    ((reason, count),) = zygotes.spawned.items()
-    assert count == 2 and zygotes.started == 0
+    ((reason, count),) = zygotes.starts.spawned.items()
+    assert count == 2 and zygotes.starts.zygotes == 0
     assert "the backend's imports failed: ImportError: broken on purpose" in reason, reason
 
 
 def _zygote_pids(pool: Pool) -> list[int]:
-    return [z.process.pid for z in pool.zygotes._by_key.values() if isinstance(z, Zygote)]
+    return [z.pid for z in pool.zygotes._by_key.values() if isinstance(z, Zygote)]
 
 
 def _gone(pids: list[int], within: float = 10.0) -> bool:
@@ -184,6 +187,197 @@ def test_ranks_start_in_the_directory_their_world_was_started_from(
             monkeypatch.chdir(tmp_path / name)
             seen.append(set(pool.world(WorldSpec(size, backend="sim")).run(fns.cwd)))
         assert seen == [{str(tmp_path / "a")}, {str(tmp_path / "b")}]
-        assert pool.zygotes.started == 2
+        assert pool.zygotes.starts.zygotes == 2
     finally:
         pool.close()
+
+
+# ---- the session's shared zygote (xdist) ---------------------------------------------------------------
+
+XDIST_TEST = """
+import os
+from pathlib import Path
+
+import pytest
+import rankfns
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_parents(mnnvl_world, size):
+    seen = mnnvl_world(size).run(rankfns.parent_and_threads)
+    worker = os.environ["PYTEST_XDIST_WORKER"]
+    with open(Path(__file__).parent / f"parents-{worker}-{size}.txt", "w") as f:
+        f.write(" ".join(str(p) for p, _, _ in seen) + " " + str(os.getpid()))
+"""
+
+
+def test_xdist_workers_fork_their_ranks_from_one_zygote_the_controller_started(rank_tester: pytest.Pytester) -> None:
+    rank_tester.makepyfile(rankfns=RANKFNS, test_it=XDIST_TEST)
+    result = rank_tester.runpytest_subprocess("-vv", "-n", "2", "--dist", "each", "--mnnvl-backend=sim")
+    result.assert_outcomes(passed=4)
+    parents, workers = set(), set()
+    for found in rank_tester.path.glob("parents-*.txt"):
+        *ranks, worker = (int(pid) for pid in found.read_text().split())
+        parents.update(ranks)
+        workers.add(worker)
+    assert len(workers) == 2 and len(parents) == 1 and not parents & workers, (parents, workers)
+    result.stdout.fnmatch_lines(["mnnvl: rank starts: 12 forked from the session's shared zygote (used by 2 workers)"])
+    assert not pid_alive(parents.pop()), "the shared zygote outlived its session"
+
+
+def _shared(env: dict[str, str] | None = None) -> SharedZygote:
+    world_env, _ = rank_world_env(WorldSpec(2), env)
+    return SharedZygote(world_env, "sim", os.getcwd())
+
+
+WORKER = """
+import os, sys, time
+from pytest_mnnvl.worlds.pool import Pool
+from pytest_mnnvl.worlds.world import WorldSpec
+from pytest_mnnvl.worlds.zygote import SharedAddress
+from tests import zygote_rank_fns as fns
+
+name, key, log, mark = sys.argv[1:5]  # the abstract name without its leading NUL (no argv holds one)
+pool = Pool(timeout=60.0, shared_zygote=SharedAddress("\\0" + name, key, log))
+world = pool.world(WorldSpec(2, backend="sim"))
+ranks = world.run(fns.pid_parent_threads)
+print(" ".join(f"{pid}:{parent}" for pid, parent, _, _ in ranks), flush=True)
+world.call(fns.sleep_long, (mark,), timeout=900)  # killed in it: only the zygote can stop these ranks
+"""
+
+
+def test_a_worker_that_dies_takes_its_ranks_and_the_shared_zygote_serves_the_others(tmp_path: Path) -> None:
+    shared = _shared()
+    pool = Pool(timeout=60.0, shared_zygote=shared.address)
+    address = shared.address
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, address.address[1:], address.key, address.log, str(tmp_path / "busy")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        ranks = [tuple(int(x) for x in pair.split(":")) for pair in line.split()]
+        assert len(ranks) == 2 and {parent for _, parent in ranks} == {shared.process.pid}, line
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("busy-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(tmp_path.glob("busy-*"))) == 2, "the ranks never started the long call"
+        worker.kill()
+        worker.wait()
+        assert _gone([pid for pid, _ in ranks]), "a dead worker's ranks outlived it"
+        assert shared.process.poll() is None
+        mine = pool.world(WorldSpec(2, backend="sim")).run(fns.pid_parent_threads)
+        assert {parent for _, parent, _, _ in mine} == {shared.process.pid}
+        assert (pool.zygotes.starts.forked_shared, pool.zygotes.starts.zygotes) == (2, 0)
+    finally:
+        worker.kill()
+        pool.close()
+        shared.close()
+    assert _gone([shared.process.pid, *(pid for pid, _, _, _ in mine)])
+
+
+OWNER = """
+import os, time
+from pytest_mnnvl.worlds.pool import Pool, rank_world_env
+from pytest_mnnvl.worlds.world import WorldSpec
+from pytest_mnnvl.worlds.zygote import SharedZygote
+from tests import zygote_rank_fns as fns
+
+shared = SharedZygote(rank_world_env(WorldSpec(2))[0], "sim", os.getcwd())
+pool = Pool(timeout=60.0, shared_zygote=shared.address)
+ranks = pool.world(WorldSpec(2, backend="sim")).run(fns.pid_parent_threads)
+print(shared.process.pid, shared.address.log, *(pid for pid, _, _, _ in ranks), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_session_takes_its_shared_zygote_and_every_rank_with_it() -> None:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        zygote, _log, *ranks = owner.stdout.readline().split()
+        pids = [int(zygote), *(int(pid) for pid in ranks)]
+        assert len(pids) == 3 and all(pid_alive(pid) for pid in pids)
+        owner.kill()
+        owner.wait()
+        assert _gone(pids), "the shared zygote or a rank outlived the session that started it"
+    finally:
+        owner.kill()
+
+
+def test_a_shared_zygote_whose_imports_fail_is_not_used_and_says_why(tmp_path: Path) -> None:
+    broken = tmp_path / "flashinfer"
+    broken.mkdir()
+    (broken / "__init__.py").write_text('raise ImportError("broken on purpose")\n')
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    shared = _shared(env)
+    zygotes = Zygotes(shared.address)
+    try:
+        world_env, threads = rank_world_env(WorldSpec(2), env)
+        assert zygotes.spawn(world_env, "sim", threads) is None
+        assert shared.process.poll() is None  # still there, saying the same to every worker
+    finally:
+        zygotes.close()
+        shared.close()
+    line = zygotes.describe()
+    assert "the shared zygote not used by 1 worker: the backend's imports failed: ImportError: broken on purpose" in (
+        line
+    ), line
+    assert "1 spawned (no zygote: the backend's imports failed" in line, line
+
+
+def test_ranks_of_another_environment_get_a_zygote_of_their_own() -> None:
+    shared = _shared()
+    pool = Pool(timeout=60.0, shared_zygote=shared.address)
+    try:
+        spec = WorldSpec(2, backend="sim", env=(("MNNVL_TEST_OTHER", "1"),))
+        parents = {parent for _, parent, _, _ in pool.world(spec).run(fns.pid_parent_threads)}
+        assert parents != {shared.process.pid} and len(parents) == 1
+        assert (pool.zygotes.starts.forked, pool.zygotes.starts.zygotes, pool.zygotes.starts.forked_shared) == (2, 1, 0)
+    finally:
+        pool.close()
+        shared.close()
+
+
+def test_the_shared_zygote_turns_away_another_user() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    shared = _shared()
+    try:
+        pid = os.fork()
+        if pid == 0:  # as nobody: connected, then closed without a word
+            code = 1
+            try:
+                os.setuid(65534)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(shared.address.address)
+                sock.settimeout(120.0)
+                code = 0 if sock.recv(1) == b"" else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # This user is still served.
+        zygote = Zygote.connect(shared.address)
+        assert zygote.pid == shared.process.pid
+        zygote.close()
+    finally:
+        shared.close()
+
+
+def test_rank_starts_travel_from_workers_and_add_up() -> None:
+    one = RankStarts(forked=2, zygotes=1, forked_shared=6, shared_users=1)
+    one.spawned["the flashinfer backend"] += 4
+    total = RankStarts()
+    total.add(RankStarts.from_dict(one.to_dict()))
+    total.add(RankStarts.from_dict(one.to_dict()))
+    assert total.to_dict() == {
+        "forked": 4,
+        "zygotes": 2,
+        "forked_shared": 12,
+        "shared_users": 2,
+        "spawned": {"the flashinfer backend": 8},
+        "shared_failures": {},
+    }

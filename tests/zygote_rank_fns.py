@@ -32,3 +32,11 @@ def devices_here_and_in_parent(ctx: Any) -> tuple[int, str | None, str | None, s
         parent = dict(item.decode().partition("=")[::2] for item in f.read().split(b"\0") if item)
     devices, check = "CUDA_VISIBLE_DEVICES", "PYTORCH_NVML_BASED_CUDA_CHECK"
     return os.getppid(), os.environ.get(devices), os.environ.get(check), parent.get(devices), parent.get(check)
+
+
+def sleep_long(ctx: Any, mark: str) -> None:
+    """Busy in a call (after touching ``mark``-RANK), so a rank does not see its pool's socket close: what a
+    worker killed mid-test leaves."""
+    with open(f"{mark}-{ctx.rank}", "w"):
+        pass
+    time.sleep(600)

@@ -48,7 +48,7 @@ from pytest_mnnvl.errors import (
 )
 from pytest_mnnvl.worlds import interrupts, stall, threads, verdict
 from pytest_mnnvl.worlds.world import RankWorld, WorldPool, WorldSpec, function_reference
-from pytest_mnnvl.worlds.zygote import Zygotes
+from pytest_mnnvl.worlds.zygote import SharedAddress, Zygotes
 
 #: Never enable NVLink multicast in a rank: MoeAlltoAll does not need it and it has harmed hosts.
 MULTICAST_OFF = {
@@ -73,6 +73,21 @@ WORLD_DIR_PREFIX = "mnnvl-world-"
 #: Longest AF_UNIX path ``bind`` takes (``sun_path`` is 108 bytes with its terminating NUL).
 MAX_SOCKET_PATH = 107
 OWNER_FILE = "owner.json"
+
+
+def rank_world_env(spec: WorldSpec, environ: dict[str, str] | None = None) -> tuple[dict[str, str], int | None]:
+    """What every rank of a world of ``spec`` starts with (from ``environ``, by default this process's), and the
+    torch thread count the harness chose for each (None: the user's or torch's own)."""
+    env = dict(os.environ if environ is None else environ)
+    env.update(dict(spec.env))
+    # Before torch is imported in the rank: its share of the cores, unless the user chose (threads.py).
+    count = threads.set_in_rank_env(env, spec.world_size)
+    env.update(MULTICAST_OFF)
+    if spec.devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.devices)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env, count
 
 
 class RankProcess(Protocol):
@@ -200,20 +215,6 @@ class World(RankWorld):
             self._teardown()
             raise
 
-    def _world_env(self) -> tuple[dict[str, str], int | None]:
-        """What every rank of this world starts with, and the torch thread count the harness chose for each
-        (None: the user's or torch's own)."""
-        env = dict(os.environ)
-        env.update(dict(self.spec.env))
-        # Before torch is imported in the rank: its share of the cores, unless the user chose (threads.py).
-        count = threads.set_in_rank_env(env, self.world_size)
-        env.update(MULTICAST_OFF)
-        if self.spec.devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.spec.devices)
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        env["PYTHONUNBUFFERED"] = "1"
-        return env, count
-
     @staticmethod
     def _rank_env(world_env: dict[str, str], boot: dict[str, Any]) -> dict[str, str]:
         from pytest_mnnvl.worlds.rank import BOOT_ENV
@@ -236,7 +237,7 @@ class World(RankWorld):
         listener.listen(self.world_size)
         self._listener = listener
         sys_path = [p for p in sys.path if p]
-        world_env, thread_count = self._world_env()
+        world_env, thread_count = rank_world_env(self.spec)
         self._threads = threads.describe(world_env, self.world_size)
         for rank in range(self.world_size):
             boot = {
@@ -699,14 +700,19 @@ class Pool(WorldPool):
     """Warm worlds keyed by :class:`WorldSpec`, at most ``max_warm`` alive (least recently used go)."""
 
     def __init__(
-        self, timeout: float, max_warm: int = 2, tmp_root: str | None = None, startup_timeout: float | None = None
+        self,
+        timeout: float,
+        max_warm: int = 2,
+        tmp_root: str | None = None,
+        startup_timeout: float | None = None,
+        shared_zygote: SharedAddress | None = None,
     ) -> None:
         self.timeout = timeout
         self.startup_timeout = startup_timeout
         self.max_warm = max_warm
         self.tmp_root = tmp_root
         self._worlds: collections.OrderedDict[WorldSpec, World] = collections.OrderedDict()
-        self.zygotes = Zygotes()
+        self.zygotes = Zygotes(shared_zygote)
 
     def world(self, spec: WorldSpec) -> World:
         world = self._worlds.pop(spec, None)

@@ -22,14 +22,25 @@ target architectures); it gets its whole environment back, and the driver, if it
 The zygote reaps its children and sends each exit status to the pool, which sees a forked rank through
 :class:`ForkedProcess` exactly as it sees a ``subprocess.Popen``: pid, ``poll``, ``wait``, ``stdout``. It dies
 with the pool (``PR_SET_PDEATHSIG``), and its ranks die with it.
+
+Under xdist the controller starts one more, the session's :class:`SharedZygote`, as its workers start: its
+import then runs once per machine, while the workers start and collect, instead of once per worker after that
+(the serial part of a worker's first world). A worker forks from it the ranks whose environment is the one it
+imported with (:func:`key_of`, less what xdist sets per worker: :data:`PER_PROCESS`), and from a zygote of its own
+any other; one it cannot use (refused, gone) is counted and replaced by its own. The shared zygote listens on an
+abstract socket, serves connections from its own user only, kills what it forked for a worker whose connection
+closes, and dies with the controller.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
+import json
 import os
 import pickle
+import secrets
 import select
 import signal
 import socket
@@ -40,6 +51,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 #: Turns the zygote off (``0``); anything else, or unset, leaves it on.
@@ -51,6 +63,10 @@ PRELOAD = ("torch", "torch.distributed", "pytest_mnnvl.worlds.rank", "pytest_mnn
 #: Variables that differ between the ranks of one zygote, or between the tests that start them (pytest's
 #: ``PYTEST_CURRENT_TEST``); every other variable keys the zygote. Each rank still gets its whole environment.
 PER_RANK = ("PYTEST_MNNVL_RANK_BOOT", "PYTEST_MNNVL_RANK", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTEST_CURRENT_TEST")
+#: Variables xdist sets in its workers (the worker's id and count, the run's id, the controller's terminal size):
+#: the session's shared zygote, started without them, serves every worker (no import reads them; each rank still
+#: gets its own).
+PER_PROCESS = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID", "COLUMNS", "LINES")
 #: The zygote's own environment for its imports (never its ranks'): no GPU, and torch's availability check by NVML
 #: (which, with no GPU visible, asks nothing), so no import reaches ``cuInit`` and its driver thread.
 IMPORT_ENV = {"CUDA_VISIBLE_DEVICES": "", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
@@ -64,10 +80,12 @@ def enabled(environ: Mapping[str, str] | None = None) -> bool:
     return environ.get(ZYGOTE_ENV, "1").strip() != "0"
 
 
-def key_of(env: Mapping[str, str], cwd: str) -> tuple[tuple[str, str], ...]:
-    """What makes two ranks' zygote the same: their environment less :data:`PER_RANK`, and the working directory
-    (the first entry of a ``-m`` interpreter's ``sys.path``, and where a rank function's relative paths point)."""
-    return (("", cwd), *sorted((k, v) for k, v in env.items() if k not in PER_RANK))
+def key_of(env: Mapping[str, str], cwd: str) -> str:
+    """What makes two ranks' zygote the same (a digest): their environment less :data:`PER_RANK` and
+    :data:`PER_PROCESS`, and the working directory (the first entry of a ``-m`` interpreter's ``sys.path``, and
+    where a rank function's relative paths point)."""
+    items = [("", cwd), *sorted((k, v) for k, v in env.items() if k not in PER_RANK and k not in PER_PROCESS)]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
 # ---- the pool's side -------------------------------------------------------------------------------
@@ -102,38 +120,80 @@ class ForkedProcess:
         return self.returncode
 
 
-class Zygote:
-    """One zygote process: started with ``env`` (less :data:`PER_RANK`), ready once its imports are done."""
+def _launch(
+    env: Mapping[str, str], backend: str, cwd: str, sock: socket.socket, output: IO[bytes]
+) -> subprocess.Popen[bytes]:
+    """A zygote process serving ``sock`` (a connection, or a listening socket it accepts connections on)."""
+    child_env = {k: v for k, v in env.items() if k not in PER_RANK}
+    # One thread while importing (OpenBLAS, OpenMP): forking a process with other threads is unsafe.
+    child_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **IMPORT_ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest_mnnvl.worlds.zygote", str(sock.fileno()), backend],
+        env=child_env,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        pass_fds=(sock.fileno(),),
+        start_new_session=True,
+        cwd=cwd,
+    )
 
-    def __init__(self, env: Mapping[str, str], backend: str, cwd: str) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child_env = {k: v for k, v in env.items() if k not in PER_RANK}
-        # One thread while importing (OpenBLAS, OpenMP): forking a process with other threads is unsafe.
-        child_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **IMPORT_ENV)
-        self._sock = ours
+
+class Zygote:
+    """A connection to a zygote: one this pool started (:meth:`start`, its own process), or the session's
+    shared one (:meth:`connect`, started by the session's main process); ready once its imports are done."""
+
+    def __init__(
+        self, sock: socket.socket, process: subprocess.Popen[bytes] | None, output: IO[bytes] | str, what: str
+    ) -> None:
+        self._sock = sock
+        #: The zygote's process where this pool started it (None: the session's shared zygote).
+        self.process = process
+        #: Its output (import warnings, a crash): a file of ours, or the shared zygote's log by path.
+        self._output = output
+        self.what = what
+        self.pid = process.pid if process is not None else 0
         self._lock = threading.Lock()
         self._exited = threading.Condition()
         self._exits: dict[int, int] = {}
         self._replies: list[tuple[str, Any]] = []
         self._closed = False
-        # Its own output (import warnings) goes to a file, read only to say why it failed: a pipe nobody reads
-        # would fill and stop it.
-        self._output = tempfile.TemporaryFile()  # noqa: SIM115 - kept for the life of the zygote
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "pytest_mnnvl.worlds.zygote", str(theirs.fileno()), backend],
-                env=child_env,
-                stdin=subprocess.DEVNULL,
-                stdout=self._output,
-                stderr=subprocess.STDOUT,
-                pass_fds=(theirs.fileno(),),
-                start_new_session=True,
-                cwd=cwd,
-            )
-        finally:
-            theirs.close()
+        self._eof = False
         self._reader = threading.Thread(target=self._read, name="mnnvl-zygote-reader", daemon=True)
         self._reader.start()
+
+    @classmethod
+    def start(cls, env: Mapping[str, str], backend: str, cwd: str) -> Zygote:
+        """A zygote of this pool's own, started with ``env`` (less :data:`PER_RANK`)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Its output goes to a file, read only to say why it failed: a pipe nobody reads would fill and stop it.
+        output = tempfile.TemporaryFile()  # noqa: SIM115 - kept for the life of the zygote
+        try:
+            process = _launch(env, backend, cwd, theirs, output)
+        except BaseException:
+            ours.close()
+            output.close()
+            raise
+        finally:
+            theirs.close()
+        zygote = cls(ours, process, output, "the zygote")
+        zygote._await_ready()
+        return zygote
+
+    @classmethod
+    def connect(cls, shared: SharedAddress) -> Zygote:
+        """A connection to the session's shared zygote (it may still be importing: this waits for it)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(shared.address)
+        except OSError as exc:
+            sock.close()
+            raise ZygoteUnavailable(f"the session's shared zygote cannot be reached: {exc}") from None
+        zygote = cls(sock, None, shared.log, "the session's shared zygote")
+        zygote._await_ready()
+        return zygote
+
+    def _await_ready(self) -> None:
         try:
             kind, detail = self._reply(READY_TIMEOUT_S)
         except BaseException:  # an interrupt while it imports: nothing left running
@@ -142,10 +202,14 @@ class Zygote:
         if kind != "ready":
             self.close()
             raise ZygoteUnavailable(str(detail))
+        self.pid = int(detail)
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self.process.poll() is None
+        return not self._gone()
+
+    def _gone(self) -> bool:
+        return self._closed or self._eof or (self.process is not None and self.process.poll() is not None)
 
     def fork(self, env: Mapping[str, str], threads: int) -> ForkedProcess:
         """A new rank with ``env`` as its whole environment and ``threads`` torch threads."""
@@ -156,7 +220,7 @@ class Zygote:
                 kind, detail = self._reply(10.0)
         except OSError as exc:
             os.close(read_end)
-            raise ZygoteUnavailable(f"the zygote is gone: {exc}") from None
+            raise ZygoteUnavailable(f"{self.what} is gone: {exc}") from None
         finally:
             os.close(write_end)
         if kind != "forked":
@@ -167,8 +231,10 @@ class Zygote:
     def exit_code(self, pid: int) -> int | None:
         with self._exited:
             code = self._exits.get(pid)
-            if code is None and (self._closed or self.process.poll() is not None) and not _exists(pid):
-                code = -signal.SIGKILL  # the zygote died first: its children die with it (PDEATHSIG)
+            if code is None and self._gone() and not _exists(pid):
+                # Our zygote died first (its children die with it: PDEATHSIG), or the shared zygote killed our
+                # ranks when our connection closed.
+                code = -signal.SIGKILL
             return code
 
     def wait_for_exit(self, timeout: float) -> None:
@@ -176,20 +242,22 @@ class Zygote:
             self._exited.wait(timeout)
 
     def close(self) -> None:
-        """Stop the zygote (its ranks, forked with PDEATHSIG on it, die with it)."""
+        """Stop our zygote (its ranks, forked with PDEATHSIG on it, die with it), or leave the shared one (it kills
+        the ranks it forked for us that are still running)."""
         self._closed = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=5.0)
-        self._output.close()
+        if self.process is not None:
+            _stop(self.process)
+        if not isinstance(self._output, str):
+            self._output.close()
 
     def output_tail(self) -> str:
         with contextlib.suppress(OSError, ValueError):
+            if isinstance(self._output, str):
+                with open(self._output, "rb") as log:
+                    return log.read().decode(errors="replace")[-2000:]
             self._output.seek(0)
             return self._output.read().decode(errors="replace")[-2000:]
         return ""
@@ -199,10 +267,11 @@ class Zygote:
         with self._exited:
             while not self._replies:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closed or self.process.poll() is not None:
-                    output = self.output_tail() if self.process.poll() is not None else ""
-                    state = "exited" if self.process.poll() is not None else f"no answer within {timeout:g} s"
-                    return "error", f"zygote {state}" + (f":\n{output}" if output.strip() else "")
+                if left <= 0 or self._gone():
+                    ended = self._eof or (self.process is not None and self.process.poll() is not None)
+                    output = self.output_tail() if ended else ""
+                    state = "exited" if ended else f"no answer within {timeout:g} s"
+                    return "error", f"{self.what} {state}" + (f":\n{output}" if output.strip() else "")
                 self._exited.wait(min(left, 0.1))
             return self._replies.pop(0)
 
@@ -214,6 +283,7 @@ class Zygote:
                 message = None
             with self._exited:
                 if message is None:
+                    self._eof = True
                     self._exited.notify_all()
                     return
                 if message[0] == "exit":
@@ -223,15 +293,145 @@ class Zygote:
                 self._exited.notify_all()
 
 
-class Zygotes:
-    """The pool's zygotes, one per rank environment, started on first use and closed with the pool."""
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5.0)
 
-    def __init__(self) -> None:
-        self._by_key: dict[tuple[tuple[str, str], ...], Zygote | str] = {}
-        #: Ranks forked, zygotes started, and why the other ranks were spawned (reason -> ranks).
-        self.forked = 0
-        self.started = 0
-        self.spawned: collections.Counter[str] = collections.Counter()
+
+# ---- the session's shared zygote ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedAddress:
+    """How an xdist worker reaches the session's shared zygote, and which rank environment it serves."""
+
+    #: An abstract AF_UNIX name (leading NUL): no file to leave behind; peers of another user are turned away.
+    address: str
+    #: :func:`key_of` the environment it imported with: only ranks of that environment are forked from it.
+    key: str
+    #: Its output, read to say why it failed.
+    log: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"address": self.address, "key": self.key, "log": self.log}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, str]) -> SharedAddress:
+        return cls(str(data["address"]), str(data["key"]), str(data["log"]))
+
+
+class SharedZygote:
+    """The session's zygote, started by its main process (the xdist controller) as its workers start, so that
+    the imports run once per machine while the workers start and collect, not once per worker after that.
+
+    It is not waited for here: a worker's first world connects and waits for it to be ready. It serves every
+    worker that connects from the same user, kills the ranks it forked for a worker whose connection closes (a
+    worker that crashed), dies with the main process (PDEATHSIG), and is stopped by :meth:`close`."""
+
+    def __init__(self, env: Mapping[str, str], backend: str, cwd: str, log_dir: str | None = None) -> None:
+        name = f"\0mnnvl-zygote-{os.getpid()}-{secrets.token_hex(6)}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept for the life of the zygote
+            prefix="mnnvl-zygote-", suffix=".log", dir=log_dir, delete=False
+        )
+        try:
+            listener.bind(name)
+            listener.listen(128)
+            self.process = _launch(env, backend, cwd, listener, self._log)
+        except BaseException:
+            self._log.close()
+            os.unlink(self._log.name)
+            raise
+        finally:
+            listener.close()
+        self.address = SharedAddress(name, key_of(env, cwd), self._log.name)
+
+    def close(self) -> None:
+        _stop(self.process)
+        self._log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._log.name)
+
+
+@dataclass
+class RankStarts:
+    """How a session's ranks started: forked from a zygote (whose), or spawned and why; summed over xdist
+    workers by the controller."""
+
+    #: Ranks forked from zygotes this process started, and how many it started.
+    forked: int = 0
+    zygotes: int = 0
+    #: Ranks forked from the session's shared zygote, and how many processes (xdist workers) used it.
+    forked_shared: int = 0
+    shared_users: int = 0
+    spawned: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Why a process could not use the shared zygote (it started its own instead).
+    shared_failures: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def __bool__(self) -> bool:
+        return bool(self.forked or self.forked_shared or self.spawned)
+
+    def add(self, other: RankStarts) -> None:
+        self.forked += other.forked
+        self.zygotes += other.zygotes
+        self.forked_shared += other.forked_shared
+        self.shared_users += other.shared_users
+        self.spawned.update(other.spawned)
+        self.shared_failures.update(other.shared_failures)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "forked": self.forked,
+            "zygotes": self.zygotes,
+            "forked_shared": self.forked_shared,
+            "shared_users": self.shared_users,
+            "spawned": dict(self.spawned),
+            "shared_failures": dict(self.shared_failures),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RankStarts:
+        return cls(
+            int(data["forked"]),
+            int(data["zygotes"]),
+            int(data["forked_shared"]),
+            int(data["shared_users"]),
+            _counter(data["spawned"]),
+            _counter(data["shared_failures"]),
+        )
+
+    def describe(self) -> str:
+        """One line for the terminal summary."""
+        parts = []
+        if self.forked_shared:
+            users = f"{self.shared_users} worker{'s' if self.shared_users != 1 else ''}"
+            parts.append(f"{self.forked_shared} forked from the session's shared zygote (used by {users})")
+        if self.forked:
+            zygotes = f"{self.zygotes} zygote{'s' if self.zygotes != 1 else ''}"
+            parts.append(f"{self.forked} forked from {zygotes} (torch and FlashInfer imported once per zygote)")
+        parts += [f"{n} spawned ({reason})" for reason, n in self.spawned.most_common()]
+        parts += [
+            f"the shared zygote not used by {n} worker{'s' if n != 1 else ''}: {reason}"
+            for reason, n in self.shared_failures.most_common()
+        ]
+        return "mnnvl: rank starts: " + ("; ".join(parts) if parts else "none")
+
+
+def _counter(data: Mapping[str, Any]) -> collections.Counter[str]:
+    return collections.Counter({str(k): int(v) for k, v in dict(data).items()})
+
+
+class Zygotes:
+    """The pool's zygotes, one per rank environment, started on first use and closed with the pool; the
+    session's shared zygote (``shared``), where there is one, for the environment it serves."""
+
+    def __init__(self, shared: SharedAddress | None = None) -> None:
+        self._shared = shared
+        self._by_key: dict[str, Zygote | str] = {}
+        self.starts = RankStarts()
 
     def spawn(self, env: Mapping[str, str], backend: str, threads: int | None) -> ForkedProcess | None:
         """A rank forked from the zygote for ``env`` with ``threads`` torch threads (the harness's choice), or
@@ -253,11 +453,10 @@ class Zygotes:
             return self._spawn(zygote)  # refused before: spawn, as every rank of this environment
         if zygote is None or not zygote.alive:
             try:
-                zygote = Zygote(env, backend, cwd)
+                zygote = self._open(key, env, backend, cwd)
             except (ZygoteUnavailable, OSError) as exc:
                 reason = self._by_key[key] = f"no zygote: {exc}"
                 return self._spawn(reason)
-            self.started += 1
             self._by_key[key] = zygote
         try:
             process = zygote.fork(env, threads)
@@ -265,22 +464,37 @@ class Zygotes:
             zygote.close()
             reason = self._by_key[key] = f"no zygote: {exc}"
             return self._spawn(reason)
-        self.forked += 1
+        if zygote.process is None:
+            self.starts.forked_shared += 1
+        else:
+            self.starts.forked += 1
         return process
+
+    def _open(self, key: str, env: Mapping[str, str], backend: str, cwd: str) -> Zygote:
+        """The session's shared zygote the first time its environment is asked for (never again once used: one
+        that died is replaced by our own), else a zygote of our own."""
+        shared = self._shared
+        if shared is not None and shared.key == key:
+            self._shared = None
+            try:
+                zygote = Zygote.connect(shared)
+            except ZygoteUnavailable as exc:
+                self.starts.shared_failures[str(exc).splitlines()[0][:200]] += 1
+            else:
+                self.starts.shared_users = 1
+                return zygote
+        zygote = Zygote.start(env, backend, cwd)
+        self.starts.zygotes += 1
+        return zygote
 
     def _spawn(self, reason: str) -> ForkedProcess | None:
         """None (spawn this rank), counted under ``reason``."""
-        self.spawned[reason.splitlines()[0][:200]] += 1
+        self.starts.spawned[reason.splitlines()[0][:200]] += 1
         return None
 
     def describe(self) -> str:
         """One line for the terminal summary: how this session's ranks started."""
-        parts = []
-        if self.forked:
-            zygotes = f"{self.started} zygote{'s' if self.started != 1 else ''}"
-            parts.append(f"{self.forked} forked from {zygotes} (torch and FlashInfer imported once per zygote)")
-        parts += [f"{n} spawned ({reason})" for reason, n in self.spawned.most_common()]
-        return "mnnvl: rank starts: " + ("; ".join(parts) if parts else "none")
+        return self.starts.describe()
 
     def close(self) -> None:
         for zygote in self._by_key.values():
@@ -369,15 +583,16 @@ def _preload(backend: str) -> str | None:
     return None
 
 
-def _child(sock: socket.socket, wake: tuple[int, int], fd: int, env: dict[str, str], threads: int) -> None:
-    """In the forked rank: its own session, output and environment, then the rank's main."""
+def _child(inherited: list[int], fd: int, env: dict[str, str], threads: int) -> None:
+    """In the forked rank: its own session, output and environment, then the rank's main. ``inherited``: the
+    zygote's own descriptors (its connections, its listener, its wakeup pipe), closed first."""
     try:
         os.setsid()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        sock.close()
-        for end in wake:
-            os.close(end)
+        for end in inherited:
+            with contextlib.suppress(OSError):
+                os.close(end)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
@@ -414,51 +629,122 @@ def _child(sock: socket.socket, wake: tuple[int, int], fd: int, env: dict[str, s
     os._exit(0)
 
 
+class _Server:
+    """The zygote's loop: one thread, ``select`` over its connections (and its listener, when shared), forking a
+    rank per request and telling the connection that asked for it when it exits."""
+
+    def __init__(self, hello: tuple[str, Any], listener: socket.socket | None) -> None:
+        self.hello = hello
+        self.listener = listener
+        self.clients: list[socket.socket] = []
+        #: Each live rank, and the connection it was forked for (None once that connection closed).
+        self.owners: dict[int, socket.socket | None] = {}
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+
+    def serve(self, parent: int) -> None:
+        signal.set_wakeup_fd(self.wake_write)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        while True:
+            watched: list[Any] = [*self.clients, self.wake_read]
+            if self.listener is not None:
+                watched.append(self.listener)
+            ready, _, _ = select.select(watched, [], [], 1.0)
+            if os.getppid() != parent:
+                return
+            if self.wake_read in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wake_read, 512)
+            self.reap()
+            if self.listener is not None and self.listener in ready:
+                self.welcome(*self.listener.accept())
+            for client in [c for c in self.clients if c in ready]:
+                if not self.answer(client) and self.listener is None:
+                    return  # our only pool is gone: so are we, and our ranks with us (PDEATHSIG)
+
+    def welcome(self, client: socket.socket, _address: Any) -> None:
+        """A new connection: from this user only (an abstract socket is visible to every user of the host)."""
+        _pid, uid, _gid = struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != os.getuid():
+            client.close()
+            return
+        try:
+            _send(client, self.hello)
+        except OSError:
+            client.close()
+            return
+        if self.hello[0] == "ready":
+            self.clients.append(client)
+        else:
+            client.close()
+
+    def answer(self, client: socket.socket) -> bool:
+        """Fork the rank ``client`` asks for; False once it closed (its ranks still running are killed)."""
+        fds: list[int] = []
+        try:
+            message = _receive(client, fds)
+        except OSError:
+            message = None
+        if message is None:
+            for fd in fds:
+                os.close(fd)
+            self.drop(client)
+            return False
+        _kind, env, threads = message
+        pid = os.fork()
+        if pid == 0:
+            inherited = [c.fileno() for c in self.clients] + [self.wake_read, self.wake_write]
+            if self.listener is not None:
+                inherited.append(self.listener.fileno())
+            _child(inherited, fds[0], env, threads)
+        for fd in fds:
+            os.close(fd)
+        self.owners[pid] = client
+        with contextlib.suppress(OSError):
+            _send(client, ("forked", pid))
+        return True
+
+    def drop(self, client: socket.socket) -> None:
+        self.clients.remove(client)
+        client.close()
+        for pid, owner in self.owners.items():
+            if owner is client:
+                self.owners[pid] = None
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)  # each rank leads its own session
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            owner = self.owners.pop(pid, None)
+            if owner is not None:
+                with contextlib.suppress(OSError):
+                    _send(owner, ("exit", pid, os.waitstatus_to_exitcode(status)))
+
+
 def _serve(sock: socket.socket, backend: str) -> None:
     from pytest_mnnvl.worlds.rank import die_with_parent_signal
 
     # Without the watchdog thread a rank starts: a zygote must stay one thread, so its loop checks the parent.
     parent = die_with_parent_signal()
-    reason = _preload(backend)
-    _send(sock, ("ready", None) if reason is None else ("refused", reason))
-    if reason is not None:
-        return
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-    signal.set_wakeup_fd(wake_write)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    while True:
-        ready, _, _ = select.select([sock.fileno(), wake_read], [], [], 1.0)
-        if os.getppid() != parent:
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 0
+    try:
+        reason = _preload(backend)
+    except BaseException as exc:  # torch itself, or the harness, failed to import: the ranks meet it themselves
+        reason = f"its imports failed: {type(exc).__name__}: {exc}"
+    hello: tuple[str, Any] = ("ready", os.getpid()) if reason is None else ("refused", reason)
+    server = _Server(hello, sock if listening else None)
+    if not listening:
+        _send(sock, hello)
+        if reason is not None:
             return
-        if wake_read in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(wake_read, 512)
-        _reap(sock)
-        if sock.fileno() not in ready:
-            continue
-        fds: list[int] = []
-        message = _receive(sock, fds)
-        if message is None:
-            return  # the pool is gone: so are we, and our ranks with us
-        _kind, env, threads = message
-        pid = os.fork()
-        if pid == 0:
-            _child(sock, (wake_read, wake_write), fds[0], env, threads)
-        for fd in fds:
-            os.close(fd)
-        _send(sock, ("forked", pid))
-
-
-def _reap(sock: socket.socket) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        _send(sock, ("exit", pid, os.waitstatus_to_exitcode(status)))
+        server.clients.append(sock)
+    server.serve(parent)
 
 
 if __name__ == "__main__":
