@@ -71,7 +71,7 @@ class RunResult:
     exit_status: int | None
     capped: bool
     header: str
-    #: The session's ``mnnvl: rank starts:`` line (empty under xdist: each worker's pool is its own).
+    #: The session's ``mnnvl: rank starts:`` line (under xdist: summed over its workers).
     starts: str = ""
     tests: int = 0
     failures: int = 0
@@ -82,6 +82,46 @@ class RunResult:
     slowest: list[tuple[str, float]] = field(default_factory=list)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: Where the wall time went, per process of the session (the main one, each xdist worker).
+    timeline: list[ProcessTimeline] = field(default_factory=list)
+
+
+@dataclass
+class ProcessTimeline:
+    """One process of a benchmarked session, in seconds from the session's launch: when it was ready to run tests,
+    when its first test began and its last ended, how long its tests took in all, and its longest test."""
+
+    process: str
+    ready_s: float
+    first_test_s: float | None
+    last_test_end_s: float | None
+    tests: int
+    tests_s: float
+    longest: str = ""
+    longest_s: float = 0.0
+
+
+def read_timeline(directory: str, launched: float) -> list[ProcessTimeline]:
+    """What ``_timeline_plugin`` wrote for each process of one session (none where it wrote nothing)."""
+    found: list[ProcessTimeline] = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            stamps = json.load(f)
+        tests = [(nodeid, start, end) for nodeid, start, end in stamps["tests"] if end is not None]
+        longest = max(tests, key=lambda t: t[2] - t[1], default=None)
+        found.append(
+            ProcessTimeline(
+                name.removesuffix(".json"),
+                round(stamps.get("collected", stamps.get("sessionstart", launched)) - launched, 2),
+                round(tests[0][1] - launched, 2) if tests else None,
+                round(tests[-1][2] - launched, 2) if tests else None,
+                len(tests),
+                round(sum(end - start for _, start, end in tests), 2),
+                longest[0].rpartition("::")[2] if longest else "",
+                round(longest[2] - longest[1], 2) if longest else 0.0,
+            )
+        )
+    return found
 
 
 def log(message: str) -> None:
@@ -132,6 +172,7 @@ def cpu_set(cpus: int) -> set[int] | None:
 def command_for(suite: str, junit: str, report: str, workers: int = 0) -> list[str]:
     # -vv: the session then says how its ranks started (forked from a zygote, or spawned and why).
     base = [sys.executable, "-m", "pytest", "-p", "pytest_mnnvl", "-p", "no:cacheprovider", "-rN", "-vv"]
+    base += ["-p", "_timeline_plugin"]  # from this directory (PYTHONPATH): where each process's time went
     base += ["--mnnvl-backend=sim", f"--junitxml={junit}"]
     if workers:
         base += ["-n", str(workers)]
@@ -152,8 +193,11 @@ def run_one(suite: str, config: str, cap: float, grace: float, work: str, attemp
         env[zygote.ZYGOTE_ENV] = "0"
     cpus = cpu_set(parsed.cpus)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env["PYTHONPATH"] = HERE + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["MNNVL_TIMELINE_DIR"] = timeline_dir = os.path.join(work, f"{suite}-{config}-{attempt}-timeline")
     log(f"{suite} / {config}: {' '.join(command[1:])}")
     load_before = os.getloadavg()
+    launched = time.time()
     t0 = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(
@@ -195,6 +239,7 @@ def run_one(suite: str, config: str, cap: float, grace: float, work: str, attemp
         load_after=os.getloadavg(),
     )
     _read_junit(junit, result)
+    result.timeline = read_timeline(timeline_dir, launched)
     log(
         f"{suite} / {config}: {wall:.1f} s, exit {proc.returncode}{' (capped)' if capped else ''}, "
         f"{result.tests} tests, {result.failures} failed, {result.errors} errors, {result.skipped} skipped"
@@ -252,10 +297,11 @@ def markdown(data: dict[str, Any]) -> str:
     base = data["configs"][0]
     for suite, ratios in data["speedup"].items():
         walls = data["median_wall_s"][suite]
-        shown = ", ".join(f"{config} {wall:.1f} s" for config, wall in walls.items())
+        counts = {c: sum(1 for r in data["runs"] if r["suite"] == suite and r["config"] == c) for c in walls}
+        shown = ", ".join(f"{config} {wall:.1f} s ({counts[config]} run(s))" for config, wall in walls.items())
         against = "; ".join(f"{base} / {config} = **{ratio}**" for config, ratio in ratios.items())
         tail = f": {against}" if against else ""
-        lines.append(f"- {suite}: median wall {shown} ({data['repeat']} run(s) each){tail}")
+        lines.append(f"- {suite}: median wall {shown}{tail}")
     lines.append("")
     lines.append("What the ranks got (the session header):")
     lines.append("")
@@ -263,7 +309,25 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"- {header}")
     starts = [f"{r['suite']} / {r['config']}: `{r['starts']}`" for r in data["runs"] if r.get("starts")]
     if starts:
-        lines += ["", "How the ranks started (runs without xdist):", "", *(f"- {line}" for line in starts)]
+        lines += ["", "How the ranks started:", "", *(f"- {line}" for line in starts)]
+    timelines = [r for r in data["runs"] if r.get("timeline")]
+    if timelines:
+        lines += [
+            "",
+            "Where each run's time went (seconds from the session's launch; per process: the main one or an xdist "
+            "worker; ready = its tests collected):",
+            "",
+            "| suite | config | process | ready | first test | last test ended | tests | in tests | longest test |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in timelines:
+            for p in r["timeline"]:
+                first = "" if p["first_test_s"] is None else f"{p['first_test_s']:.1f}"
+                last = "" if p["last_test_end_s"] is None else f"{p['last_test_end_s']:.1f}"
+                lines.append(
+                    f"| {r['suite']} | {r['config']} | {p['process']} | {p['ready_s']:.1f} | {first} | {last} | "
+                    f"{p['tests']} | {p['tests_s']:.1f} | {p['longest']} {p['longest_s']:.1f} s |"
+                )
     lines.append("")
     lines.append("Slowest tests per run:")
     lines.append("")
@@ -313,15 +377,25 @@ def main() -> None:
                 # ABBA: both configurations see the same drift in the machine's load.
                 for config in configs if i % 2 == 0 else tuple(reversed(configs)):
                     runs.append(run_one(suite, config, args.cap, args.grace, work, i))
+                    # After every run: a benchmark stopped part-way (a time limit) keeps what it measured.
+                    write_results(args.out_dir, runs, configs, args.cap, args.repeat)
+
+
+def write_results(out_dir: str, runs: list[RunResult], configs: list[str], cap: float, repeat: int) -> None:
+    """The JSON and Markdown of the runs so far (medians over the runs each configuration has had)."""
     speedup: dict[str, dict[str, str]] = {}
     medians: dict[str, dict[str, float]] = {}
     base = configs[0]
-    for suite in suites:
-        walls = {c: statistics.median(r.wall_s for r in runs if r.suite == suite and r.config == c) for c in configs}
+    for suite in dict.fromkeys(r.suite for r in runs):
+        walls = {
+            c: statistics.median(r.wall_s for r in runs if r.suite == suite and r.config == c)
+            for c in configs
+            if any(r.suite == suite and r.config == c for r in runs)
+        }
         medians[suite] = walls
-        capped = {c: any(r.capped for r in runs if r.suite == suite and r.config == c) for c in configs}
+        capped = {c: any(r.capped for r in runs if r.suite == suite and r.config == c) for c in walls}
         speedup[suite] = {}
-        for config in configs[1:]:
+        for config in [c for c in configs[1:] if c in walls and base in walls]:
             # base / config: > 1 when the configuration is faster than the baseline.
             ratio = f"{walls[base] / walls[config]:.2f}×" if walls[config] > 0 else "n/a"
             bound = {(True, False): "≥ ", (False, True): "≤ "}.get((capped[base], capped[config]), "")
@@ -332,8 +406,8 @@ def main() -> None:
         "benchmark": "bench_threads",
         "environment": environment("sim"),
         "usable_cores": threads.usable_cores(),
-        "cap_s": args.cap,
-        "repeat": args.repeat,
+        "cap_s": cap,
+        "repeat": repeat,
         "configs": configs,
         "runs": [asdict(r) for r in runs],
         "median_wall_s": medians,
@@ -341,13 +415,13 @@ def main() -> None:
     }
     date = datetime.date.today().isoformat()
     tag = "" if tuple(configs) == CONFIGS else "-" + "-".join(configs)
-    stem = os.path.join(args.out_dir, f"threads-cpu{threads.usable_cores()}{tag}-{date}")
+    stem = os.path.join(out_dir, f"threads-cpu{threads.usable_cores()}{tag}-{date}")
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
     with open(stem + ".md", "w", encoding="utf-8") as f:
         f.write(markdown(data))
-    log(f"wrote {stem}.json and {stem}.md")
+    log(f"wrote {stem}.json and {stem}.md ({len(runs)} run(s) so far)")
 
 
 if __name__ == "__main__":
