@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-_STARTED = time.time()
-_stamps: dict[str, Any] = {"process_start": _STARTED, "tests": []}
+_stamps: dict[str, Any] = {"tests": []}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -39,7 +38,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if not out:
         return
     who = getattr(config, "workerinput", {}).get("workerid", "main")
-    _stamps["end"] = time.time()
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{who}.json"), "w", encoding="utf-8") as f:
         json.dump(_stamps, f)
