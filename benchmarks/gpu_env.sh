@@ -42,3 +42,5 @@ else
   export PYTHONPATH="/tmp/fi:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   export FLASHINFER_WORKSPACE_BASE=/tmp/fiws
 fi
+# Bytecode for the unpacked bundle and this checkout (none was written: see .ci/bytecode).
+bash .ci/bytecode python3 $(echo "$PYTHONPATH" | tr ':' ' ') || return 2

@@ -120,9 +120,13 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Apply ``--mnnvl-mps`` once per session, in the process that owns it (the controller under xdist, before
-    its workers start): a private daemon must run before any rank's first CUDA call."""
+    its workers start): a private daemon must run before any rank's first CUDA call. An xdist controller starts the
+    session's shared zygote here too, before xdist's own sessionstart starts the workers: its imports then overlap
+    every worker's start and collection."""
     if not hasattr(session.config, "workerinput"):
         mps_session(session.config)
+        if session.config.pluginmanager.has_plugin("dsession"):
+            shared_zygote(session.config)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

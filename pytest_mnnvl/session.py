@@ -79,8 +79,8 @@ def mps_session(config: pytest.Config) -> MpsSession:
 
 def shared_zygote(config: pytest.Config) -> SharedAddress | None:
     """The session's shared zygote, started on first use in the process that owns the session (the xdist
-    controller, as its first worker starts), where its workers' CPU ranks would be forked: the ``spawn`` launcher,
-    a forkable backend, the zygote on and a thread count the harness chooses. None where there is none."""
+    controller, at session start, before its workers), where its workers' CPU ranks would be forked: the ``spawn``
+    launcher, a forkable backend, the zygote on and a thread count the harness chooses. None where there is none."""
     if ZYGOTE_KEY not in config.stash:
         from pytest_mnnvl.worlds import zygote
         from pytest_mnnvl.worlds.pool import rank_world_env

@@ -221,7 +221,12 @@ def test_xdist_workers_fork_their_ranks_from_one_zygote_the_controller_started(r
         parents.update(ranks)
         workers.add(worker)
     assert len(workers) == 2 and len(parents) == 1 and not parents & workers, (parents, workers)
-    result.stdout.fnmatch_lines(["mnnvl: rank starts: 12 forked from the session's shared zygote (used by 2 workers)"])
+    result.stdout.fnmatch_lines(
+        [
+            "mnnvl: rank starts: 12 forked from the session's shared zygote (used by 2 workers; its imports took"
+            " *.* s, a worker waited up to *.* s for them)"
+        ]
+    )
     assert not pid_alive(parents.pop()), "the shared zygote outlived its session"
 
 
@@ -368,11 +373,13 @@ def test_the_shared_zygote_turns_away_another_user() -> None:
 
 
 def test_rank_starts_travel_from_workers_and_add_up() -> None:
-    one = RankStarts(forked=2, zygotes=1, forked_shared=6, shared_users=1)
+    one = RankStarts(forked=2, zygotes=1, forked_shared=6, shared_users=1, import_s=3.0, shared_import_s=4.0)
     one.spawned["the flashinfer backend"] += 4
+    other = RankStarts.from_dict({**one.to_dict(), "shared_wait_s": 2.5})
+    one.shared_wait_s = 1.5
     total = RankStarts()
     total.add(RankStarts.from_dict(one.to_dict()))
-    total.add(RankStarts.from_dict(one.to_dict()))
+    total.add(other)
     assert total.to_dict() == {
         "forked": 4,
         "zygotes": 2,
@@ -380,4 +387,25 @@ def test_rank_starts_travel_from_workers_and_add_up() -> None:
         "shared_users": 2,
         "spawned": {"the flashinfer backend": 8},
         "shared_failures": {},
+        # Own zygotes' imports add up; the shared zygote is one (its import once), its longest wait is the wait.
+        "import_s": 6.0,
+        "shared_import_s": 4.0,
+        "shared_wait_s": 2.5,
     }
+    assert total.describe() == (
+        "mnnvl: rank starts: 12 forked from the session's shared zygote (used by 2 workers; its imports took 4.0 s,"
+        " a worker waited up to 2.5 s for them); 4 forked from 2 zygotes (torch and FlashInfer imported once per"
+        " zygote: 6.0 s in all); 8 spawned (the flashinfer backend)"
+    )
+
+
+def test_a_zygote_says_how_long_its_imports_took_and_how_long_it_was_waited_for() -> None:
+    env, _ = rank_world_env(WorldSpec(2))
+    began = time.monotonic()
+    zygote = Zygote.start(env, "sim", os.getcwd())
+    try:
+        elapsed = time.monotonic() - began
+        # torch alone takes a good part of a second to import anywhere; the wait covers the import.
+        assert 0.2 < zygote.import_s <= zygote.waited_s <= elapsed, (zygote.import_s, zygote.waited_s, elapsed)
+    finally:
+        zygote.close()

@@ -153,6 +153,9 @@ class Zygote:
         self._output = output
         self.what = what
         self.pid = process.pid if process is not None else 0
+        #: Seconds its imports took (its own measure), and seconds this connection waited for it to be ready.
+        self.import_s = 0.0
+        self.waited_s = 0.0
         self._lock = threading.Lock()
         self._exited = threading.Condition()
         self._exits: dict[int, int] = {}
@@ -194,6 +197,7 @@ class Zygote:
         return zygote
 
     def _await_ready(self) -> None:
+        began = time.monotonic()
         try:
             kind, detail = self._reply(READY_TIMEOUT_S)
         except BaseException:  # an interrupt while it imports: nothing left running
@@ -202,7 +206,9 @@ class Zygote:
         if kind != "ready":
             self.close()
             raise ZygoteUnavailable(str(detail))
-        self.pid = int(detail)
+        self.waited_s = time.monotonic() - began
+        pid, import_s = detail
+        self.pid, self.import_s = int(pid), float(import_s)
 
     @property
     def alive(self) -> bool:
@@ -370,6 +376,11 @@ class RankStarts:
     spawned: collections.Counter[str] = field(default_factory=collections.Counter)
     #: Why a process could not use the shared zygote (it started its own instead).
     shared_failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Seconds the imports of this process's own zygotes took, summed; the shared zygote's import, and the longest
+    #: a process waited for it (the serial part of its first world: what a worker's first test pays).
+    import_s: float = 0.0
+    shared_import_s: float = 0.0
+    shared_wait_s: float = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.forked or self.forked_shared or self.spawned)
@@ -381,6 +392,9 @@ class RankStarts:
         self.shared_users += other.shared_users
         self.spawned.update(other.spawned)
         self.shared_failures.update(other.shared_failures)
+        self.import_s += other.import_s
+        self.shared_import_s = max(self.shared_import_s, other.shared_import_s)
+        self.shared_wait_s = max(self.shared_wait_s, other.shared_wait_s)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -390,6 +404,9 @@ class RankStarts:
             "shared_users": self.shared_users,
             "spawned": dict(self.spawned),
             "shared_failures": dict(self.shared_failures),
+            "import_s": self.import_s,
+            "shared_import_s": self.shared_import_s,
+            "shared_wait_s": self.shared_wait_s,
         }
 
     @classmethod
@@ -401,6 +418,9 @@ class RankStarts:
             int(data["shared_users"]),
             _counter(data["spawned"]),
             _counter(data["shared_failures"]),
+            float(data["import_s"]),
+            float(data["shared_import_s"]),
+            float(data["shared_wait_s"]),
         )
 
     def describe(self) -> str:
@@ -408,10 +428,14 @@ class RankStarts:
         parts = []
         if self.forked_shared:
             users = f"{self.shared_users} worker{'s' if self.shared_users != 1 else ''}"
-            parts.append(f"{self.forked_shared} forked from the session's shared zygote (used by {users})")
+            parts.append(
+                f"{self.forked_shared} forked from the session's shared zygote (used by {users}; its imports took"
+                f" {self.shared_import_s:.1f} s, a worker waited up to {self.shared_wait_s:.1f} s for them)"
+            )
         if self.forked:
             zygotes = f"{self.zygotes} zygote{'s' if self.zygotes != 1 else ''}"
-            parts.append(f"{self.forked} forked from {zygotes} (torch and FlashInfer imported once per zygote)")
+            took = f"{self.import_s:.1f} s" + (" in all" if self.zygotes != 1 else "")
+            parts.append(f"{self.forked} forked from {zygotes} (torch and FlashInfer imported once per zygote: {took})")
         parts += [f"{n} spawned ({reason})" for reason, n in self.spawned.most_common()]
         parts += [
             f"the shared zygote not used by {n} worker{'s' if n != 1 else ''}: {reason}"
@@ -482,9 +506,12 @@ class Zygotes:
                 self.starts.shared_failures[str(exc).splitlines()[0][:200]] += 1
             else:
                 self.starts.shared_users = 1
+                self.starts.shared_import_s = zygote.import_s
+                self.starts.shared_wait_s = zygote.waited_s
                 return zygote
         zygote = Zygote.start(env, backend, cwd)
         self.starts.zygotes += 1
+        self.starts.import_s += zygote.import_s
         return zygote
 
     def _spawn(self, reason: str) -> ForkedProcess | None:
@@ -733,11 +760,13 @@ def _serve(sock: socket.socket, backend: str) -> None:
     # Without the watchdog thread a rank starts: a zygote must stay one thread, so its loop checks the parent.
     parent = die_with_parent_signal()
     listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 0
+    began = time.monotonic()
     try:
         reason = _preload(backend)
     except BaseException as exc:  # torch itself, or the harness, failed to import: the ranks meet it themselves
         reason = f"its imports failed: {type(exc).__name__}: {exc}"
-    hello: tuple[str, Any] = ("ready", os.getpid()) if reason is None else ("refused", reason)
+    took = round(time.monotonic() - began, 3)
+    hello: tuple[str, Any] = ("ready", (os.getpid(), took)) if reason is None else ("refused", reason)
     server = _Server(hello, sock if listening else None)
     if not listening:
         _send(sock, hello)
