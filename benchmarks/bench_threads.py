@@ -10,10 +10,8 @@ passes ``--cap`` seconds is stopped with SIGINT (pytest still writes its JUnit f
 ``--grace``) and marked ``capped``: its wall time is a lower bound. The default cap keeps the whole benchmark
 under 8 minutes on any machine (4 runs x (cap + grace)); ``--cap 0`` runs everything to the end.
 
-``--configs`` names what runs: ``share`` and ``torch`` as above, or ``static``, each optionally with pytest-xdist
-workers (``share-n8``: ``-n 8``, several worlds at once, each rank's share then divided by the workers too, and
-under ``share`` resized at every call and sim kernel launch to the ranks computing then; ``static`` keeps the
-starting count). That is how
+``--configs`` names what runs: ``share`` and ``torch`` as above, each optionally with pytest-xdist workers
+(``share-n8``: ``-n 8``, several worlds at once, each rank's share then divided by the workers too). That is how
 a many-core machine is used: one world at a time is latency-bound, not compute-bound. A ``-cN`` suffix
 (``share-c2``) runs the session on the first N of this process's CPUs (CPU affinity, inherited by every rank),
 so a small machine is measured on the same big one, with the same CPUs and memory. A ``-spawn`` suffix
@@ -55,10 +53,10 @@ from _environment import environment  # noqa: E402
 from pytest_mnnvl.worlds import threads, zygote  # noqa: E402
 
 #: What PYTEST_MNNVL_RANK_THREADS may say in a configuration.
-POLICIES = ("share", "static", "torch")
+POLICIES = ("share", "torch")
 #: The configurations compared by default.
 CONFIGS = ("share", "torch")
-CONFIG_PATTERN = re.compile(r"(share|static|torch)(?:-n([1-9][0-9]*))?(?:-c([1-9][0-9]*))?(-spawn)?")
+CONFIG_PATTERN = re.compile(r"(share|torch)(?:-n([1-9][0-9]*))?(?:-c([1-9][0-9]*))?(-spawn)?")
 SUITES = ("examples", "conformance")
 DEFAULT_CAP_S = 95.0
 DEFAULT_GRACE_S = 15.0
@@ -155,8 +153,7 @@ def parse_config(label: str, available: int | None = None) -> Config:
     match = CONFIG_PATTERN.fullmatch(label)
     if match is None:
         raise ValueError(
-            f"configuration {label!r} is not valid; allowed: share, static or torch, optionally -n<workers>, then "
-            "-c<cpus>, "
+            f"configuration {label!r} is not valid; allowed: share or torch, optionally -n<workers>, then -c<cpus>, "
             "then -spawn"
         )
     config = Config(match.group(1), int(match.group(2) or 0), int(match.group(3) or 0), bool(match.group(4)))
@@ -280,8 +277,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Machine: {env.get('cpu', '?')}, {data['usable_cores']} usable cores ({env['cores']} online), "
         f"Python {env['python']}, torch {env['torch']}, FlashInfer {env['flashinfer']}; cap {data['cap_s']:g} s "
         "per run (0: none). `share` is the default (`OMP_NUM_THREADS` = max(1, usable cores // (ranks × xdist "
-        "workers)) to start; under xdist each call and sim kernel launch then resizes to usable cores // ranks "
-        "computing now); `static` keeps the starting count (the default before load following); `torch` is "
+        "workers))); `torch` is "
         "the behaviour before (`PYTEST_MNNVL_RANK_THREADS=torch`: a thread per core in every rank); `-nW`: "
         "W pytest-xdist workers, several worlds at once; `-cN`: the session on N of the machine's CPUs (affinity); "
         "`-spawn`: every rank spawned (no zygote).",
@@ -353,7 +349,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default=",".join(CONFIGS),
-        help="comma-separated: share, static or torch, optionally -n<workers>, then -c<cpus>, then -spawn "
+        help="comma-separated: share or torch, optionally -n<workers>, then -c<cpus>, then -spawn "
         "(share-n8, share-c2-spawn); the first is the baseline",
     )
     args = parser.parse_args()

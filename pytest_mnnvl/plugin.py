@@ -20,7 +20,6 @@ from pytest_mnnvl.session import (
     BACKEND_KEY,
     CONFORMANCE_PLUGIN,
     GUARD_KEY,
-    LOAD_KEY,
     MANAGER_KEY,
     MPS_KEY,
     POOL_KEY,
@@ -31,7 +30,6 @@ from pytest_mnnvl.session import (
     ZYGOTE_KEY,
     ZYGOTE_WIRE,
     header_lines,
-    load_board,
     lock_report,
     mps_session,
     names_packaged_suite,
@@ -46,7 +44,6 @@ from pytest_mnnvl.worlds import interrupts
 from pytest_mnnvl.worlds import threads as _threads
 from pytest_mnnvl.worlds.factory import WorldFactory
 from pytest_mnnvl.worlds.layout import Topology
-from pytest_mnnvl.worlds.load import WIRE as LOAD_WIRE
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -124,12 +121,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Apply ``--mnnvl-mps`` once per session, in the process that owns it (the controller under xdist, before
     its workers start): a private daemon must run before any rank's first CUDA call. An xdist controller starts the
-    session's shared zygote here too, before xdist's own sessionstart starts the workers (its imports then overlap
-    every worker's start and collection), and the load board its workers' ranks follow."""
+    session's shared zygote here too, before xdist's own sessionstart starts the workers: its imports then overlap
+    every worker's start and collection."""
     if not hasattr(session.config, "workerinput"):
         mps_session(session.config)
         if session.config.pluginmanager.has_plugin("dsession"):
-            load_board(session.config)
             shared_zygote(session.config)
 
 
@@ -149,10 +145,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if zygote is not None:
         zygote.close()  # after the workers and their pools
         del config.stash[ZYGOTE_KEY]
-    board = config.stash.get(LOAD_KEY, None)
-    if board is not None:
-        board.close()  # after the workers and their ranks
-        del config.stash[LOAD_KEY]
     mps = config.stash.get(MPS_KEY, None)
     if mps is not None:
         mps.close()  # after the pool: no rank is a client any more
@@ -256,7 +248,7 @@ def mnnvl_world(request: pytest.FixtureRequest) -> WorldFactory:
 
 class XdistHooks:
     """Registered only when pytest-xdist is present: workers inherit the controller's backend choice, MPS session
-    shared zygote and load board, and send back how their ranks started."""
+    and shared zygote, and send back how their ranks started."""
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["mnnvl_backend"] = resolve_backend(node.config)
@@ -264,18 +256,9 @@ class XdistHooks:
         shared = shared_zygote(node.config)
         if shared is not None:
             node.workerinput[ZYGOTE_WIRE] = shared.to_dict()
-        board = load_board(node.config)
-        if board is not None:
-            node.workerinput[LOAD_WIRE] = board
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        from pytest_mnnvl.worlds.load import slot_of
         from pytest_mnnvl.worlds.zygote import RankStarts
-
-        board = node.config.stash.get(LOAD_KEY, None)
-        slot = slot_of(str(getattr(node, "workerinput", {}).get("workerid", "")))
-        if board is not None and slot is not None:
-            board.mark(slot, 0)  # a worker that died in a call left its slot marked
 
         sent = getattr(node, "workeroutput", {}).get(STARTS_WIRE)
         if sent is not None:

@@ -14,7 +14,6 @@ import pytest
 
 from pytest_mnnvl import settings as _settings
 from pytest_mnnvl.backends import SESSION_BACKENDS
-from pytest_mnnvl.errors import MnnvlUsageError
 from pytest_mnnvl.markers import CAPABILITY_MARKERS
 from pytest_mnnvl.worlds import interrupts
 from pytest_mnnvl.worlds import threads as _threads
@@ -22,7 +21,6 @@ from pytest_mnnvl.worlds import threads as _threads
 if TYPE_CHECKING:
     from pytest_mnnvl.conformance.report_lock import ReportLock
     from pytest_mnnvl.managers import ManagerFactory
-    from pytest_mnnvl.worlds.load import LoadBoard, Seat
     from pytest_mnnvl.worlds.mps import MpsSession
     from pytest_mnnvl.worlds.sharing import GpuPlan, SharingSummary
     from pytest_mnnvl.worlds.spmd import SpmdSession
@@ -51,8 +49,6 @@ STARTS_KEY: pytest.StashKey[RankStarts] = pytest.StashKey()
 #: The key of ``workerinput`` and ``workeroutput`` these travel under.
 ZYGOTE_WIRE = "mnnvl_zygote"
 STARTS_WIRE = "mnnvl_rank_starts"
-#: The session's load board (made by the xdist controller), or None where its ranks follow none.
-LOAD_KEY: pytest.StashKey[LoadBoard | None] = pytest.StashKey()
 #: This rank's seat in a torchrun session (``--mnnvl-launcher=torchrun``; :mod:`pytest_mnnvl.worlds.spmd`).
 SPMD_KEY = pytest.StashKey["SpmdSession"]()
 
@@ -91,7 +87,7 @@ def shared_zygote(config: pytest.Config) -> SharedAddress | None:
         from pytest_mnnvl.worlds.world import WorldSpec
 
         backend = resolve_backend(config)
-        env, threads = rank_world_env(WorldSpec(2, backend=backend), board=load_board(config))
+        env, threads = rank_world_env(WorldSpec(2, backend=backend))
         started: SharedZygote | None = None
         s = config.stash[SETTINGS_KEY]
         if s.launcher == "spawn" and backend in zygote.FORKABLE_BACKENDS and zygote.enabled(env) and threads:
@@ -101,40 +97,6 @@ def shared_zygote(config: pytest.Config) -> SharedAddress | None:
         config.stash[ZYGOTE_KEY] = started
     shared = config.stash[ZYGOTE_KEY]
     return shared.address if shared is not None else None
-
-
-def load_board(config: pytest.Config) -> str | None:
-    """The path of the session's load board (:mod:`pytest_mnnvl.worlds.load`), made on first use by the xdist
-    controller, where its workers' ranks take the ``share`` of threads the harness chooses; None elsewhere."""
-    if LOAD_KEY not in config.stash:
-        board: LoadBoard | None = None
-        try:
-            follows = _threads.policy().kind == _threads.SHARE and _threads.user_setting(os.environ) is None
-        except MnnvlUsageError:
-            follows = False  # configure reports the bad value
-        controller = not hasattr(config, "workerinput") and config.pluginmanager.has_plugin("dsession")
-        if follows and controller and config.stash[SETTINGS_KEY].launcher == "spawn":
-            from pytest_mnnvl.worlds.load import LoadBoard
-
-            factory = getattr(config, "_tmp_path_factory", None)
-            board = LoadBoard.create(str(factory.getbasetemp()) if factory is not None else None)
-        config.stash[LOAD_KEY] = board
-    made = config.stash[LOAD_KEY]
-    return made.path if made is not None else None
-
-
-def worker_seat(config: pytest.Config) -> Seat | None:
-    """This xdist worker's slot on the controller's load board, or None (no xdist, no board, or it is gone)."""
-    from pytest_mnnvl.worlds import load
-
-    workerinput = getattr(config, "workerinput", {})
-    path, slot = workerinput.get(load.WIRE), load.slot_of(str(workerinput.get("workerid", "")))
-    if not path or slot is None:
-        return None
-    try:
-        return load.Seat(load.LoadBoard.open(path, writable=True), slot)
-    except OSError:
-        return None
 
 
 def rank_starts(config: pytest.Config) -> RankStarts | None:
@@ -325,7 +287,6 @@ def pool(config: pytest.Config) -> WorldPool:
             max_warm=s.warm_worlds,
             startup_timeout=s.startup_timeout,
             shared_zygote=SharedAddress.from_dict(shared) if shared else None,
-            seat=worker_seat(config),
         )
         take_signals(config)
     return config.stash[POOL_KEY]

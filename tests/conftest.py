@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
-
-if TYPE_CHECKING:
-    from pytest_mnnvl.worlds.load import LoadBoard
-    from pytest_mnnvl.worlds.pool import Pool
 
 pytest_plugins = ["pytester"]
 
@@ -67,33 +60,3 @@ def rank_tester(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeini("[pytest]\naddopts = -p pytest_mnnvl -p no:cacheprovider\n")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return pytester
-
-
-@pytest.fixture
-def seated_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Pool, LoadBoard]]:
-    """A pool seated on slot 0 of a load board, as an xdist worker's is, and the board (its owner's view) to play
-    the other workers on; no thread setting of the user's (the ranks' count is the harness's to follow)."""
-    from pytest_mnnvl.worlds import threads
-    from pytest_mnnvl.worlds.load import LoadBoard, Seat
-    from pytest_mnnvl.worlds.pool import Pool
-
-    for name in (*threads.USER_VARIABLES, threads.POLICY_ENV):
-        monkeypatch.delenv(name, raising=False)
-    board = LoadBoard.create(str(tmp_path))
-    pool = Pool(timeout=60.0, seat=Seat(LoadBoard.open(board.path, writable=True), 0))
-    try:
-        yield pool, board
-    finally:
-        pool.close()
-        board.close()
-
-
-@pytest.fixture
-def follow_cores() -> int:
-    """The usable cores, at least 2 (with one, a share never changes: skipped, saying so)."""
-    from pytest_mnnvl.worlds import threads
-
-    cores = threads.usable_cores()
-    if cores < 2:
-        pytest.skip(f"following the load needs 2 usable cores to show a change; this process has {cores}")
-    return cores

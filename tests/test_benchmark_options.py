@@ -35,7 +35,6 @@ def bench_threads() -> object:
         ("share", ("share", 0, 0)),
         ("torch", ("torch", 0, 0)),
         ("share-n8", ("share", 8, 0)),
-        ("static-n8", ("static", 8, 0)),
         ("share-c2", ("share", 0, 2)),
         ("torch-n2-c1", ("torch", 2, 1)),
     ],
@@ -52,7 +51,7 @@ def test_bench_threads_configurations(bench_threads: object, label: str, parsed:
     ["shared", "share-n0", "share-n", "share -n8", "torch-n-1", "", "share-c0", "share-c2-n2", "share-spawn-c2"],
 )
 def test_bench_threads_refuses_a_bad_configuration(bench_threads: object, label: str) -> None:
-    with pytest.raises(ValueError, match=f"configuration {label!r} is not valid; allowed: share, static or torch"):
+    with pytest.raises(ValueError, match=f"configuration {label!r} is not valid; allowed: share or torch"):
         bench_threads.parse_config(label)  # type: ignore[attr-defined]
 
 

@@ -16,11 +16,6 @@ from pathlib import Path
 import pytest
 
 from pytest_mnnvl.worlds import threads
-from pytest_mnnvl.worlds.load import LoadBoard
-from pytest_mnnvl.worlds.pool import Pool
-from pytest_mnnvl.worlds.world import WorldSpec
-
-from . import load_rank_fns as fns
 
 RANKFNS = """
 import os
@@ -118,12 +113,7 @@ def test_xdist_workers_divide_the_machine_further(rank_tester: pytest.Pytester) 
     )
     result = rank_tester.runpytest_subprocess("-n", "2")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(
-        [
-            "mnnvl: rank threads: * (* usable cores, 2 worlds at a time: xdist workers; then, at every call and sim "
-            "kernel launch, usable cores // ranks computing;*"
-        ]
-    )
+    result.stdout.fnmatch_lines(["mnnvl: rank threads: * (* usable cores, 2 worlds at a time: xdist workers;*"])
 
 
 @pytest.mark.usefixtures("no_user_threads")
@@ -177,10 +167,7 @@ def test_a_bad_policy_is_a_usage_error(
         return
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
-        [
-            f"ERROR: {threads.POLICY_ENV}={value!r} is not valid; allowed: share (the default), static, torch, "
-            "or a count >= 1"
-        ]
+        [f"ERROR: {threads.POLICY_ENV}={value!r} is not valid; allowed: share (the default), torch, or a count >= 1"]
     )
 
 
@@ -233,113 +220,3 @@ def test_worlds_at_once_are_the_xdist_workers() -> None:
     env = {"PYTEST_XDIST_WORKER_COUNT": "3", "MKL_NUM_THREADS": "5"}
     threads.set_in_rank_env(env, 2)
     assert "OMP_NUM_THREADS" not in env
-
-
-# ---- following the load (xdist sessions) ----------------------------------------------------------------
-
-
-def test_a_rank_takes_its_share_of_the_ranks_computing_at_each_call(
-    seated_pool: tuple[Pool, LoadBoard], follow_cores: int
-) -> None:
-    """Slot 5 plays another worker: while it runs a world the one-rank world gets half the cores, then all."""
-    cores = follow_cores
-    pool, board = seated_pool
-    world = pool.world(WorldSpec(1, backend="plain"))
-    seen = [world.run(fns.threads_now)[0]]
-    for busy in (1, cores, 0):
-        board.mark(5, busy)
-        seen.append(world.run(fns.threads_now)[0])
-    assert seen == [cores, max(1, cores // 2), 1, cores]
-    assert board.busy_ranks() == 0, "the world's own slot is cleared after each call"
-
-
-def test_a_ranks_own_thread_count_is_left_alone(seated_pool: tuple[Pool, LoadBoard], follow_cores: int) -> None:
-    cores = follow_cores
-    pool, board = seated_pool
-    world = pool.world(WorldSpec(1, backend="plain"))
-    assert world.run(fns.set_own_threads, cores - 1 or 1) == [cores - 1 or 1]
-    board.mark(5, 1)
-    assert world.run(fns.threads_now) == [cores - 1 or 1]
-    board.mark(5, 0)
-    assert world.run(fns.threads_now) == [cores - 1 or 1]
-
-
-FOLLOW_TEST = """
-import pytest
-import load_rank_fns as fns
-
-@pytest.mark.parametrize("n", [0, 1])
-def test_board(mnnvl_world, n):
-    for given, busy in mnnvl_world(2, backend="plain").run(fns.board_seen):
-        # {expected}
-        assert given is {given} and busy >= {busy}, (given, busy)
-"""
-
-
-@pytest.mark.usefixtures("no_user_threads")
-def test_xdist_ranks_read_the_sessions_board_and_it_is_removed_after(rank_tester: pytest.Pytester) -> None:
-    expected = "each rank was given the board; during its call it counts at least its own world's 2 ranks"
-    rank_tester.makepyfile(
-        load_rank_fns=Path(fns.__file__).read_text(), test_it=FOLLOW_TEST.format(expected=expected, given=True, busy=2)
-    )
-    basetemp = rank_tester.path / "basetemp"
-    result = rank_tester.runpytest_subprocess("-n", "2", f"--basetemp={basetemp}")
-    result.assert_outcomes(passed=2)
-    assert not list(basetemp.rglob("*.board")), "the controller removes its board"
-
-
-@pytest.mark.usefixtures("no_user_threads")
-def test_static_keeps_the_count_ranks_start_with(rank_tester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(threads.POLICY_ENV, "static")
-    expected = "no rank is given a board"
-    rank_tester.makepyfile(
-        load_rank_fns=Path(fns.__file__).read_text(),
-        test_it=FOLLOW_TEST.format(expected=expected, given=False, busy=0),
-    )
-    result = rank_tester.runpytest_subprocess("-n", "2")
-    result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(
-        [f"mnnvl: rank threads: * 2 worlds at a time: xdist workers; kept ({threads.POLICY_ENV}=static);*"]
-    )
-
-
-@pytest.mark.usefixtures("no_user_threads")
-def test_a_worker_that_dies_in_a_call_has_its_slot_cleared(rank_tester: pytest.Pytester) -> None:
-    """Killed while its world computes, a worker cannot clear its slot: the controller does, or every later rank
-    of the session would run on fewer threads than its share."""
-    rank_tester.makepyfile(
-        load_rank_fns=Path(fns.__file__).read_text() + KILL_FN,
-        test_it="""
-        import os
-        import load_rank_fns as fns
-
-        def test_dies(mnnvl_world):
-            mnnvl_world(2, backend="plain").run(fns.kill_worker, os.getpid())
-        """,
-    )
-    rank_tester.makeconftest(
-        """
-        import pytest
-
-        @pytest.hookimpl(trylast=True)
-        def pytest_testnodedown(node, error):
-            from pytest_mnnvl.session import LOAD_KEY
-
-            print(f"BUSY AFTER {node.gateway.id} WENT DOWN: {node.config.stash[LOAD_KEY].busy_ranks()}")
-        """
-    )
-    result = rank_tester.runpytest_subprocess("-n", "1", "-s", "--max-worker-restart=0")
-    result.stdout.fnmatch_lines(["*BUSY AFTER gw0 WENT DOWN: 0*"])
-    assert result.ret == pytest.ExitCode.TESTS_FAILED
-
-
-KILL_FN = """
-
-def kill_worker(ctx, pid):
-    import signal
-    import time
-
-    if ctx.rank == 0:
-        os.kill(pid, signal.SIGKILL)
-    time.sleep(30)
-"""

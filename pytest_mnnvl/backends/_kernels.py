@@ -47,7 +47,6 @@ from pytest_mnnvl.model.sizing import (
     dispatch_size_detail,
 )
 from pytest_mnnvl.worlds import audit
-from pytest_mnnvl.worlds import threads as _threads
 
 from . import _hazards
 from ._shm import memory_fence
@@ -372,7 +371,6 @@ class SimMoeA2AModule:
         active_rank_mask: torch.Tensor | None = None,
     ) -> tuple[list[int], list[int], int, int, int]:
         raise_if_sticky()
-        _threads.follow()  # a kernel launch: this rank's share of the cores now
         tse = token_selected_experts
         _check_input(tse, "tokenSelectedExperts")
         _check_type(tse, torch.int32, "tokenSelectedExperts")
@@ -651,7 +649,6 @@ class SimMoeA2AModule:
         output: torch.Tensor,
     ) -> None:
         raise_if_sticky()
-        _threads.follow()  # a kernel launch: this rank's share of the cores now
         _check_input(payload, "payload")
         check_eq(
             payload.dim(),

@@ -45,7 +45,6 @@ import torch
 from pytest_mnnvl.model import sizing_v074 as lay
 from pytest_mnnvl.model.sizing_v074 import WorkspaceLayout
 from pytest_mnnvl.worlds import audit
-from pytest_mnnvl.worlds import threads as _threads
 
 from . import _hazards, _kernels
 from ._kernels import (
@@ -490,7 +489,6 @@ class SimNvlinkOneSidedModule:
         enable_pdl: bool,
     ) -> tuple[list[int], int, int]:
         raise_if_sticky()
-        _threads.follow()  # a kernel launch: this rank's share of the cores now
         tse = token_selected_experts
         _check_input(tse, "tokenSelectedExperts")
         _check_type(tse, torch.int32, "tokenSelectedExperts")
@@ -766,7 +764,6 @@ class SimNvlinkOneSidedModule:
         use_lamport: bool,
     ) -> None:
         raise_if_sticky()
-        _threads.follow()  # a kernel launch: this rank's share of the cores now
         runtime = int(runtime_max_tokens_per_rank)
         local = int(local_num_tokens)
         _check_input(payload, "payload")

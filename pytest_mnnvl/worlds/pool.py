@@ -47,7 +47,6 @@ from pytest_mnnvl.errors import (
     describe_exit,
 )
 from pytest_mnnvl.worlds import interrupts, stall, threads, verdict
-from pytest_mnnvl.worlds.load import Seat
 from pytest_mnnvl.worlds.world import RankWorld, WorldPool, WorldSpec, function_reference
 from pytest_mnnvl.worlds.zygote import SharedAddress, Zygotes
 
@@ -76,16 +75,13 @@ MAX_SOCKET_PATH = 107
 OWNER_FILE = "owner.json"
 
 
-def rank_world_env(
-    spec: WorldSpec, environ: dict[str, str] | None = None, board: str | None = None
-) -> tuple[dict[str, str], int | None]:
+def rank_world_env(spec: WorldSpec, environ: dict[str, str] | None = None) -> tuple[dict[str, str], int | None]:
     """What every rank of a world of ``spec`` starts with (from ``environ``, by default this process's), and the
-    torch thread count the harness chose for each (None: the user's or torch's own); ``board``: the session's load
-    board, which such ranks follow."""
+    torch thread count the harness chose for each (None: the user's or torch's own)."""
     env = dict(os.environ if environ is None else environ)
     env.update(dict(spec.env))
     # Before torch is imported in the rank: its share of the cores, unless the user chose (threads.py).
-    count = threads.set_in_rank_env(env, spec.world_size, board)
+    count = threads.set_in_rank_env(env, spec.world_size)
     env.update(MULTICAST_OFF)
     if spec.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.devices)
@@ -134,13 +130,10 @@ class World(RankWorld):
         startup_timeout: float | None = None,
         tmp_root: str | None = None,
         zygotes: Zygotes | None = None,
-        seat: Seat | None = None,
     ) -> None:
         self.spec = spec
         #: Where CPU ranks are forked from instead of spawned (:mod:`pytest_mnnvl.worlds.zygote`), if anywhere.
         self._zygotes = zygotes
-        #: This xdist worker's slot on the session's load board, marked during each call (its ranks follow it).
-        self._seat = seat
         self.timeout = timeout
         default = DEFAULT_STARTUP_TIMEOUT_S.get(spec.backend, DEFAULT_STARTUP_TIMEOUT_OTHER_S)
         self.startup_timeout = startup_timeout if startup_timeout is not None else max(default, timeout)
@@ -192,12 +185,11 @@ class World(RankWorld):
         self._ensure_started()
         self.calls += 1
         message = pickle.dumps(("call", *reference, payload))
-        with self._seat.computing(self.world_size) if self._seat is not None else contextlib.nullcontext():
-            for r in self._ranks:
-                assert r.conn is not None
-                with contextlib.suppress(OSError):  # a rank that is gone is reported as a crash below
-                    r.conn.send_bytes(message)
-            return self._collect(reference[2], self.timeout if timeout is None else timeout)
+        for r in self._ranks:
+            assert r.conn is not None
+            with contextlib.suppress(OSError):  # a rank that is gone is reported as a crash below
+                r.conn.send_bytes(message)
+        return self._collect(reference[2], self.timeout if timeout is None else timeout)
 
     def agree(self, value: Any, what: str = "value") -> Any:
         """``value`` itself: this one process draws what the ranks run and sends them the same."""
@@ -245,8 +237,7 @@ class World(RankWorld):
         listener.listen(self.world_size)
         self._listener = listener
         sys_path = [p for p in sys.path if p]
-        board = self._seat.board.path if self._seat is not None else None
-        world_env, thread_count = rank_world_env(self.spec, board=board)
+        world_env, thread_count = rank_world_env(self.spec)
         self._threads = threads.describe(world_env, self.world_size)
         for rank in range(self.world_size):
             boot = {
@@ -715,7 +706,6 @@ class Pool(WorldPool):
         tmp_root: str | None = None,
         startup_timeout: float | None = None,
         shared_zygote: SharedAddress | None = None,
-        seat: Seat | None = None,
     ) -> None:
         self.timeout = timeout
         self.startup_timeout = startup_timeout
@@ -723,19 +713,12 @@ class Pool(WorldPool):
         self.tmp_root = tmp_root
         self._worlds: collections.OrderedDict[WorldSpec, World] = collections.OrderedDict()
         self.zygotes = Zygotes(shared_zygote)
-        #: This xdist worker's slot on the session's load board (None: no board, the ranks keep their count).
-        self.seat = seat
 
     def world(self, spec: WorldSpec) -> World:
         world = self._worlds.pop(spec, None)
         if world is None:
             world = World(
-                spec,
-                self.timeout,
-                startup_timeout=self.startup_timeout,
-                tmp_root=self.tmp_root,
-                zygotes=self.zygotes,
-                seat=self.seat,
+                spec, self.timeout, startup_timeout=self.startup_timeout, tmp_root=self.tmp_root, zygotes=self.zygotes
             )
         self._worlds[spec] = world
         while len(self._worlds) > self.max_warm:
@@ -748,5 +731,3 @@ class Pool(WorldPool):
             _, world = self._worlds.popitem()
             world.close()
         self.zygotes.close()
-        if self.seat is not None:
-            self.seat.board.close()

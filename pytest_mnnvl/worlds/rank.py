@@ -24,7 +24,6 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from pytest_mnnvl.worlds import threads
 from pytest_mnnvl.worlds.sharing import gpu_of_rank
 
 #: Environment variable carrying the boot parameters (JSON) from the pool to a rank.
@@ -89,7 +88,6 @@ def _outcome(fn: Any, ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     hazards = sys.modules.get("pytest_mnnvl.backends._hazards")
     if hazards is not None:
         hazards.synchronised()
-    threads.follow()  # the machine's load now (under xdist): this rank's share of the cores for the call
     try:
         return "ok", fn(ctx, *args, **kwargs)
     except Skipped as skip:
@@ -130,7 +128,6 @@ def main() -> None:
     except BaseException:
         conn.send(("start-error", traceback.format_exc()))
         raise SystemExit(71) from None
-    threads.start_following(boot["world_size"])
     conn.send(("ready", rank))
 
     while True:

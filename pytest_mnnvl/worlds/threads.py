@@ -21,13 +21,6 @@ the environment a rank is spawned with; under torchrun the ranks are the pytest 
 :func:`apply_in_process` calls ``torch.set_num_threads`` instead (torchrun itself sets
 ``OMP_NUM_THREADS=1`` for its workers when ``--nproc-per-node`` > 1 and the variable is unset, and that is
 left alone: it cannot be told from a user's own 1).
-
-Under xdist the share then follows the load (``share``; ``static`` keeps the count a rank started with): workers
-run worlds of other sizes, or none, so a rank's fixed share leaves cores idle while the session's last long tests
-run. Each rank of such a session reads the session's load board (:mod:`pytest_mnnvl.worlds.load`: the ranks of
-every worker's world computing now) at the start of every call and of every sim kernel launch, and resizes its pool
-to ``max(1, usable cores // ranks computing)`` (at least its own world's). A rank whose own code called
-``torch.set_num_threads`` is left with that from then on.
 """
 
 from __future__ import annotations
@@ -38,20 +31,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pytest_mnnvl.errors import MnnvlUsageError
-from pytest_mnnvl.worlds.load import BOARD_ENV, LoadBoard
 
 #: The variables torch (OpenMP, MKL) sizes its intra-op pool by; either one set is the user's choice.
 USER_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-#: What ranks get when the user set neither: ``share``, ``static``, ``torch`` or a count.
+#: What ranks get when the user set neither: ``share``, ``torch`` or a count.
 POLICY_ENV = "PYTEST_MNNVL_RANK_THREADS"
-SHARE, STATIC, TORCH = "share", "static", "torch"
+SHARE, TORCH = "share", "torch"
 XDIST_WORKERS_ENV = "PYTEST_XDIST_WORKER_COUNT"
 
 
 @dataclass(frozen=True)
 class Policy:
-    """``PYTEST_MNNVL_RANK_THREADS`` parsed: ``kind`` is ``share``, ``static``, ``torch`` or ``count`` (then
-    ``count``)."""
+    """``PYTEST_MNNVL_RANK_THREADS`` parsed: ``kind`` is ``share``, ``torch`` or ``count`` (then ``count``)."""
 
     kind: str = SHARE
     count: int = 0
@@ -64,13 +55,11 @@ def policy(environ: Mapping[str, str] | None = None) -> Policy:
     text = raw.strip().lower()
     if text in ("", SHARE):
         return Policy()
-    if text in (STATIC, TORCH):
-        return Policy(text)
+    if text == TORCH:
+        return Policy(TORCH)
     if text.isascii() and text.isdigit() and 1 <= int(text) <= 4096:
         return Policy("count", int(text))
-    raise MnnvlUsageError(
-        f"{POLICY_ENV}={raw!r} is not valid; allowed: share (the default), static, torch, or a count >= 1"
-    )
+    raise MnnvlUsageError(f"{POLICY_ENV}={raw!r} is not valid; allowed: share (the default), torch, or a count >= 1")
 
 
 def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
@@ -175,73 +164,13 @@ def threads_for(world_size: int, env: Mapping[str, str], environ: Mapping[str, s
     return share(world_size, worlds=worlds_at_once(environ))
 
 
-def set_in_rank_env(env: dict[str, str], world_size: int, board: str | None = None) -> int | None:
-    """Give a spawned rank its thread count through ``OMP_NUM_THREADS`` (read by torch at import), and the load
-    board at ``board`` to follow where the policy is ``share``; the count, or None where it is the user's or
-    torch's to choose."""
+def set_in_rank_env(env: dict[str, str], world_size: int) -> int | None:
+    """Give a spawned rank its thread count through ``OMP_NUM_THREADS`` (read by torch at import); the count,
+    or None where it is the user's or torch's to choose."""
     count = threads_for(world_size, env, env)
     if count is not None:
         env["OMP_NUM_THREADS"] = str(count)
-        if board is not None and policy(env).kind == SHARE:
-            env[BOARD_ENV] = board
     return count
-
-
-class Follower:
-    """In a rank: keeps torch's intra-op pool at the rank's share of the ranks computing now (the module
-    docstring says why), from the session's load board. ``cores``: the usable cores, read once."""
-
-    def __init__(self, board: LoadBoard, world_size: int, cores: int) -> None:
-        import torch
-
-        self.board = board
-        self.world_size = world_size
-        self.cores = cores
-        self.current = torch.get_num_threads()
-        #: The rank's own code chose its count: left alone from then on.
-        self.stopped = False
-
-    def want(self) -> int:
-        return max(1, self.cores // max(self.world_size, self.board.busy_ranks()))
-
-    def follow(self) -> int:
-        """Resize the pool where the share changed; the count the pool has."""
-        if self.stopped:
-            return self.current
-        want = self.want()
-        if want != self.current:
-            import torch
-
-            if torch.get_num_threads() != self.current:
-                self.stopped = True
-                self.current = torch.get_num_threads()
-            else:
-                torch.set_num_threads(want)
-                self.current = want
-        return self.current
-
-
-_follower: Follower | None = None
-
-
-def start_following(world_size: int, environ: Mapping[str, str] | None = None) -> Follower | None:
-    """In a rank at its start: follow the board its environment names, if any (a board that is gone: no
-    following, the rank keeps the count it started with)."""
-    global _follower
-    path = (os.environ if environ is None else environ).get(BOARD_ENV)
-    _follower = None
-    if path:
-        try:
-            _follower = Follower(LoadBoard.open(path), world_size, usable_cores())
-        except OSError:
-            _follower = None
-    return _follower
-
-
-def follow() -> None:
-    """Where a rank starts computing (a call, a sim kernel launch): resize its pool to the share of now."""
-    if _follower is not None:
-        _follower.follow()
 
 
 def describe(env: Mapping[str, str], ranks: int) -> str:
@@ -288,15 +217,7 @@ def header_line(world_sizes: tuple[int, ...], workers: int, torchrun_local_ranks
         what = f"of {size} ranks on this host" if torchrun_local_ranks is not None else f"of a {size}-rank world"
         parts.append(f"{head} {what}")
     at_once = f"{worlds} world{'s' if worlds != 1 else ''} at a time" + (": xdist workers" if worlds > 1 else "")
-    if worlds > 1 and torchrun_local_ranks is None:
-        then = (
-            f"; kept ({POLICY_ENV}=static)"
-            if chosen.kind == STATIC
-            else "; then, at every call and sim kernel launch, usable cores // ranks computing"
-        )
-    else:
-        then = ""
     return (
-        f"mnnvl: rank threads: {', '.join(parts)} ({cores} usable cores, {at_once}{then}; "
+        f"mnnvl: rank threads: {', '.join(parts)} ({cores} usable cores, {at_once}; "
         f"OMP_NUM_THREADS or {POLICY_ENV} sets it)"
     )
