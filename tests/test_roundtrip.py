@@ -19,12 +19,35 @@ def test_any_order_of_the_same_rows_matches() -> None:
     assert same_rows(a[torch.randperm(300)], a)
 
 
-@pytest.mark.parametrize("where", [(0, 0), (17, 3583), (299, 1000)])
+@pytest.mark.parametrize("where", [(0, 0), (17, 3583), (299, 1000), (5, 1)])
 def test_one_flipped_bit_anywhere_is_a_mismatch(where: tuple[int, int]) -> None:
     a = rows(300, 3584)
     b = a.clone()
     b[where] ^= 1
     assert not same_rows(b, a)
+
+
+def test_rows_alike_where_the_checksum_reads_still_match_in_any_order() -> None:
+    """Rows that differ only outside the checksummed columns tie: the answer comes from the whole rows."""
+    a = rows(2, 3584)
+    a[1] = a[0]
+    a[1, 1] ^= 0x80  # column 1: not among the 64 columns the checksum reads of a 3584-byte row
+    assert same_rows(a.flip(0), a)
+    assert not same_rows(torch.stack([a[0], a[0]]), a)
+
+
+def test_empty_rows_match() -> None:
+    assert same_rows(rows(0, 16), rows(0, 16))
+    assert not same_rows(rows(0, 16), rows(0, 8))
+
+
+def test_the_payload_bytes_are_the_documented_formula() -> None:
+    from pytest_mnnvl.conformance.roundtrip import _payload_bytes
+
+    for source, tokens, width, salt in ((0, 1, 1, 0), (3, 37, 251, 2), (7, 300, 600, 4), (1, 9, 3584, 1)):
+        written_out = [[(source * 131 + t * 31 + c * 7 + salt * 17) % 251 for c in range(width)] for t in range(tokens)]
+        got = _payload_bytes(source, tokens, width, salt)
+        assert got.dtype == torch.uint8 and got.is_contiguous() and got.tolist() == written_out
 
 
 def test_a_missing_or_duplicated_row_is_a_mismatch() -> None:
@@ -47,6 +70,15 @@ from pytest_mnnvl.conformance.roundtrip import combine_mismatch, dispatch_mismat
 def test_a_right_combine_has_no_message() -> None:
     expected = torch.tensor([1.0, 2.0, 2.0, 1.0])
     assert combine_mismatch(expected.unsqueeze(1).repeat(1, 16), expected, 0, "bf16") is None
+
+
+def test_a_right_bf16_combine_has_no_message_and_a_nan_is_wrong() -> None:
+    expected = torch.tensor([1.0, 3.0, 2.0])
+    combined = expected.unsqueeze(1).repeat(1, 7168).to(torch.bfloat16)
+    assert combine_mismatch(combined, expected, 0, "bf16") is None
+    combined[1, 5000] = float("nan")
+    message = combine_mismatch(combined, expected, 0, "bf16")
+    assert message is not None and "wrong at 1 of 3 tokens, first at token 1 (1 of 7168 hidden columns" in message
 
 
 def test_a_combine_wrong_only_past_column_0_names_the_tokens_columns_and_values() -> None:
